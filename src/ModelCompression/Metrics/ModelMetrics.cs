@@ -1,0 +1,317 @@
+using System.Diagnostics;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Metrics;
+
+/// <summary>Latency of a model at the two batch sizes the report uses, in milliseconds.</summary>
+/// <param name="Batch1">The median latency of one sample.</param>
+/// <param name="Batch64">The median latency of a batch of 64.</param>
+public sealed record LatencyMeasurement(double Batch1, double Batch64);
+
+/// <summary>Counts of one layer.</summary>
+/// <param name="Name">The dotted name, as <c>named_modules()</c> gives it.</param>
+/// <param name="Type">The module type name.</param>
+/// <param name="Parameters">The number of parameters the layer itself holds (not its children).</param>
+/// <param name="NonzeroParameters">The number of those that are not zero.</param>
+/// <param name="Macs">The multiply-accumulates of one sample through the layer.</param>
+/// <param name="Bits">The bits per stored weight.</param>
+/// <param name="Rank">The rank, for low-rank layers.</param>
+public sealed record LayerMeasurement(string Name, string Type, long Parameters, long NonzeroParameters, long Macs, int Bits, int? Rank);
+
+/// <summary>What the metrics measured of one model.</summary>
+/// <param name="Parameters">The number of parameters.</param>
+/// <param name="NonzeroParameters">The number of parameters that are not zero.</param>
+/// <param name="SizeBytes">The bytes of every parameter and persistent buffer at its stored element size.</param>
+/// <param name="Macs">The multiply-accumulates of one sample.</param>
+/// <param name="Latency">The measured latency, or <see langword="null"/> when not measured.</param>
+/// <param name="Layers">The per-layer breakdown (layers that hold parameters or count MACs).</param>
+public sealed record ModelMeasurement(long Parameters, long NonzeroParameters, long SizeBytes, long Macs, LatencyMeasurement? Latency, IReadOnlyList<LayerMeasurement> Layers);
+
+/// <summary>Options of latency measurement.</summary>
+public sealed class LatencyOptions
+{
+    /// <summary>Gets or sets whether latency is measured at all.</summary>
+    /// <value>The default is <see langword="true"/>.</value>
+    public bool Enabled { get; set; } = true;
+
+    /// <summary>Gets or sets the number of untimed calls before timing.</summary>
+    /// <value>The default is 3. Must be between 0 and 1000.</value>
+    public int Warmup { get; set; } = 3;
+
+    /// <summary>Gets or sets the number of timed calls; the median is reported.</summary>
+    /// <value>The default is 15. Must be between 1 and 10,000.</value>
+    public int Repeats { get; set; } = 15;
+
+    /// <summary>Lists every invalid value.</summary>
+    /// <returns>One message per invalid value.</returns>
+    public IReadOnlyList<string> Validate()
+    {
+        var errors = new List<string>();
+        if (Warmup is < 0 or > 1000)
+        {
+            errors.Add($"{nameof(LatencyOptions)}.{nameof(Warmup)} must be between 0 and 1000 (was {Warmup}).");
+        }
+
+        if (Repeats is < 1 or > 10_000)
+        {
+            errors.Add($"{nameof(LatencyOptions)}.{nameof(Repeats)} must be between 1 and 10000 (was {Repeats}).");
+        }
+
+        return errors;
+    }
+}
+
+/// <summary>
+/// Measures models: parameters, non-zero parameters, bytes, multiply-accumulates (by running one sample through
+/// forward hooks) and latency.
+/// </summary>
+public static class ModelMetrics
+{
+    /// <summary>Counts the parameters of a model.</summary>
+    /// <param name="model">The model.</param>
+    /// <returns>The number of parameter elements.</returns>
+    public static long CountParameters(nn.Module model)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        return model.parameters().Sum(p => p.numel());
+    }
+
+    /// <summary>Counts the parameters that are not exactly zero.</summary>
+    /// <param name="model">The model.</param>
+    /// <returns>The number of non-zero parameter elements.</returns>
+    public static long CountNonzeroParameters(nn.Module model)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        return model.parameters().Sum(p => p.count_nonzero().item<long>());
+    }
+
+    /// <summary>
+    /// Returns the bytes of every parameter and persistent buffer at its stored element size (4 for fp32, 2 for
+    /// fp16/bf16, 1 for int8, ...). Layers whose storage is packed (for example two int4 per byte) are counted by
+    /// the tensors they really hold.
+    /// </summary>
+    /// <param name="model">The model.</param>
+    /// <returns>The size in bytes.</returns>
+    public static long SizeInBytes(nn.Module model)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        return model.state_dict().Values.Sum(t => t.numel() * t.ElementSize);
+    }
+
+    /// <summary>
+    /// Counts the multiply-accumulates of one sample, per layer, by running <paramref name="sample"/> through the model
+    /// with forward hooks on every <see cref="Linear"/>, <see cref="Conv1d"/>, <see cref="Conv2d"/> and
+    /// <see cref="ICompressedLayer"/>. Custom modules must call their children with <c>call()</c> for the hooks to fire.
+    /// </summary>
+    /// <param name="model">The model.</param>
+    /// <param name="sample">An input batch; MACs are divided by its first dimension.</param>
+    /// <returns>The MACs per sample of each counted layer, by dotted name.</returns>
+    public static IReadOnlyDictionary<string, long> CountMacsPerLayer(nn.Module<Tensor, Tensor> model, Tensor sample)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(sample);
+        long batch = sample.dim() == 0 ? 1 : Math.Max(1, sample.shape[0]);
+        var counts = new Dictionary<string, long>();
+        var removers = new List<Action>();
+        bool wasTraining = model.training;
+        try
+        {
+            var compressed = model.named_modules().Where(m => m.module is ICompressedLayer).Select(m => m.name + ".").ToList();
+            foreach (var (name, module) in model.named_modules())
+            {
+                // A compressed layer counts its own MACs; the modules inside it are not counted again.
+                if (module is not nn.Module<Tensor, Tensor> layer || !IsCounted(module) || compressed.Any(prefix => name.StartsWith(prefix, StringComparison.Ordinal)))
+                {
+                    continue;
+                }
+
+                counts[name] = 0;
+                string key = name;
+                var remover = layer.register_forward_hook((m, input, output) =>
+                {
+                    counts[key] += LayerMacs(m, input, output);
+                    return output;
+                });
+                removers.Add(remover.remove);
+            }
+
+            model.eval();
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            model.call(sample);
+        }
+        finally
+        {
+            foreach (var remove in removers)
+            {
+                remove();
+            }
+
+            model.train(wasTraining);
+        }
+
+        return counts.ToDictionary(kv => kv.Key, kv => kv.Value / batch);
+    }
+
+    /// <summary>Counts the multiply-accumulates of one sample through the whole model.</summary>
+    /// <param name="model">The model.</param>
+    /// <param name="sample">An input batch; MACs are divided by its first dimension.</param>
+    /// <returns>The MACs per sample.</returns>
+    public static long CountMacs(nn.Module<Tensor, Tensor> model, Tensor sample) => CountMacsPerLayer(model, sample).Values.Sum();
+
+    /// <summary>Measures the median latency of the model at batch 1 and 64 on random inputs of the given sample shape.</summary>
+    /// <param name="model">The model, measured in evaluation mode without gradients (its mode is restored).</param>
+    /// <param name="sampleShape">The shape of one sample, without the batch dimension.</param>
+    /// <param name="options">Warm-up and repeats; the defaults when <see langword="null"/>.</param>
+    /// <param name="device">The device of the inputs. The default is CPU.</param>
+    /// <returns>The median latencies in milliseconds.</returns>
+    public static LatencyMeasurement MeasureLatency(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, LatencyOptions? options = null, Device? device = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(sampleShape);
+        options ??= new LatencyOptions();
+        OptionsValidationException.ThrowIfInvalid(typeof(LatencyOptions), options.Validate());
+        return new LatencyMeasurement(
+            MedianMilliseconds(model, sampleShape, 1, options, device ?? CPU),
+            MedianMilliseconds(model, sampleShape, 64, options, device ?? CPU));
+    }
+
+    /// <summary>Measures everything: counts, bytes, MACs, latency (when enabled) and the per-layer breakdown.</summary>
+    /// <param name="model">The model.</param>
+    /// <param name="sampleShape">The shape of one sample, without the batch dimension.</param>
+    /// <param name="latency">Latency options; <see langword="null"/> or disabled skips latency.</param>
+    /// <param name="device">The device of the inputs. The default is CPU.</param>
+    /// <returns>The measurement.</returns>
+    public static ModelMeasurement Measure(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, LatencyOptions? latency = null, Device? device = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(sampleShape);
+        device ??= CPU;
+        IReadOnlyDictionary<string, long> macs;
+        using (NewDisposeScope())
+        {
+            var sample = zeros([1, .. sampleShape], device: device);
+            macs = CountMacsPerLayer(model, sample);
+        }
+
+        var layers = new List<LayerMeasurement>();
+        using (NewDisposeScope())
+        using (no_grad())
+        {
+            foreach (var (name, module) in model.named_modules())
+            {
+                var own = module.named_parameters(recurse: false).Select(p => p.parameter).ToList();
+                bool counted = macs.ContainsKey(name);
+                if (own.Count == 0 && !counted && module is not ICompressedLayer)
+                {
+                    continue;
+                }
+
+                // A compressed layer describes itself as a whole; its children are part of it.
+                if (IsInsideCompressedLayer(model, name))
+                {
+                    continue;
+                }
+
+                var pars = module is ICompressedLayer ? module.parameters().ToList() : own;
+                long count = pars.Sum(p => p.numel());
+                long nonzero = pars.Sum(p => p.count_nonzero().item<long>());
+                int bits = module is ICompressedLayer c ? c.WeightBits : BitsOf(pars.FirstOrDefault());
+                int? rank = (module as ICompressedLayer)?.Rank;
+                layers.Add(new LayerMeasurement(name, module.GetType().Name, count, nonzero, macs.GetValueOrDefault(name), bits, rank));
+            }
+        }
+
+        LatencyMeasurement? latencyResult = latency is { Enabled: true } ? MeasureLatency(model, sampleShape, latency, device) : null;
+        return new ModelMeasurement(
+            CountParameters(model),
+            CountNonzeroParameters(model),
+            SizeInBytes(model),
+            macs.Values.Sum(),
+            latencyResult,
+            layers);
+    }
+
+    private static bool IsInsideCompressedLayer(nn.Module model, string name)
+    {
+        int dot = name.LastIndexOf('.');
+        while (dot > 0)
+        {
+            name = name[..dot];
+            if (Modules.ModuleTree.GetSubmodule(model, name) is ICompressedLayer)
+            {
+                return true;
+            }
+
+            dot = name.LastIndexOf('.');
+        }
+
+        return false;
+    }
+
+    private static int BitsOf(Tensor? tensor) => tensor is null ? 32 : (int)(tensor.ElementSize * 8);
+
+    private static bool IsCounted(nn.Module module) => module is Linear or Conv1d or Conv2d or ICompressedLayer;
+
+    /// <summary>MACs of one call of a counted layer, over the whole batch.</summary>
+    internal static long LayerMacs(nn.Module module, Tensor input, Tensor output)
+    {
+        switch (module)
+        {
+            case ICompressedLayer compressed:
+                return compressed.CountMacs(input, output);
+            case Linear linear:
+                return output.numel() * linear.in_features;
+            case Conv1d or Conv2d:
+                // weight: [out, in / groups, k...]; each output element needs (in / groups) * prod(k) MACs.
+                var weight = module.named_parameters(recurse: false).First(p => p.name == "weight").parameter;
+                long perOutput = 1;
+                for (int d = 1; d < weight.dim(); d++)
+                {
+                    perOutput *= weight.shape[d];
+                }
+
+                return output.numel() * perOutput;
+            default:
+                return 0;
+        }
+    }
+
+    private static double MedianMilliseconds(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device)
+    {
+        bool wasTraining = model.training;
+        model.eval();
+        try
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            using var generator = new Generator(12345);
+            var input = rand([batch, .. sampleShape], generator: generator).to(device);
+            for (int i = 0; i < options.Warmup; i++)
+            {
+                using var warm = NewDisposeScope();
+                model.call(input);
+            }
+
+            var times = new double[options.Repeats];
+            for (int i = 0; i < options.Repeats; i++)
+            {
+                using var timed = NewDisposeScope();
+                long start = Stopwatch.GetTimestamp();
+                model.call(input);
+                times[i] = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+            }
+
+            Array.Sort(times);
+            return times.Length % 2 == 1 ? times[times.Length / 2] : (times[(times.Length / 2) - 1] + times[times.Length / 2]) / 2;
+        }
+        finally
+        {
+            model.train(wasTraining);
+        }
+    }
+}

@@ -1,0 +1,117 @@
+using System.Reflection;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Modules;
+
+/// <summary>
+/// Finds and replaces submodules by the dotted names that <c>named_modules()</c> gives them.
+/// </summary>
+public static class ModuleTree
+{
+    private static readonly FieldInfo SubmodulesField = typeof(nn.Module).GetField(
+        "_internal_submodules", BindingFlags.Instance | BindingFlags.NonPublic | BindingFlags.Public)
+        ?? throw new InvalidOperationException("This TorchSharp version has no Module._internal_submodules field.");
+
+    /// <summary>Returns the submodule with the given dotted name.</summary>
+    /// <param name="root">The root module.</param>
+    /// <param name="name">A dotted name as given by <c>named_modules()</c>, e.g. <c>features.0</c>.</param>
+    /// <returns>The submodule.</returns>
+    /// <exception cref="ArgumentException">No submodule has that name.</exception>
+    public static nn.Module GetSubmodule(nn.Module root, string name)
+    {
+        ArgumentNullException.ThrowIfNull(root);
+        ArgumentException.ThrowIfNullOrEmpty(name);
+        var current = root;
+        foreach (var part in name.Split('.'))
+        {
+            var child = current.named_children().FirstOrDefault(c => c.name == part).module;
+            current = child ?? throw new ArgumentException($"The model has no submodule named '{name}'.", nameof(name));
+        }
+
+        return current;
+    }
+
+    /// <summary>
+    /// Replaces the submodule with the given dotted name, updating both the field that the parent's
+    /// <c>forward</c> reads and the registry that <c>parameters()</c> and <c>state_dict()</c> read.
+    /// </summary>
+    /// <param name="root">The root module.</param>
+    /// <param name="name">The dotted name of the submodule to replace.</param>
+    /// <param name="replacement">The new submodule.</param>
+    /// <returns>
+    /// The root of the rewritten model: <paramref name="root"/> itself, or a new <see cref="Sequential"/> when the
+    /// root is a <see cref="Sequential"/> whose direct child was replaced (a Sequential cannot be changed in place).
+    /// </returns>
+    /// <remarks>The replaced module is not disposed; the caller decides (it may be reused inside <paramref name="replacement"/>).</remarks>
+    /// <exception cref="ArgumentException">No submodule has that name, or the parent's field cannot hold the replacement.</exception>
+    public static nn.Module<Tensor, Tensor> Replace(nn.Module<Tensor, Tensor> root, string name, nn.Module<Tensor, Tensor> replacement)
+    {
+        ArgumentNullException.ThrowIfNull(root);
+        ArgumentException.ThrowIfNullOrEmpty(name);
+        ArgumentNullException.ThrowIfNull(replacement);
+
+        int dot = name.LastIndexOf('.');
+        string parentName = dot < 0 ? string.Empty : name[..dot];
+        string childName = dot < 0 ? name : name[(dot + 1)..];
+        var parent = parentName.Length == 0 ? root : GetSubmodule(root, parentName);
+        var old = parent.named_children().FirstOrDefault(c => c.name == childName).module
+            ?? throw new ArgumentException($"The model has no submodule named '{name}'.", nameof(name));
+
+        if (parent is Sequential sequential)
+        {
+            var rebuilt = nn.Sequential(sequential.named_children()
+                .Select(c => (c.name, c.name == childName ? replacement : (nn.Module<Tensor, Tensor>)c.module))
+                .ToArray());
+            rebuilt.train(sequential.training);
+            return parentName.Length == 0 ? rebuilt : Replace(root, parentName, rebuilt);
+        }
+
+        // Find every field that holds the old child before changing anything.
+        var fields = new List<FieldInfo>();
+        for (var t = parent.GetType(); t is not null && t != typeof(nn.Module); t = t.BaseType)
+        {
+            foreach (var field in t.GetFields(BindingFlags.Instance | BindingFlags.Public | BindingFlags.NonPublic | BindingFlags.DeclaredOnly))
+            {
+                if (!ReferenceEquals(field.GetValue(parent), old))
+                {
+                    continue;
+                }
+
+                if (!field.FieldType.IsInstanceOfType(replacement))
+                {
+                    throw new ArgumentException(
+                        $"Cannot replace '{name}': the field {t.Name}.{field.Name} is typed {field.FieldType.Name}, which a {replacement.GetType().Name} " +
+                        "cannot fill. Type fields that may be swapped as nn.Module<Tensor, Tensor>.",
+                        nameof(name));
+                }
+
+                fields.Add(field);
+            }
+        }
+
+        var list = parent as ModuleList<nn.Module<Tensor, Tensor>>;
+        if (fields.Count == 0 && list is null)
+        {
+            throw new ArgumentException(
+                $"Cannot replace '{name}': its parent {parent.GetType().Name} keeps it in no field this library can update.", nameof(name));
+        }
+
+        foreach (var field in fields)
+        {
+            field.SetValue(parent, replacement);
+        }
+
+        if (list is not null && int.TryParse(childName, out int index))
+        {
+            list[index] = replacement;
+        }
+
+        // Keep the registry entry in place (same order of parameters and state_dict keys).
+        var registry = SubmodulesField.GetValue(parent)!;
+        registry.GetType().GetProperty("Item", [typeof(string)])!.SetValue(registry, replacement, [childName]);
+
+        return root;
+    }
+}

@@ -1,0 +1,82 @@
+using Microsoft.Extensions.Logging;
+using ModelCompression.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Quantization;
+
+/// <summary>
+/// Converts the weights of selected layers to bfloat16 or float16. Each converted layer becomes a
+/// <see cref="HalfPrecisionLayer"/> that casts its input to the 16-bit type and its output back, so the rest of the
+/// model is unchanged.
+/// </summary>
+public sealed class HalfPrecisionStep : ICompressionStep
+{
+    /// <summary>The base name of the step in reports.</summary>
+    public const string StepName = "HalfPrecision";
+
+    private readonly HalfPrecisionOptions _options;
+
+    /// <summary>Initializes a new instance of the <see cref="HalfPrecisionStep"/> class.</summary>
+    /// <param name="options">The options; copied.</param>
+    /// <exception cref="OptionsValidationException">The options are invalid.</exception>
+    public HalfPrecisionStep(HalfPrecisionOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        OptionsValidationException.ThrowIfInvalid(typeof(HalfPrecisionOptions), options.Validate());
+        _options = options.Clone();
+    }
+
+    /// <inheritdoc/>
+    public string Name => $"{StepName}({(_options.Format == HalfPrecisionFormat.BFloat16 ? "bf16" : "fp16")})";
+
+    /// <inheritdoc/>
+    /// <exception cref="ArgumentException">The selection names a layer the model does not have, or selects no layer.</exception>
+    public nn.Module<Tensor, Tensor> Apply(nn.Module<Tensor, Tensor> model, CompressionContext context)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(context);
+        var unknown = _options.Layers.FindUnknownNames(model);
+        if (unknown.Count > 0)
+        {
+            throw new ArgumentException(string.Join(" ", unknown), nameof(model));
+        }
+
+        // Layers already converted are not converted twice, nor are layers inside them.
+        var targets = _options.Layers.Select(model)
+            .Where(t => t.Module is not HalfPrecisionLayer && !IsInside<HalfPrecisionLayer>(model, t.Name))
+            .ToList();
+        if (targets.Count == 0)
+        {
+            throw new ArgumentException($"The layer selection ({_options.Layers}) selects no layer of the model.", nameof(model));
+        }
+
+        var dtype = _options.Format == HalfPrecisionFormat.BFloat16 ? ScalarType.BFloat16 : ScalarType.Float16;
+        var root = model;
+        using (no_grad())
+        {
+            foreach (var (name, module) in targets)
+            {
+                context.CancellationToken.ThrowIfCancellationRequested();
+                var layer = new HalfPrecisionLayer((nn.Module<Tensor, Tensor>)module, dtype);
+                root = ModuleTree.Replace(root, name, layer);
+                context.Logger.LogDebug("Converted {Layer} to {Type}", name, dtype);
+            }
+        }
+
+        return root;
+    }
+
+    private static bool IsInside<T>(nn.Module model, string name)
+    {
+        for (int dot = name.LastIndexOf('.'); dot > 0; dot = name.LastIndexOf('.'))
+        {
+            name = name[..dot];
+            if (ModuleTree.GetSubmodule(model, name) is T)
+            {
+                return true;
+            }
+        }
+
+        return false;
+    }
+}

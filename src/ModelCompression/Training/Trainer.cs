@@ -1,0 +1,148 @@
+using System.Diagnostics;
+using ModelCompression.Data;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Training;
+
+/// <summary>
+/// Trains or fine-tunes a model: the one training loop every compression step shares.
+/// </summary>
+/// <remarks>
+/// Each batch runs inside its own <c>torch.NewDisposeScope()</c>, so a run leaves no tensors behind.
+/// Given the same seed, data and model, two runs give the same weights.
+/// </remarks>
+public sealed class Trainer
+{
+    /// <summary>Initializes a new instance of the <see cref="Trainer"/> class.</summary>
+    /// <param name="options">The options; copied, so later changes do not affect this trainer.</param>
+    /// <exception cref="OptionsValidationException">The options are invalid (every error listed).</exception>
+    public Trainer(TrainingOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        OptionsValidationException.ThrowIfInvalid(typeof(TrainingOptions), options.Validate());
+        Options = options.Clone();
+    }
+
+    /// <summary>Gets a copy of the options of this trainer.</summary>
+    public TrainingOptions Options { get; }
+
+    /// <summary>Trains <paramref name="model"/> in place on <paramref name="data"/>.</summary>
+    /// <param name="model">The model; its parameters that require gradients are trained. Left in training mode as it was.</param>
+    /// <param name="data">The training data.</param>
+    /// <param name="callbacks">Optional extra loss and after-step hooks.</param>
+    /// <param name="seed">The seed used when <see cref="TrainingOptions.Seed"/> is not set.</param>
+    /// <param name="progress">Optional progress, reported after every batch.</param>
+    /// <param name="cancellationToken">Cancels between batches.</param>
+    /// <returns>What the run did.</returns>
+    /// <exception cref="ArgumentException">The data set is empty.</exception>
+    /// <exception cref="InvalidOperationException">The loss became NaN or infinite.</exception>
+    /// <exception cref="OperationCanceledException">The run was cancelled; the model keeps the weights of the last finished step.</exception>
+    public TrainingSummary Train(
+        nn.Module<Tensor, Tensor> model,
+        IBatchSource data,
+        TrainingCallbacks? callbacks = null,
+        int seed = 0,
+        IProgress<TrainingProgress>? progress = null,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(data);
+        if (data.Count == 0)
+        {
+            throw new ArgumentException("The training data is empty.", nameof(data));
+        }
+
+        var options = Options;
+        int runSeed = options.Seed ?? seed;
+        var parameters = model.parameters().Where(p => p.requires_grad).ToList();
+        if (parameters.Count == 0 || options.Epochs == 0)
+        {
+            return new TrainingSummary(0, 0, [], 0);
+        }
+
+        var device = parameters[0].device;
+        long batchesPerEpoch = (data.Count + options.BatchSize - 1) / options.BatchSize;
+        long totalSteps = batchesPerEpoch * options.Epochs;
+        var loss = options.Loss ?? ((output, target) => nn.functional.cross_entropy(output, target));
+        double taskWeight = callbacks?.TaskLossWeight ?? 1.0;
+
+        var stopwatch = Stopwatch.StartNew();
+        var epochLosses = new List<double>();
+        bool wasTraining = model.training;
+        torch.random.manual_seed(runSeed);
+        using var optimizer = CreateOptimizer(options, parameters);
+        long step = 0;
+        try
+        {
+            model.train();
+            for (int epoch = 0; epoch < options.Epochs; epoch++)
+            {
+                double sum = 0;
+                long batches = 0;
+                int shuffleSeed = unchecked((runSeed * 7919) + epoch);
+                foreach (var (rawInput, rawTarget) in data.ScopedBatches(options.BatchSize, options.Shuffle, shuffleSeed))
+                {
+                    cancellationToken.ThrowIfCancellationRequested();
+                    var input = rawInput.device == device ? rawInput : rawInput.to(device);
+                    var target = rawTarget.device == device ? rawTarget : rawTarget.to(device);
+
+                    double lr = options.Schedule.GetLearningRate(options.LearningRate, step, totalSteps);
+                    foreach (var group in optimizer.ParamGroups)
+                    {
+                        group.LearningRate = lr;
+                    }
+
+                    optimizer.zero_grad();
+                    var output = model.call(input);
+                    var total = taskWeight == 0 ? zeros([], device: device) : loss(output, target) * taskWeight;
+                    if (callbacks?.ExtraLoss is { } extra && extra(new TrainingBatch(model, input, target, output, epoch, step)) is { } extraLoss)
+                    {
+                        total = total + extraLoss;
+                    }
+
+                    double value = total.item<float>();
+                    if (!double.IsFinite(value))
+                    {
+                        throw new InvalidOperationException($"Training diverged: the loss was {value} at epoch {epoch}, step {step}. Lower the learning rate.");
+                    }
+
+                    total.backward();
+                    optimizer.step();
+                    if (callbacks?.AfterOptimizerStep is { } after)
+                    {
+                        using (no_grad())
+                        {
+                            after(new TrainingStepInfo(model, epoch, step, totalSteps, value));
+                        }
+                    }
+
+                    sum += value;
+                    batches++;
+                    progress?.Report(new TrainingProgress(epoch, options.Epochs, batches - 1, batchesPerEpoch, value));
+                    step++;
+                }
+
+                double mean = batches == 0 ? double.NaN : sum / batches;
+                epochLosses.Add(mean);
+                callbacks?.AfterEpoch?.Invoke(epoch, mean);
+            }
+        }
+        finally
+        {
+            optimizer.zero_grad();
+            model.train(wasTraining);
+        }
+
+        return new TrainingSummary(options.Epochs, step, epochLosses, stopwatch.Elapsed.TotalSeconds);
+    }
+
+    private static OptimizerHelper CreateOptimizer(TrainingOptions options, IList<Parameter> parameters) => options.Optimizer switch
+    {
+        OptimizerKind.Sgd => optim.SGD(parameters, options.LearningRate, momentum: options.Momentum, weight_decay: options.WeightDecay),
+        OptimizerKind.Adam => optim.Adam(parameters, options.LearningRate, weight_decay: options.WeightDecay),
+        OptimizerKind.AdamW => optim.AdamW(parameters, options.LearningRate, weight_decay: options.WeightDecay),
+        _ => throw new ArgumentOutOfRangeException(nameof(options), options.Optimizer, "Unknown optimizer."),
+    };
+}
