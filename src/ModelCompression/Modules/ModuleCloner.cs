@@ -118,7 +118,7 @@ public static class ModuleCloner
 
     private static void RebuildRegistry(nn.Module original, nn.Module copy, CloneState state)
     {
-        var subs = (IEnumerable)SubmodulesField.GetValue(original)!;
+        var subs = SubmodulesField.GetValue(original)!;
         var copySubs = SubmodulesField.GetValue(copy)!;
         var addModule = copySubs.GetType().GetMethod("Add", [typeof(string), typeof(nn.Module)])!;
         foreach (var (key, value) in Pairs<nn.Module>(subs))
@@ -126,7 +126,7 @@ public static class ModuleCloner
             addModule.Invoke(copySubs, [key, CloneModule(value, state)]);
         }
 
-        var pars = (IEnumerable)ParamsField.GetValue(original)!;
+        var pars = ParamsField.GetValue(original)!;
         var copyPars = ParamsField.GetValue(copy)!;
         var addParam = copyPars.GetType().GetMethod("Add", [typeof(string), typeof(Parameter)])!;
         foreach (var (key, value) in Pairs<Parameter>(pars))
@@ -134,7 +134,7 @@ public static class ModuleCloner
             addParam.Invoke(copyPars, [key, value is null ? null : CloneTensor(value, state)]);
         }
 
-        var bufs = (IEnumerable)BuffersField.GetValue(original)!;
+        var bufs = BuffersField.GetValue(original)!;
         var copyBufs = BuffersField.GetValue(copy)!;
         var addBuffer = copyBufs.GetType().GetMethod("Add", [typeof(string), typeof((Tensor, bool))])!;
         foreach (var (key, value) in Pairs<(Tensor Tensor, bool Persistent)>(bufs))
@@ -143,14 +143,9 @@ public static class ModuleCloner
         }
     }
 
-    private static IEnumerable<(string Key, T Value)> Pairs<T>(IEnumerable orderedDict)
-    {
-        foreach (var item in orderedDict)
-        {
-            var (key, value) = ((string, T))item!;
-            yield return (key, value);
-        }
-    }
+    private static IEnumerable<(string Key, T Value)> Pairs<T>(object orderedDict) =>
+        orderedDict as IEnumerable<(string, T)>
+        ?? throw new NotSupportedException($"This TorchSharp version's module registry ({orderedDict.GetType().Name}) is not an ordered list of pairs.");
 
     private static (Type BaseType, ConstructorInfo Ctor) FindBaseConstructor(Type type)
     {

@@ -215,11 +215,8 @@ public sealed class CompressionPipeline
                     ?? throw new InvalidOperationException($"Step '{step.Name}' returned no model.");
             }
 
-            if (!ReferenceEquals(result, candidate))
-            {
-                candidate.Dispose();
-            }
-
+            // When the step returned a new root, the old root's children may live on inside it: the old container
+            // is left to the garbage collector (its finalizer frees only its own native handle), never disposed.
             return (result, stopwatch.Elapsed.TotalSeconds);
         }
         catch

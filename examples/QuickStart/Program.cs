@@ -1,0 +1,55 @@
+// QuickStart: train LeNet-300-100 on the bundled MNIST digits (or reuse a cached copy), compress it with a
+// pipeline that checks accuracy after every step, print the report and write its JSON.
+//
+//   dotnet run -c Release --project examples/QuickStart -- [--report PATH] [--seed N] [--no-cache]
+using System.Diagnostics;
+using ModelCompression;
+using ModelCompression.Quantization;
+using ModelCompression.Samples;
+
+string reportPath = "artifacts/quickstart/report.json";
+int seed = 0;
+bool useCache = true;
+for (int i = 0; i < args.Length; i++)
+{
+    switch (args[i])
+    {
+        case "--report" when i + 1 < args.Length:
+            reportPath = args[++i];
+            break;
+        case "--seed" when i + 1 < args.Length && int.TryParse(args[i + 1], out var s):
+            seed = s;
+            i++;
+            break;
+        case "--no-cache":
+            useCache = false;
+            break;
+        default:
+            Console.Error.WriteLine($"Unknown argument '{args[i]}'. Usage: QuickStart [--report PATH] [--seed N] [--no-cache]");
+            return 2;
+    }
+}
+
+var total = Stopwatch.StartNew();
+using var split = MnistDigits.LoadBundled().Split(trainCount: 8000, seed: seed, layout: MnistLayout.Flat);
+Console.WriteLine($"Data: {split.Train.Count} training and {split.Test.Count} test digits (bundled MNIST).");
+
+var trained = ZooTraining.TrainOrLoad(ZooModel.LeNet300100, split, useCache ? "artifacts/cache" : null, seed);
+using var model = trained.Model;
+Console.WriteLine(trained.FromCache
+    ? "LeNet-300-100: reused the cached trained weights."
+    : $"LeNet-300-100: trained in {trained.Seconds:0.0} s.");
+
+var pipeline = CompressionPipeline.Create()
+    .AddHalfPrecision(HalfPrecisionFormat.BFloat16)
+    .WithAccuracyCheck(maxDrop: 0.01, AccuracyCheckPolicy.SkipStep)
+    .WithModelName(ModelZoo.DisplayName(ZooModel.LeNet300100))
+    .WithSeed(seed)
+    .Build();
+
+using var result = pipeline.Run(model, new CompressionData(split.Train, split.Test));
+Console.WriteLine();
+Console.WriteLine(result.Report);
+Console.WriteLine($"Report JSON: {ReportFiles.Write(result.Report, reportPath)}");
+Console.WriteLine($"QuickStart finished in {total.Elapsed.TotalSeconds:0.0} s.");
+return 0;
