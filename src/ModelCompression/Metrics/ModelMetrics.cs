@@ -120,8 +120,11 @@ public static class ModelMetrics
         bool wasTraining = model.training;
         try
         {
-            var compressed = model.named_modules().Where(m => m.module is ICompressedLayer).Select(m => m.name + ".").ToList();
-            foreach (var (name, module) in model.named_modules())
+            // named_modules() leaves out the root, which may itself be a layer (a bare Linear); it gets the empty name.
+            var all = new List<(string Name, nn.Module Module)> { (string.Empty, model) };
+            all.AddRange(model.named_modules());
+            var compressed = all.Where(m => m.Module is ICompressedLayer && m.Name.Length > 0).Select(m => m.Name + ".").ToList();
+            foreach (var (name, module) in all)
             {
                 // A compressed layer counts its own MACs; the modules inside it are not counted again.
                 if (module is not nn.Module<Tensor, Tensor> layer || !IsCounted(module) || compressed.Any(prefix => name.StartsWith(prefix, StringComparison.Ordinal)))

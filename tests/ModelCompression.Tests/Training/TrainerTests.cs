@@ -1,0 +1,157 @@
+using ModelCompression.Tests.Support;
+using ModelCompression.Training;
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Tests.Training;
+
+[TestFixture]
+public sealed class TrainerTests
+{
+    [Test]
+    public void Train_ReducesTheLossAndLearnsTheTask()
+    {
+        using var train = TestModels.Classification(400, 1);
+        using var test = TestModels.Classification(200, 2);
+        using var model = TestModels.Mlp();
+        double before = new AccuracyEvaluator().Evaluate(model, test).Value;
+        var summary = new Trainer(new TrainingOptions { Epochs = 20, LearningRate = 0.01, BatchSize = 32 }).Train(model, train);
+        double after = new AccuracyEvaluator().Evaluate(model, test).Value;
+
+        Assert.That(summary.Epochs, Is.EqualTo(20));
+        Assert.That(summary.Steps, Is.EqualTo(20 * 13));
+        Assert.That(summary.EpochLosses[^1], Is.LessThan(summary.EpochLosses[0] / 2));
+        Assert.That(after, Is.GreaterThan(0.85).And.GreaterThan(before));
+    }
+
+    [Test]
+    public void Train_SameSeed_SameWeights()
+    {
+        using var data = TestModels.Classification(200, 3);
+        var options = new TrainingOptions { Epochs = 2, BatchSize = 16, Optimizer = OptimizerKind.Sgd, LearningRate = 0.05, Schedule = new CosineLearningRate() };
+        using var a = TestModels.Mlp(1);
+        using var b = TestModels.Mlp(1);
+        using var c = TestModels.Mlp(1);
+        new Trainer(options).Train(a, data, seed: 5);
+        new Trainer(options).Train(b, data, seed: 5);
+        new Trainer(options).Train(c, data, seed: 6);
+        Assert.That(TestModels.StateHash(a), Is.EqualTo(TestModels.StateHash(b)));
+        Assert.That(TestModels.StateHash(a), Is.Not.EqualTo(TestModels.StateHash(c)));
+    }
+
+    [Test]
+    public void Train_CallsTheCallbacks()
+    {
+        using var data = TestModels.Classification(100, 4);
+        using var model = TestModels.Mlp();
+        var steps = new List<long>();
+        var epochs = new List<int>();
+        int extraCalls = 0;
+        var callbacks = new TrainingCallbacks
+        {
+            ExtraLoss = batch =>
+            {
+                extraCalls++;
+                Assert.That(batch.Output.shape, Is.EqualTo(new long[] { batch.Input.shape[0], 3 }));
+                return batch.Output.pow(2).mean() * 0.01;
+            },
+            AfterOptimizerStep = info => steps.Add(info.Step),
+            AfterEpoch = (epoch, _) => epochs.Add(epoch),
+        };
+        new Trainer(new TrainingOptions { Epochs = 3, BatchSize = 25 }).Train(model, data, callbacks);
+        Assert.That(steps, Is.EqualTo(Enumerable.Range(0, 12).Select(i => (long)i)));
+        Assert.That(epochs, Is.EqualTo(new[] { 0, 1, 2 }));
+        Assert.That(extraCalls, Is.EqualTo(12));
+    }
+
+    [Test]
+    public void Train_AfterStepCallback_CanKeepWeightsMasked()
+    {
+        // The pattern pruning uses: zero some weights after every optimizer step.
+        using var data = TestModels.Classification(100, 4);
+        using var model = TestModels.Mlp();
+        var weight = model.named_parameters().Single(p => p.name == "fc1.weight").parameter;
+        using var mask = ones_like(weight);
+        mask[.., 0] = 0;
+        var callbacks = new TrainingCallbacks { AfterOptimizerStep = _ => weight.mul_(mask) };
+        new Trainer(new TrainingOptions { Epochs = 2, BatchSize = 10 }).Train(model, data, callbacks);
+        Assert.That(weight[.., 0].abs().sum().item<float>(), Is.EqualTo(0f));
+        Assert.That(weight[.., 1].abs().sum().item<float>(), Is.GreaterThan(0f));
+    }
+
+    [Test]
+    public void Train_Cancelled_Throws()
+    {
+        using var data = TestModels.Classification(100, 4);
+        using var model = TestModels.Mlp();
+        using var source = new CancellationTokenSource();
+        var progress = new InlineProgress(p =>
+        {
+            if (p.Batch == 2)
+            {
+                source.Cancel();
+            }
+        });
+        Assert.That(
+            () => new Trainer(new TrainingOptions { Epochs = 5, BatchSize = 10 }).Train(model, data, progress: progress, cancellationToken: source.Token),
+            Throws.InstanceOf<OperationCanceledException>());
+    }
+
+    [Test]
+    public void Train_NonFiniteLoss_Throws()
+    {
+        using var data = TestModels.Classification(50, 4);
+        using var model = TestModels.Mlp();
+        var options = new TrainingOptions { Loss = (output, _) => output.sum() * double.NaN };
+        var ex = Assert.Throws<InvalidOperationException>(() => new Trainer(options).Train(model, data));
+        Assert.That(ex!.Message, Does.Contain("diverged"));
+    }
+
+    [Test]
+    public void Constructor_InvalidOptions_ListsEveryError()
+    {
+        var options = new TrainingOptions { Epochs = -1, BatchSize = 0, LearningRate = double.NaN, Momentum = 1, WeightDecay = -1, Schedule = null! };
+        var ex = Assert.Throws<OptionsValidationException>(() => new Trainer(options));
+        Assert.That(ex!.OptionsType, Is.EqualTo(nameof(TrainingOptions)));
+        Assert.That(ex.Errors, Has.Count.EqualTo(6));
+    }
+
+    [Test]
+    public void Train_LeavesNoLiveTensors()
+    {
+        using var data = TestModels.Classification(100, 4);
+        using var model = TestModels.Mlp();
+        new Trainer(new TrainingOptions { Epochs = 1 }).Train(model, data);
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        long before = Tensor.TotalCount;
+        new Trainer(new TrainingOptions { Epochs = 2, BatchSize = 10 }).Train(model, data);
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        Assert.That(Tensor.TotalCount, Is.EqualTo(before));
+    }
+
+    [TestCase(0, 1.0)]
+    [TestCase(50, 0.5)]
+    [TestCase(100, 0.0)]
+    public void CosineLearningRate_FollowsTheCosine(long step, double factor)
+    {
+        Assert.That(new CosineLearningRate().GetLearningRate(0.1, step, 101), Is.EqualTo(0.1 * factor).Within(1e-12));
+    }
+
+    [Test]
+    public void StepLearningRate_DecaysEveryPeriod()
+    {
+        var schedule = new StepLearningRate(gamma: 0.5, stepFraction: 0.25);
+        Assert.That(schedule.GetLearningRate(1, 0, 100), Is.EqualTo(1));
+        Assert.That(schedule.GetLearningRate(1, 25, 100), Is.EqualTo(0.5));
+        Assert.That(schedule.GetLearningRate(1, 99, 100), Is.EqualTo(0.125));
+        Assert.Throws<ArgumentOutOfRangeException>(() => _ = new StepLearningRate(gamma: 0));
+    }
+
+    private sealed class InlineProgress(Action<TrainingProgress> action) : IProgress<TrainingProgress>
+    {
+        public void Report(TrainingProgress value) => action(value);
+    }
+}
