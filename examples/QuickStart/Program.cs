@@ -4,37 +4,23 @@
 //   dotnet run -c Release --project examples/QuickStart -- [--report PATH] [--seed N] [--no-cache]
 using System.Diagnostics;
 using ModelCompression;
+using ModelCompression.Examples;
 using ModelCompression.Quantization;
 using ModelCompression.Samples;
 
-string reportPath = "artifacts/quickstart/report.json";
-int seed = 0;
-bool useCache = true;
-for (int i = 0; i < args.Length; i++)
+var options = ExampleArguments.Parse(args, defaultReportPath: "artifacts/quickstart/report.json");
+if (options is null)
 {
-    switch (args[i])
-    {
-        case "--report" when i + 1 < args.Length:
-            reportPath = args[++i];
-            break;
-        case "--seed" when i + 1 < args.Length && int.TryParse(args[i + 1], out var s):
-            seed = s;
-            i++;
-            break;
-        case "--no-cache":
-            useCache = false;
-            break;
-        default:
-            Console.Error.WriteLine($"Unknown argument '{args[i]}'. Usage: QuickStart [--report PATH] [--seed N] [--no-cache]");
-            return 2;
-    }
+    Console.Error.WriteLine("Usage: QuickStart [--report PATH] [--seed N] [--no-cache]");
+    return 2;
 }
 
+int seed = options.Seed;
 var total = Stopwatch.StartNew();
 using var split = MnistDigits.LoadBundled().Split(trainCount: 8000, seed: seed, layout: MnistLayout.Flat);
 Console.WriteLine($"Data: {split.Train.Count} training and {split.Test.Count} test digits (bundled MNIST).");
 
-var trained = ZooTraining.TrainOrLoad(ZooModel.LeNet300100, split, useCache ? "artifacts/cache" : null, seed);
+var trained = ZooTraining.TrainOrLoad(ZooModel.LeNet300100, split, options.CacheDirectory, seed);
 using var model = trained.Model;
 Console.WriteLine(trained.FromCache
     ? "LeNet-300-100: reused the cached trained weights."
@@ -50,6 +36,6 @@ var pipeline = CompressionPipeline.Create()
 using var result = pipeline.Run(model, new CompressionData(split.Train, split.Test));
 Console.WriteLine();
 Console.WriteLine(result.Report);
-Console.WriteLine($"Report JSON: {ReportFiles.Write(result.Report, reportPath)}");
+Console.WriteLine($"Report JSON: {ReportFiles.Write(result.Report, options.ReportPath!)}");
 Console.WriteLine($"QuickStart finished in {total.Elapsed.TotalSeconds:0.0} s.");
 return 0;

@@ -2,6 +2,7 @@
 // compresses it, prints the report table and writes the report JSON.
 //
 //   dotnet run -c Release --project examples/Scenarios -- <scenario> --report <path> [--seed N] [--no-cache]
+using ModelCompression.Examples;
 using ModelCompression.Samples;
 using Scenarios;
 
@@ -24,38 +25,16 @@ if (args.Length == 0 || args[0] is "-h" or "--help" || !scenarios.TryGetValue(ar
     return 2;
 }
 
-string? reportPath = null;
-int seed = 0;
-bool useCache = true;
-for (int i = 1; i < args.Length; i++)
+var options = ExampleArguments.Parse(args.Skip(1).ToList(), defaultReportPath: null);
+if (options is null)
 {
-    switch (args[i])
-    {
-        case "--report" when i + 1 < args.Length:
-            reportPath = args[++i];
-            break;
-        case "--seed" when i + 1 < args.Length && int.TryParse(args[i + 1], out var s):
-            seed = s;
-            i++;
-            break;
-        case "--no-cache":
-            useCache = false;
-            break;
-        default:
-            Console.Error.WriteLine($"Unknown or incomplete argument '{args[i]}'.");
-            return 2;
-    }
-}
-
-if (reportPath is null)
-{
-    Console.Error.WriteLine("--report <path> is required.");
+    Console.Error.WriteLine("Usage: Scenarios <scenario> --report <path> [--seed N] [--no-cache]");
     return 2;
 }
 
-var context = new ScenarioContext(seed, useCache ? Path.Combine("artifacts", "cache") : null, Console.Out);
+var context = new ScenarioContext(options.Seed, options.CacheDirectory, Console.Out);
 var report = scenario.Run(context);
 Console.WriteLine();
 Console.WriteLine(report);
-Console.WriteLine($"Report JSON: {ReportFiles.Write(report, reportPath)}");
+Console.WriteLine($"Report JSON: {ReportFiles.Write(report, options.ReportPath!)}");
 return 0;

@@ -380,7 +380,7 @@ public sealed class CompressionPipeline
         model.eval();
         try
         {
-            var device = AccuracyEvaluator.ModelDevice(model);
+            var device = EvaluationLoop.ModelDevice(model);
             var output = model.call(input.to(device));
             if (output.dim() == 0 || output.shape[0] != input.shape[0])
             {

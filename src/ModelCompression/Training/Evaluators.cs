@@ -43,62 +43,39 @@ public sealed class AccuracyEvaluator(int batchSize = 256) : IEvaluator
     /// <exception cref="ArgumentException">The model's output is not <c>[batch, classes]</c>, or the targets are not class indices in range.</exception>
     public EvaluationResult Evaluate(nn.Module<Tensor, Tensor> model, IBatchSource data, CancellationToken cancellationToken = default)
     {
-        ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(data);
-        if (data.Count == 0)
-        {
-            throw new ArgumentException("The evaluation data is empty.", nameof(data));
-        }
-
         var correct = new List<bool>((int)Math.Min(data.Count, int.MaxValue));
         long hits = 0;
-        bool wasTraining = model.training;
-        model.eval();
-        try
+        EvaluationLoop.Run(model, data, BatchSize, cancellationToken, (input, output, target) =>
         {
-            using var noGrad = no_grad();
-            var device = ModelDevice(model);
-            foreach (var (input, target) in data.ScopedBatches(BatchSize))
+            if (output.dim() != 2 || output.shape[0] != input.shape[0])
             {
-                cancellationToken.ThrowIfCancellationRequested();
-                var output = model.call(input.to(device));
-                if (output.dim() != 2 || output.shape[0] != input.shape[0])
-                {
-                    throw new ArgumentException(
-                        $"Accuracy needs model outputs of shape [batch, classes]; the model gave [{string.Join(", ", output.shape)}] for a batch of {input.shape[0]}.",
-                        nameof(model));
-                }
-
-                if (target.dim() != 1 || target.is_floating_point())
-                {
-                    throw new ArgumentException("Accuracy needs integer class-index targets of shape [batch].", nameof(data));
-                }
-
-                var t = target.to(device);
-                long classes = output.shape[1];
-                if (t.min().item<long>() < 0 || t.max().item<long>() >= classes)
-                {
-                    throw new ArgumentException($"A target lies outside the model's {classes} classes.", nameof(data));
-                }
-
-                var right = output.argmax(1).eq(t).cpu();
-                foreach (var r in right.data<bool>())
-                {
-                    correct.Add(r);
-                    hits += r ? 1 : 0;
-                }
+                throw new ArgumentException(
+                    $"Accuracy needs model outputs of shape [batch, classes]; the model gave [{string.Join(", ", output.shape)}] for a batch of {input.shape[0]}.",
+                    nameof(model));
             }
-        }
-        finally
-        {
-            model.train(wasTraining);
-        }
+
+            if (target.dim() != 1 || target.is_floating_point())
+            {
+                throw new ArgumentException("Accuracy needs integer class-index targets of shape [batch].", nameof(data));
+            }
+
+            long classes = output.shape[1];
+            if (target.min().item<long>() < 0 || target.max().item<long>() >= classes)
+            {
+                throw new ArgumentException($"A target lies outside the model's {classes} classes.", nameof(data));
+            }
+
+            var right = output.argmax(1).eq(target).cpu();
+            foreach (var r in right.data<bool>())
+            {
+                correct.Add(r);
+                hits += r ? 1 : 0;
+            }
+        });
 
         return new EvaluationResult((double)hits / correct.Count, correct.Count, correct);
     }
-
-    internal static Device ModelDevice(nn.Module model) =>
-        model.parameters().FirstOrDefault()?.device ?? model.buffers().FirstOrDefault()?.device ?? CPU;
 }
 
 /// <summary>Mean loss over the data (lower is better), for regression or any task without a notion of "correct".</summary>
@@ -120,6 +97,25 @@ public sealed class LossEvaluator(Func<Tensor, Tensor, Tensor>? loss = null, int
     /// <inheritdoc/>
     public EvaluationResult Evaluate(nn.Module<Tensor, Tensor> model, IBatchSource data, CancellationToken cancellationToken = default)
     {
+        double sum = 0;
+        long count = 0;
+        EvaluationLoop.Run(model, data, BatchSize, cancellationToken, (input, output, target) =>
+        {
+            long n = input.shape[0];
+            sum += _loss(output, target).item<float>() * n;
+            count += n;
+        });
+
+        return new EvaluationResult(sum / count, count);
+    }
+}
+
+/// <summary>The loop both evaluators share: evaluation mode, no gradients, one dispose scope per batch, mode restored.</summary>
+internal static class EvaluationLoop
+{
+    /// <summary>Runs the model over the data and hands each (input, output, target) to <paramref name="onBatch"/>, all on the model's device.</summary>
+    public static void Run(nn.Module<Tensor, Tensor> model, IBatchSource data, int batchSize, CancellationToken cancellationToken, Action<Tensor, Tensor, Tensor> onBatch)
+    {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(data);
         if (data.Count == 0)
@@ -127,28 +123,26 @@ public sealed class LossEvaluator(Func<Tensor, Tensor, Tensor>? loss = null, int
             throw new ArgumentException("The evaluation data is empty.", nameof(data));
         }
 
-        double sum = 0;
-        long count = 0;
         bool wasTraining = model.training;
         model.eval();
         try
         {
             using var noGrad = no_grad();
-            var device = AccuracyEvaluator.ModelDevice(model);
-            foreach (var (input, target) in data.ScopedBatches(BatchSize))
+            var device = ModelDevice(model);
+            foreach (var (input, target) in data.ScopedBatches(batchSize))
             {
                 cancellationToken.ThrowIfCancellationRequested();
-                var output = model.call(input.to(device));
-                long n = input.shape[0];
-                sum += _loss(output, target.to(device)).item<float>() * n;
-                count += n;
+                var onDevice = input.to(device);
+                onBatch(onDevice, model.call(onDevice), target.to(device));
             }
         }
         finally
         {
             model.train(wasTraining);
         }
-
-        return new EvaluationResult(sum / count, count);
     }
+
+    /// <summary>The device of the model's first parameter or buffer; CPU for a model with neither.</summary>
+    public static Device ModelDevice(nn.Module model) =>
+        model.parameters().FirstOrDefault()?.device ?? model.buffers().FirstOrDefault()?.device ?? CPU;
 }
