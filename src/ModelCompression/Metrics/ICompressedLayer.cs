@@ -12,6 +12,15 @@ public interface ICompressedLayer
     /// <summary>Gets the rank of a low-rank layer, or <see langword="null"/>.</summary>
     int? Rank { get; }
 
+    /// <summary>
+    /// Gets the number of parameters the layer stands for, counted as the dense layer it replaces (so a sparse layer
+    /// reports its full in × out, and <see cref="NonzeroParameterCount"/> the weights it stores).
+    /// </summary>
+    long ParameterCount { get; }
+
+    /// <summary>Gets the number of those parameters that are not zero.</summary>
+    long NonzeroParameterCount { get; }
+
     /// <summary>Gets the multiply-accumulates of one call, given the input and output of that call.</summary>
     /// <param name="input">The input of the call.</param>
     /// <param name="output">The output of the call.</param>

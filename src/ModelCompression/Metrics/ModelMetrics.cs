@@ -69,24 +69,35 @@ public sealed class LatencyOptions
 /// </summary>
 public static class ModelMetrics
 {
-    /// <summary>Counts the parameters of a model.</summary>
+    /// <summary>
+    /// Counts the parameters of a model. Layers of this library (<see cref="ICompressedLayer"/>) count as the dense
+    /// layer they stand for, so a sparse layer still counts in × out.
+    /// </summary>
     /// <param name="model">The model.</param>
     /// <returns>The number of parameter elements.</returns>
     public static long CountParameters(nn.Module model)
     {
         ArgumentNullException.ThrowIfNull(model);
-        return model.parameters().Sum(p => p.numel());
+        return model is ICompressedLayer c
+            ? c.ParameterCount
+            : model.named_parameters(recurse: false).Sum(p => p.parameter.numel()) + model.named_children().Sum(child => CountParameters(child.module));
     }
 
-    /// <summary>Counts the parameters that are not exactly zero.</summary>
+    /// <summary>Counts the parameters that are not exactly zero (for a sparse layer, the weights it stores that are not zero).</summary>
     /// <param name="model">The model.</param>
     /// <returns>The number of non-zero parameter elements.</returns>
     public static long CountNonzeroParameters(nn.Module model)
     {
         ArgumentNullException.ThrowIfNull(model);
+        if (model is ICompressedLayer c)
+        {
+            return c.NonzeroParameterCount;
+        }
+
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        return model.parameters().Sum(p => p.count_nonzero().item<long>());
+        return model.named_parameters(recurse: false).Sum(p => p.parameter.count_nonzero().item<long>())
+            + model.named_children().Sum(child => CountNonzeroParameters(child.module));
     }
 
     /// <summary>
@@ -220,10 +231,9 @@ public static class ModelMetrics
                     continue;
                 }
 
-                var pars = module is ICompressedLayer ? module.parameters().ToList() : own;
-                long count = pars.Sum(p => p.numel());
-                long nonzero = pars.Sum(p => p.count_nonzero().item<long>());
-                int bits = module is ICompressedLayer c ? c.WeightBits : BitsOf(pars.FirstOrDefault());
+                long count = module is ICompressedLayer layer ? layer.ParameterCount : own.Sum(p => p.numel());
+                long nonzero = module is ICompressedLayer nz ? nz.NonzeroParameterCount : own.Sum(p => p.count_nonzero().item<long>());
+                int bits = module is ICompressedLayer c ? c.WeightBits : BitsOf(own.FirstOrDefault());
                 int? rank = (module as ICompressedLayer)?.Rank;
                 layers.Add(new LayerMeasurement(name, module.GetType().Name, count, nonzero, macs.GetValueOrDefault(name), bits, rank));
             }

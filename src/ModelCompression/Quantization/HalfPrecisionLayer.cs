@@ -44,6 +44,19 @@ public sealed class HalfPrecisionLayer : nn.Module<Tensor, Tensor>, ICompressedL
     public int? Rank => null;
 
     /// <inheritdoc/>
+    public long ParameterCount => inner.parameters().Sum(p => p.numel());
+
+    /// <inheritdoc/>
+    public long NonzeroParameterCount
+    {
+        get
+        {
+            using var scope = NewDisposeScope();
+            return inner.parameters().Sum(p => p.count_nonzero().item<long>());
+        }
+    }
+
+    /// <inheritdoc/>
     public long CountMacs(Tensor input, Tensor output) => ModelMetrics.LayerMacs(inner, input, output);
 
     /// <inheritdoc/>

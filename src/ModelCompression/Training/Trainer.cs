@@ -109,6 +109,14 @@ public sealed class Trainer
                     }
 
                     total.backward();
+                    if (callbacks?.BeforeOptimizerStep is { } before)
+                    {
+                        using (no_grad())
+                        {
+                            before(new TrainingStepInfo(model, epoch, step, totalSteps, value));
+                        }
+                    }
+
                     optimizer.step();
                     if (callbacks?.AfterOptimizerStep is { } after)
                     {

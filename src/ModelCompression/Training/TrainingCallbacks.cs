@@ -74,6 +74,12 @@ public sealed class TrainingCallbacks
     /// <value>The default is 1. Distillation sets it below 1; 0 trains on the extra loss alone.</value>
     public double TaskLossWeight { get; set; } = 1.0;
 
+    /// <summary>
+    /// Gets or sets an action run after the backward pass and before every optimizer step, inside <c>no_grad</c>
+    /// (gradients are in place: pruning masks them here so that pruned weights get no update).
+    /// </summary>
+    public Action<TrainingStepInfo>? BeforeOptimizerStep { get; set; }
+
     /// <summary>Gets or sets an action run after every optimizer step, inside <c>no_grad</c>.</summary>
     public Action<TrainingStepInfo>? AfterOptimizerStep { get; set; }
 
