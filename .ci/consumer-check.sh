@@ -17,9 +17,12 @@ list_zip() { if command -v unzip > /dev/null; then unzip -l "$1"; else python3 -
 list_zip "$feed/ModelCompression.$version.nupkg" | grep -q 'buildTransitive/ModelCompression.targets' \
   || { echo "the package lacks buildTransitive/ModelCompression.targets"; exit 1; }
 
+# App -> Lib -> ModelCompression: the app gets the package only transitively, as most applications would,
+# so this exercises the buildTransitive path.
+lib="$work/lib"
 app="$work/consumer"
-mkdir -p "$app"
-cat > "$app/nuget.config" <<XML
+mkdir -p "$lib" "$app"
+cat > "$work/nuget.config" <<XML
 <?xml version="1.0" encoding="utf-8"?>
 <configuration>
   <packageSources>
@@ -29,6 +32,30 @@ cat > "$app/nuget.config" <<XML
   </packageSources>
 </configuration>
 XML
+cat > "$lib/Lib.csproj" <<XML
+<Project Sdk="Microsoft.NET.Sdk">
+  <PropertyGroup>
+    <TargetFramework>net10.0</TargetFramework>
+    <Nullable>enable</Nullable>
+    <ImplicitUsings>enable</ImplicitUsings>
+  </PropertyGroup>
+  <ItemGroup>
+    <PackageReference Include="ModelCompression" Version="$version" />
+  </ItemGroup>
+</Project>
+XML
+cat > "$lib/Sizes.cs" <<'CS'
+using ModelCompression.Metrics;
+using static TorchSharp.torch;
+
+namespace Lib;
+
+public static class Sizes
+{
+    public static string Describe(nn.Module<Tensor, Tensor> layer, Tensor input) =>
+        $"{ModelMetrics.CountParameters(layer)} parameters, {ModelMetrics.CountMacs(layer, input)} MACs";
+}
+CS
 cat > "$app/Consumer.csproj" <<XML
 <Project Sdk="Microsoft.NET.Sdk">
   <PropertyGroup>
@@ -36,29 +63,33 @@ cat > "$app/Consumer.csproj" <<XML
     <TargetFramework>net10.0</TargetFramework>
     <Nullable>enable</Nullable>
     <ImplicitUsings>enable</ImplicitUsings>
-    <ManagePackageVersionsCentrally>false</ManagePackageVersionsCentrally>
   </PropertyGroup>
   <ItemGroup>
-    <PackageReference Include="ModelCompression" Version="$version" />
+    <ProjectReference Include="../lib/Lib.csproj" />
     <PackageReference Include="TorchSharp-cpu" Version="0.107.0" />
   </ItemGroup>
 </Project>
 XML
 cat > "$app/Program.cs" <<'CS'
-using ModelCompression.Metrics;
 using static TorchSharp.torch;
 
 using var layer = nn.Linear(20, 30);
 using var input = ones(1, 20);
-Console.WriteLine($"consumer: {ModelMetrics.CountParameters(layer)} parameters, {ModelMetrics.CountMacs(layer, input)} MACs");
+Console.WriteLine($"consumer: {Lib.Sizes.Describe(layer, input)}");
 CS
-# Keep the repository's Directory.Build.* files out of the throwaway app.
+# Keep the repository's Directory.Build.* files out of the throwaway apps.
 echo "<Project />" > "$work/Directory.Build.props"; echo "<Project />" > "$work/Directory.Build.targets"; echo "<Project />" > "$work/Directory.Packages.props"
 
 dotnet build "$app/Consumer.csproj" -c Release -o "$app/out" --nologo 2>&1 | tee "$work/build.log"
 output=$(dotnet "$app/out/Consumer.dll")
 echo "$output"
 [ "$output" = "consumer: 630 parameters, 600 MACs" ] || { echo "unexpected consumer output"; exit 1; }
+
+echo "publish for linux-x64 (framework-dependent) and run the published app"
+dotnet publish "$app/Consumer.csproj" -c Release -r linux-x64 --self-contained false -o "$app/pub" --nologo 2>&1 | tee "$work/publish.log"
+output=$(dotnet "$app/pub/Consumer.dll")
+[ "$output" = "consumer: 630 parameters, 600 MACs" ] || { echo "unexpected output from the published app: $output"; exit 1; }
+echo "published app: $output"
 
 needs_fix=false
 if [ "$(uname -s)" = Linux ]; then
@@ -71,6 +102,8 @@ fi
 if $needs_fix; then
   grep -q 'marked the GLIBCXX_3.4.32 version need weak' "$work/build.log" \
     || { echo "the build did not log the libstdc++ fix"; exit 1; }
+  grep -q 'marked the GLIBCXX_3.4.32 version need weak.*modelcompression-patched' "$work/publish.log" \
+    || { echo "the publish did not patch its copy"; exit 1; }
   echo "negative control: the same app built with the fix turned off must fail to load TorchSharp"
   dotnet build "$app/Consumer.csproj" -c Release -o "$app/unpatched" -p:ModelCompressionPatchLibTorchSharp=false --nologo > /dev/null
   if dotnet "$app/unpatched/Consumer.dll" > "$work/unpatched.log" 2>&1; then

@@ -1,3 +1,4 @@
+using System.Security.Cryptography;
 using ModelCompression.Training;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -55,7 +56,8 @@ public static class ZooTraining
     {
         ArgumentNullException.ThrowIfNull(split);
         var net = ModelZoo.Create(model, seed);
-        string? path = cacheDirectory is null ? null : Path.Combine(cacheDirectory, $"{model}-seed{seed}-r{RecipeVersion}.weights");
+        // The key covers the training data itself, so another split, layout or scaling never reuses these weights.
+        string? path = cacheDirectory is null ? null : Path.Combine(cacheDirectory, $"{model}-seed{seed}-r{RecipeVersion}-{Fingerprint(split.Train)}.weights");
         if (path is not null && File.Exists(path))
         {
             try
@@ -83,5 +85,15 @@ public static class ZooTraining
         }
 
         return new TrainedModel(net, false, summary.Seconds);
+    }
+
+    /// <summary>The first 12 hex digits of the SHA-256 of the data's inputs and targets.</summary>
+    private static string Fingerprint(ModelCompression.Data.TensorDataset data)
+    {
+        using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        using var scope = NewDisposeScope();
+        hash.AppendData(data.Inputs.contiguous().cpu().bytes);
+        hash.AppendData(data.Targets.contiguous().cpu().bytes);
+        return Convert.ToHexString(hash.GetHashAndReset())[..12].ToLowerInvariant();
     }
 }

@@ -32,4 +32,37 @@ public sealed class ReadmeSampleTests
         Assert.That(result.Report.CompressionRatio, Is.EqualTo(2.0));
         Assert.That(File.ReadAllText("report.json"), Does.Contain("\"compressionRatio\": 2"));
     }
+
+    [Test]
+    public void ReadmeSample_IsTheCodeOfThisTest()
+    {
+        var root = RepositoryRoot();
+        var readme = File.ReadAllLines(Path.Combine(root, "README.md"));
+        int usingIt = Array.IndexOf(readme, "## Using it");
+        int start = Array.IndexOf(readme, "```csharp", usingIt) + 1;
+        int end = Array.IndexOf(readme, "```", start);
+        // The README shows the namespace imports the test file has at its top.
+        var block = Normalize(readme[start..end]).Where(l => !(l.StartsWith("using ", StringComparison.Ordinal) && !l.Contains('='))).ToList();
+
+        var source = File.ReadAllLines(Path.Combine(root, "tests", "ModelCompression.Tests", "ReadmeSampleTests.cs"));
+        int from = Array.FindIndex(source, l => l.Contains("--- README sample: begin ---", StringComparison.Ordinal)) + 1;
+        int to = Array.FindIndex(source, l => l.Contains("--- README sample: end ---", StringComparison.Ordinal));
+        Assert.That(block, Is.EqualTo(Normalize(source[from..to]).ToList()));
+    }
+
+    private static IEnumerable<string> Normalize(IEnumerable<string> lines) =>
+        lines.Select(l => l.Trim()).Where(l => l.Length > 0);
+
+    private static string RepositoryRoot()
+    {
+        for (var dir = new DirectoryInfo(TestContext.CurrentContext.TestDirectory); dir is not null; dir = dir.Parent)
+        {
+            if (File.Exists(Path.Combine(dir.FullName, "ModelCompression.sln")))
+            {
+                return dir.FullName;
+            }
+        }
+
+        throw new InvalidOperationException("The tests do not run inside the repository.");
+    }
 }

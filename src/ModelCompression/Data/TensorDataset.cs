@@ -46,8 +46,13 @@ public sealed class TensorDataset : IBatchSource, IDisposable
             }
         }
 
-        _inputs = inputs.detach().clone().DetachFromDisposeScope();
-        _targets = targets.detach().clone().DetachFromDisposeScope();
+        using (var inputAlias = inputs.detach())
+        using (var targetAlias = targets.detach())
+        {
+            _inputs = inputAlias.clone().DetachFromDisposeScope();
+            _targets = targetAlias.clone().DetachFromDisposeScope();
+        }
+
         _sampleShape = inputs.shape.Skip(1).ToArray();
     }
 

@@ -71,16 +71,16 @@ public static class ModelMetrics
 {
     /// <summary>
     /// Counts the parameters of a model. Layers of this library (<see cref="ICompressedLayer"/>) count as the dense
-    /// layer they stand for, so a sparse layer still counts in × out.
+    /// layer they stand for, so a sparse layer still counts in × out. A tensor or layer shared by several modules
+    /// (tied weights) counts once.
     /// </summary>
     /// <param name="model">The model.</param>
     /// <returns>The number of parameter elements.</returns>
     public static long CountParameters(nn.Module model)
     {
         ArgumentNullException.ThrowIfNull(model);
-        return model is ICompressedLayer c
-            ? c.ParameterCount
-            : model.named_parameters(recurse: false).Sum(p => p.parameter.numel()) + model.named_children().Sum(child => CountParameters(child.module));
+        var (parameters, layers) = Distinct(model);
+        return parameters.Sum(p => p.numel()) + layers.Sum(l => l.ParameterCount);
     }
 
     /// <summary>Counts the parameters that are not exactly zero (for a sparse layer, the weights it stores that are not zero).</summary>
@@ -89,15 +89,47 @@ public static class ModelMetrics
     public static long CountNonzeroParameters(nn.Module model)
     {
         ArgumentNullException.ThrowIfNull(model);
-        if (model is ICompressedLayer c)
-        {
-            return c.NonzeroParameterCount;
-        }
-
+        var (parameters, layers) = Distinct(model);
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        return model.named_parameters(recurse: false).Sum(p => p.parameter.count_nonzero().item<long>())
-            + model.named_children().Sum(child => CountNonzeroParameters(child.module));
+        return parameters.Sum(p => p.count_nonzero().item<long>()) + layers.Sum(l => l.NonzeroParameterCount);
+    }
+
+    /// <summary>The distinct plain parameters and compressed layers of a model (compressed layers stand for their own parameters).</summary>
+    private static (List<Parameter> Parameters, List<ICompressedLayer> Layers) Distinct(nn.Module model)
+    {
+        var seen = new HashSet<object>(ReferenceEqualityComparer.Instance);
+        var parameters = new List<Parameter>();
+        var layers = new List<ICompressedLayer>();
+        void Visit(nn.Module module)
+        {
+            if (!seen.Add(module))
+            {
+                return;
+            }
+
+            if (module is ICompressedLayer compressed)
+            {
+                layers.Add(compressed);
+                return;
+            }
+
+            foreach (var (_, p) in module.named_parameters(recurse: false))
+            {
+                if (seen.Add(p))
+                {
+                    parameters.Add(p);
+                }
+            }
+
+            foreach (var (_, child) in module.named_children())
+            {
+                Visit(child);
+            }
+        }
+
+        Visit(model);
+        return (parameters, layers);
     }
 
     /// <summary>
@@ -110,7 +142,8 @@ public static class ModelMetrics
     public static long SizeInBytes(nn.Module model)
     {
         ArgumentNullException.ThrowIfNull(model);
-        return model.state_dict().Values.Sum(t => t.numel() * t.ElementSize);
+        // Tied tensors appear under several keys but are stored once.
+        return model.state_dict().Values.DistinctBy(t => t.Handle).Sum(t => t.numel() * t.ElementSize);
     }
 
     /// <summary>
@@ -134,11 +167,15 @@ public static class ModelMetrics
             // named_modules() leaves out the root, which may itself be a layer (a bare Linear); it gets the empty name.
             var all = new List<(string Name, nn.Module Module)> { (string.Empty, model) };
             all.AddRange(model.named_modules());
-            var compressed = all.Where(m => m.Module is ICompressedLayer && m.Name.Length > 0).Select(m => m.Name + ".").ToList();
+            // A compressed root counts the whole model itself: every descendant is skipped.
+            var compressed = model is ICompressedLayer
+                ? [string.Empty]
+                : all.Where(m => m.Module is ICompressedLayer && m.Name.Length > 0).Select(m => m.Name + ".").ToList();
             foreach (var (name, module) in all)
             {
                 // A compressed layer counts its own MACs; the modules inside it are not counted again.
-                if (module is not nn.Module<Tensor, Tensor> layer || !IsCounted(module) || compressed.Any(prefix => name.StartsWith(prefix, StringComparison.Ordinal)))
+                bool inside = name.Length > 0 && compressed.Any(prefix => name.StartsWith(prefix, StringComparison.Ordinal));
+                if (module is not nn.Module<Tensor, Tensor> layer || !IsCounted(module) || inside)
                 {
                     continue;
                 }
@@ -316,6 +353,12 @@ public static class ModelMetrics
                 using var timed = NewDisposeScope();
                 long start = Stopwatch.GetTimestamp();
                 model.call(input);
+                if (device.type == DeviceType.CUDA)
+                {
+                    // Kernels run asynchronously: wait for them, or only the launches are timed.
+                    torch.cuda.synchronize(device);
+                }
+
                 times[i] = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
             }
 

@@ -47,6 +47,10 @@ public sealed class LayerSelection
     public LayerSelection Except(params string[] namesOrPatterns) =>
         new() { Types = [.. Types], Include = [.. Include], Exclude = [.. Exclude, .. namesOrPatterns], Filter = Filter };
 
+    /// <summary>Returns a copy whose lists are independent of this selection's (options copy it so later changes do not leak in).</summary>
+    /// <returns>A new selection.</returns>
+    public LayerSelection Copy() => new() { Types = [.. Types], Include = [.. Include], Exclude = [.. Exclude], Filter = Filter };
+
     /// <summary>Returns whether a layer is selected.</summary>
     /// <param name="name">The layer's dotted name.</param>
     /// <param name="module">The layer.</param>

@@ -176,14 +176,17 @@ public static class ModuleCloner
         }
 
         Tensor copy;
-        if (original is Parameter parameter)
+        using (var alias = original.detach())
         {
-            var data = parameter.detach().clone().DetachFromDisposeScope();
-            copy = new Parameter(data, parameter.requires_grad).DetachFromDisposeScope();
-        }
-        else
-        {
-            copy = original.detach().clone().DetachFromDisposeScope();
+            if (original is Parameter parameter)
+            {
+                var data = alias.clone().DetachFromDisposeScope();
+                copy = new Parameter(data, parameter.requires_grad).DetachFromDisposeScope();
+            }
+            else
+            {
+                copy = alias.clone().DetachFromDisposeScope();
+            }
         }
 
         if (original.name is not null)

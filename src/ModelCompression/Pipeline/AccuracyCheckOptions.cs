@@ -42,8 +42,9 @@ public sealed class AccuracyCheckOptions
     public AccuracyCheckPolicy Policy { get; set; } = AccuracyCheckPolicy.Fail;
 
     /// <summary>
-    /// Gets or sets whether a drop larger than <see cref="MaxDrop"/> fails the check only when McNemar's test finds
-    /// it significant at <see cref="SignificanceLevel"/> (needs an evaluator with per-sample results).
+    /// Gets or sets whether a drop larger than <see cref="MaxDrop"/> fails the check only when it is significant: more
+    /// samples went from right to wrong than from wrong to right, and McNemar's two-sided p-value is below
+    /// <see cref="SignificanceLevel"/> (needs an evaluator with per-sample results; without them every drop counts).
     /// </summary>
     /// <value>The default is <see langword="false"/>.</value>
     public bool RejectOnlySignificantDrops { get; set; }

@@ -13,6 +13,7 @@ namespace ModelCompression;
 public sealed class CompressionContext
 {
     private readonly IProgress<CompressionProgress>? _progress;
+    private readonly List<string> _notes = [];
 
     /// <summary>Initializes a new instance of the <see cref="CompressionContext"/> class, for running steps outside a pipeline.</summary>
     /// <param name="data">The data.</param>
@@ -87,6 +88,19 @@ public sealed class CompressionContext
 
     /// <summary>Gets the number of steps in the run.</summary>
     public int StepCount { get; internal set; }
+
+    /// <summary>Gets the notes the running step added (shown in the step's report entry).</summary>
+    public IReadOnlyList<string> Notes => _notes;
+
+    /// <summary>Adds a note about the running step to the report (e.g. which layers became sparse and why).</summary>
+    /// <param name="note">The note.</param>
+    public void AddNote(string note)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(note);
+        _notes.Add(note);
+    }
+
+    internal void ClearNotes() => _notes.Clear();
 
     /// <summary>Reports progress of the running step.</summary>
     /// <param name="phase">The phase.</param>

@@ -107,6 +107,16 @@ public sealed class CompressionPipeline
 
             context.ReportProgress(CompressionPhase.Baseline, 0);
             var baselineEval = Evaluate(current, context);
+            if (!double.IsFinite(baselineEval.Value))
+            {
+                throw new ArgumentException($"The baseline model's {data.Evaluator.MetricName} is {baselineEval.Value}; nothing can be compared with it.", nameof(model));
+            }
+
+            if (_check is { DropKind: AccuracyDropKind.Relative } && baselineEval.Value == 0)
+            {
+                throw new ArgumentException($"A relative drop is undefined: the baseline's {data.Evaluator.MetricName} is 0. Use an absolute drop.", nameof(model));
+            }
+
             var baselineMeasure = Measure(current, context);
             var report = new CompressionReport
             {
@@ -124,17 +134,24 @@ public sealed class CompressionPipeline
                 var step = _steps[i];
                 context.StepIndex = i;
                 context.StepName = step.Name;
+                context.ClearNotes();
                 context.ReportProgress(CompressionPhase.Applying, 0);
 
                 var (candidate, seconds) = ApplyStep(step, current, context);
                 bool keep = false;
                 try
                 {
+                    EnsureFinite(candidate, step.Name);
                     context.ReportProgress(CompressionPhase.Evaluating, 0);
                     var eval = Evaluate(candidate, context);
                     context.ReportProgress(CompressionPhase.Measuring, 0);
                     var measure = Measure(candidate, context);
                     var figures = StepFigures(step.Name, seconds, eval, measure, baselineEval, data.Evaluator, out var failure);
+                    if (context.Notes.Count > 0)
+                    {
+                        figures.Message = string.Join("; ", figures.Message is null ? context.Notes : context.Notes.Prepend(figures.Message));
+                    }
+
                     report.Steps.Add(figures);
                     _logger.LogInformation(
                         "Step {Step}: {Metric} {Value:0.####} (drop {Drop:0.####}), {Accepted}",
@@ -157,9 +174,11 @@ public sealed class CompressionPipeline
 
                     if (_check.Policy == AccuracyCheckPolicy.StopKeepBest)
                     {
-                        for (int j = i + 1; j < _steps.Count; j++)
+                        var notRun = _steps.Skip(i + 1).Select(s => s.Name).ToList();
+                        if (notRun.Count > 0)
                         {
-                            report.Steps.Add(new StepFigures { Name = _steps[j].Name, Accepted = false, Message = $"not run: the pipeline stopped after '{step.Name}' failed the accuracy check" });
+                            report.Warnings ??= [];
+                            report.Warnings.Add($"Not run: {string.Join(", ", notRun)} (the pipeline stopped after '{step.Name}' failed the accuracy check).");
                         }
 
                         break;
@@ -197,8 +216,16 @@ public sealed class CompressionPipeline
             throw new InvalidOperationException("The model cloner returned the caller's model itself; it must return a copy.");
         }
 
-        copy.to(_device);
-        return copy;
+        try
+        {
+            copy.to(_device);
+            return copy;
+        }
+        catch
+        {
+            copy.Dispose();
+            throw;
+        }
     }
 
     private (nn.Module<Tensor, Tensor> Model, double Seconds) ApplyStep(ICompressionStep step, nn.Module<Tensor, Tensor> current, CompressionContext context)
@@ -234,7 +261,7 @@ public sealed class CompressionPipeline
 
         double absoluteDrop = evaluator.HigherIsBetter ? baseline.Value - eval.Value : eval.Value - baseline.Value;
         var kind = _check?.DropKind ?? AccuracyDropKind.Absolute;
-        double drop = kind == AccuracyDropKind.Relative && baseline.Value != 0 ? absoluteDrop / Math.Abs(baseline.Value) : absoluteDrop;
+        double drop = kind == AccuracyDropKind.Relative ? absoluteDrop / Math.Abs(baseline.Value) : absoluteDrop;
         figures.AccuracyDrop = drop;
 
         McNemarResult? test = null;
@@ -248,12 +275,19 @@ public sealed class CompressionPipeline
 
         if (_check is null)
         {
+            if (!double.IsFinite(eval.Value))
+            {
+                throw new InvalidOperationException($"Step '{name}' gave a {evaluator.MetricName} of {eval.Value}.");
+            }
+
             figures.Accepted = true;
             return figures;
         }
 
-        bool tooLarge = drop > _check.MaxDrop + 1e-12;
-        bool significant = !_check.RejectOnlySignificantDrops || test is null || test.PValue < _check.SignificanceLevel;
+        // A NaN or infinite metric fails the check (NaN compares false with everything).
+        bool tooLarge = !(drop <= _check.MaxDrop + 1e-12);
+        bool significant = !_check.RejectOnlySignificantDrops || test is null || !double.IsFinite(drop)
+            || (test.OnlyFirstCorrect > test.OnlySecondCorrect && test.PValue < _check.SignificanceLevel);
         figures.Accepted = !(tooLarge && significant);
         if (tooLarge && !significant)
         {
@@ -355,6 +389,18 @@ public sealed class CompressionPipeline
         if (needsTraining.Count > 0 && data.Training is null)
         {
             throw new ArgumentException($"Steps {string.Join(", ", needsTraining)} fine-tune the model and need training data; none was given.", nameof(data));
+        }
+    }
+
+    private static void EnsureFinite(nn.Module<Tensor, Tensor> model, string stepName)
+    {
+        try
+        {
+            ValidateWeights(model);
+        }
+        catch (ArgumentException ex)
+        {
+            throw new InvalidOperationException($"Step '{stepName}' produced a model with non-finite weights: {ex.Message}", ex);
         }
     }
 

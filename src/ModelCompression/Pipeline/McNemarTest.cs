@@ -20,7 +20,7 @@ public sealed record McNemarResult(long OnlyFirstCorrect, long OnlySecondCorrect
 /// <remarks>
 /// With b + c &lt; 25 discordant pairs the p-value is the exact two-sided binomial one, 2·P(X ≤ min(b, c)) for
 /// X ~ Binomial(b + c, ½), capped at 1; otherwise it is the χ² (1 degree of freedom) p-value of
-/// (|b − c| − 1)² / (b + c). The interval is (c − b)/n ± z·√((b + c) − (c − b)²/n)/n.
+/// max(0, |b − c| − 1)² / (b + c). The p-value is two-sided. The interval is (c − b)/n ± z·√((b + c) − (c − b)²/n)/n.
 /// </remarks>
 public static class McNemarTest
 {
@@ -96,7 +96,7 @@ public static class McNemarTest
         }
         else
         {
-            double chi = Math.Pow(Math.Abs(b - c) - 1, 2) / discordant;
+            double chi = Math.Pow(Math.Max(0, Math.Abs(b - c) - 1), 2) / discordant;
             p = 1 - ChiSquared.CDF(1, chi);
         }
 

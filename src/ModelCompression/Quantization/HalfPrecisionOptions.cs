@@ -44,5 +44,5 @@ public sealed class HalfPrecisionOptions : IValidatableOptions
         return errors;
     }
 
-    internal HalfPrecisionOptions Clone() => new() { Format = Format, Layers = Layers };
+    internal HalfPrecisionOptions Clone() => new() { Format = Format, Layers = Layers.Copy() };
 }

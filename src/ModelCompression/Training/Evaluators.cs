@@ -55,10 +55,12 @@ public sealed class AccuracyEvaluator(int batchSize = 256) : IEvaluator
                     nameof(model));
             }
 
-            if (target.dim() != 1 || target.is_floating_point())
+            if (target.dim() != 1 || target.is_floating_point() || target.dtype == ScalarType.Bool || target.is_complex())
             {
-                throw new ArgumentException("Accuracy needs integer class-index targets of shape [batch].", nameof(data));
+                throw new ArgumentException($"Accuracy needs integer class-index targets of shape [batch]; got {target.dtype} [{string.Join(", ", target.shape)}].", nameof(data));
             }
+
+            target = target.to(ScalarType.Int64);
 
             long classes = output.shape[1];
             if (target.min().item<long>() < 0 || target.max().item<long>() >= classes)

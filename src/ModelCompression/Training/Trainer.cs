@@ -139,7 +139,12 @@ public sealed class Trainer
         }
         finally
         {
-            optimizer.zero_grad();
+            // Drop the last gradients; zero_grad touches every .grad, which makes tensor wrappers: keep them in a scope.
+            using (NewDisposeScope())
+            {
+                optimizer.zero_grad();
+            }
+
             model.train(wasTraining);
         }
 

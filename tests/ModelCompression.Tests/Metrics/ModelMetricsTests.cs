@@ -112,4 +112,15 @@ public sealed class ModelMetricsTests
         // A second count gives the same figure: no hook left behind adds to it.
         Assert.That(ModelMetrics.CountMacs(layer, x), Is.EqualTo(9));
     }
+
+    [Test]
+    public void TiedWeights_CountOnce()
+    {
+        using var first = nn.Linear(3, 3, hasBias: false);
+        using var second = nn.Linear(3, 3, hasBias: false);
+        second.weight = first.weight;
+        using var model = nn.Sequential(("a", first), ("b", second));
+        Assert.That(ModelMetrics.CountParameters(model), Is.EqualTo(9));
+        Assert.That(ModelMetrics.SizeInBytes(model), Is.EqualTo(9 * 4));
+    }
 }

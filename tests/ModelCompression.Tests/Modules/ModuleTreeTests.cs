@@ -42,8 +42,16 @@ public sealed class ModuleTreeTests
         Assert.That(root, Is.SameAs(model));
         Assert.That(ModuleTree.GetSubmodule(model, "block.conv2"), Is.SameAs(replacement));
         Assert.That(model.state_dict().Keys, Is.EqualTo(keys), "order of the state_dict is kept");
-        // forward() reads the field: with conv2 zeroed, the block output equals relu(bn2(0) + input).
         Assert.That(model.parameters().Any(p => ReferenceEquals(p, replacement.weight)), Is.True);
+
+        // forward() reads the field: with conv2 zeroed, bn2 (eval mode, fresh statistics) gives its bias, 0, so the
+        // block returns relu(0 + input) = relu(input).
+        var block = (nn.Module<Tensor, Tensor>)ModuleTree.GetSubmodule(model, "block");
+        block.eval();
+        using var x = randn(2, 16, 7, 7);
+        using var y = block.call(x);
+        using var expected = x.relu();
+        Assert.That(y.allclose(expected, rtol: 1e-5, atol: 1e-5), Is.True);
     }
 
     [Test]

@@ -42,6 +42,14 @@ public sealed class McNemarTestTests
     }
 
     [Test]
+    public void Compute_EqualDiscordantCounts_GivesPValueOne()
+    {
+        // b = c: no evidence of a difference; the continuity correction must not push χ² below zero's p = 1.
+        Assert.That(McNemarTest.Compute(13, 13, 100).PValue, Is.EqualTo(1.0).Within(1e-12));
+        Assert.That(McNemarTest.Compute(40, 40, 100).PValue, Is.EqualTo(1.0).Within(1e-12));
+    }
+
+    [Test]
     public void Compute_NoDiscordantPairs_GivesPValueOne()
     {
         Assert.That(McNemarTest.Compute(0, 0, 50).PValue, Is.EqualTo(1.0));

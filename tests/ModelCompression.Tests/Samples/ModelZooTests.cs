@@ -58,6 +58,14 @@ public sealed class ModelZooTests
                 Assert.That(TestModels.StateHash(second.Model), Is.EqualTo(TestModels.StateHash(first.Model)));
                 Assert.That(recipe.Epochs, Is.GreaterThan(0));
             }
+
+            // Other training data (another split seed) never reuses those weights.
+            using var other = MnistDigits.LoadBundled().Split(trainCount: 1000, seed: 1);
+            var third = ZooTraining.TrainOrLoad(ZooModel.LeNet300100, other, cache, seed: 0);
+            using (third.Model)
+            {
+                Assert.That(third.FromCache, Is.False);
+            }
         }
         finally
         {

@@ -24,6 +24,23 @@ public sealed class EvaluatorTests
     }
 
     [Test]
+    public void Accuracy_AcceptsAnyIntegerTargetType()
+    {
+        using var data = new TensorDataset(tensor(new float[] { 2, 1, 0, 3 }, [2, 2]), tensor(new int[] { 0, 0 }));
+        using var model = nn.Identity();
+        Assert.That(new AccuracyEvaluator().Evaluate(model, data).Value, Is.EqualTo(0.5));
+    }
+
+    [Test]
+    public void Accuracy_FloatTargets_ThrowNamingTheType()
+    {
+        using var data = new TensorDataset(ones(2, 2), zeros(2));
+        using var model = nn.Identity();
+        var ex = Assert.Throws<ArgumentException>(() => new AccuracyEvaluator().Evaluate(model, data));
+        Assert.That(ex!.Message, Does.Contain("Float32"));
+    }
+
+    [Test]
     public void Accuracy_RestoresTrainingMode()
     {
         using var data = new TensorDataset(ones(2, 3), zeros(2, dtype: int64));

@@ -1,0 +1,190 @@
+using ModelCompression.Modules;
+using ModelCompression.Training;
+
+namespace ModelCompression.Pruning;
+
+/// <summary>Whether one sparsity is reached in each layer or across all selected layers together.</summary>
+public enum PruningScope
+{
+    /// <summary>Each selected layer is pruned to the target (or its override).</summary>
+    LayerWise,
+
+    /// <summary>One magnitude threshold across all selected layers (those without an override): layers with many small weights lose more.</summary>
+    Global,
+}
+
+/// <summary>Whether pruned Linear layers are turned into <see cref="SparseLinear"/> layers.</summary>
+public enum SparseExecution
+{
+    /// <summary>Time dense and sparse on the layer (batch 1 and 64) and keep the sparse layer only when it is faster at batch 1 and not slower at batch 64.</summary>
+    Auto,
+
+    /// <summary>Keep plain dense layers with zeros.</summary>
+    Never,
+
+    /// <summary>Always use <see cref="SparseLinear"/> for pruned Linear layers.</summary>
+    Always,
+}
+
+/// <summary>N:M semi-structured sparsity: in every group of <c>M</c> consecutive weights along the input dimension, keep the <c>N</c> largest.</summary>
+/// <param name="N">The weights kept per group (2 in 2:4).</param>
+/// <param name="M">The group size (4 in 2:4).</param>
+public sealed record NMPattern(int N, int M)
+{
+    /// <summary>Gets the 2:4 pattern (NVIDIA Ampere's sparse tensor cores).</summary>
+    public static NMPattern TwoOfFour { get; } = new(2, 4);
+
+    /// <summary>Gets the sparsity the pattern gives, 1 − N/M.</summary>
+    public double Sparsity => 1 - ((double)N / M);
+
+    /// <inheritdoc/>
+    public override string ToString() => $"{N}:{M}";
+}
+
+/// <summary>Options of <see cref="MagnitudePruningStep"/>.</summary>
+public sealed class MagnitudePruningOptions : IValidatableOptions
+{
+    /// <summary>Gets or sets the fraction of weights removed.</summary>
+    /// <value>The default is 0.5. Must be in [0, 1).</value>
+    public double Sparsity { get; set; } = 0.5;
+
+    /// <summary>Gets or sets whether the sparsity holds per layer or across layers.</summary>
+    /// <value>The default is <see cref="PruningScope.LayerWise"/>.</value>
+    public PruningScope Scope { get; set; } = PruningScope.LayerWise;
+
+    /// <summary>Gets per-layer sparsities (by dotted name) that replace <see cref="Sparsity"/> for those layers.</summary>
+    public IDictionary<string, double> LayerSparsity { get; init; } = new Dictionary<string, double>(StringComparer.Ordinal);
+
+    /// <summary>
+    /// Gets or sets Han et al.'s rule instead of a target: prune |w| &lt; quality × std(W) in each layer (Han, Pool, Tran
+    /// and Dally 2015). <see langword="null"/> uses <see cref="Sparsity"/>.
+    /// </summary>
+    /// <value>The default is <see langword="null"/>. Must be positive and finite when set.</value>
+    public double? Quality { get; set; }
+
+    /// <summary>Gets or sets an N:M pattern instead of a target; <see langword="null"/> for unstructured pruning.</summary>
+    /// <value>The default is <see langword="null"/>. Needs 1 ≤ N &lt; M ≤ 64 and a one-shot schedule.</value>
+    public NMPattern? Pattern { get; set; }
+
+    /// <summary>Gets or sets the schedule.</summary>
+    /// <value>The default is <see cref="OneShotPruning"/>.</value>
+    public IPruningSchedule Schedule { get; set; } = new OneShotPruning();
+
+    /// <summary>Gets or sets the fine-tuning after each pruning round (masks held: pruned weights stay exactly zero); <see langword="null"/> for none.</summary>
+    /// <value>The default is <see langword="null"/>.</value>
+    public TrainingOptions? FineTuning { get; set; }
+
+    /// <summary>Gets or sets the layers pruned.</summary>
+    /// <value>The default is every Linear and Conv2d layer.</value>
+    public LayerSelection Layers { get; set; } = LayerSelection.Default;
+
+    /// <summary>Gets or sets whether pruned Linear layers become <see cref="SparseLinear"/> layers.</summary>
+    /// <value>The default is <see cref="SparseExecution.Auto"/>.</value>
+    public SparseExecution SparseExecution { get; set; } = SparseExecution.Auto;
+
+    /// <inheritdoc/>
+    public IReadOnlyList<string> Validate()
+    {
+        const string Name = nameof(MagnitudePruningOptions);
+        var errors = new List<string>();
+        if (!(Sparsity >= 0 && Sparsity < 1))
+        {
+            errors.Add($"{Name}.{nameof(Sparsity)} must be in [0, 1) (was {Sparsity}).");
+        }
+
+        if (!Enum.IsDefined(Scope))
+        {
+            errors.Add($"{Name}.{nameof(Scope)} is not a known scope (was {(int)Scope}).");
+        }
+
+        if (!Enum.IsDefined(SparseExecution))
+        {
+            errors.Add($"{Name}.{nameof(SparseExecution)} is not a known choice (was {(int)SparseExecution}).");
+        }
+
+        if (LayerSparsity is null)
+        {
+            errors.Add($"{Name}.{nameof(LayerSparsity)} must not be null.");
+        }
+        else
+        {
+            foreach (var (layer, sparsity) in LayerSparsity)
+            {
+                if (!(sparsity >= 0 && sparsity < 1))
+                {
+                    errors.Add($"{Name}.{nameof(LayerSparsity)}['{layer}'] must be in [0, 1) (was {sparsity}).");
+                }
+            }
+        }
+
+        if (Quality is { } q && !(q > 0 && double.IsFinite(q)))
+        {
+            errors.Add($"{Name}.{nameof(Quality)} must be positive and finite (was {q}).");
+        }
+
+        if (Pattern is { } p)
+        {
+            if (!(p.N >= 1 && p.N < p.M && p.M <= 64))
+            {
+                errors.Add($"{Name}.{nameof(Pattern)} needs 1 ≤ N < M ≤ 64 (was {p}).");
+            }
+
+            if (Schedule is not OneShotPruning)
+            {
+                errors.Add($"{Name}.{nameof(Pattern)} works with the one-shot schedule only (was {Schedule}).");
+            }
+
+            if (Quality is not null)
+            {
+                errors.Add($"{Name}: set either {nameof(Pattern)} or {nameof(Quality)}, not both.");
+            }
+        }
+
+        if (Quality is not null && Schedule is GradualPruning)
+        {
+            errors.Add($"{Name}.{nameof(Quality)} (Han's rule) cannot be combined with the gradual schedule, which needs a target sparsity.");
+        }
+
+        if (Schedule is null)
+        {
+            errors.Add($"{Name}.{nameof(Schedule)} must not be null.");
+        }
+        else
+        {
+            errors.AddRange(Schedule.Validate().Select(e => $"{Name}.{nameof(Schedule)}: {e}"));
+            if (Schedule.RequiresFineTuning && FineTuning is null)
+            {
+                errors.Add($"{Name}: the {Schedule} schedule needs {nameof(FineTuning)}.");
+            }
+        }
+
+        if (FineTuning is not null)
+        {
+            errors.AddRange(FineTuning.Validate().Select(e => $"{Name}.{nameof(FineTuning)}: {e}"));
+        }
+
+        if (Layers is null)
+        {
+            errors.Add($"{Name}.{nameof(Layers)} must not be null.");
+        }
+        else
+        {
+            errors.AddRange(Layers.Validate().Select(e => $"{Name}.{nameof(Layers)}: {e}"));
+        }
+
+        return errors;
+    }
+
+    internal MagnitudePruningOptions Clone() => new()
+    {
+        Sparsity = Sparsity,
+        Scope = Scope,
+        LayerSparsity = new Dictionary<string, double>(LayerSparsity, StringComparer.Ordinal),
+        Quality = Quality,
+        Pattern = Pattern,
+        Schedule = Schedule,
+        FineTuning = FineTuning?.Clone(),
+        Layers = Layers.Copy(),
+        SparseExecution = SparseExecution,
+    };
+}
