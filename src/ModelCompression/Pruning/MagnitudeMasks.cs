@@ -128,7 +128,7 @@ internal static class MagnitudeMasks
         var shape = permuted.shape;
         var groups = permuted.abs().reshape(-1, m);
         var (_, keep) = groups.topk(n, dim: 1, largest: true, sorted: false);
-        var mask = zeros_like(groups).scatter_(1, keep, 1).reshape(shape);
+        var mask = zeros_like(groups).scatter_(1, keep, ones_like(keep, dtype: groups.dtype)).reshape(shape);
         var restored = weight.dim() == 2 ? mask : mask.movedim([-1], [1]);
         return restored.contiguous().to(weight.dtype).MoveToOuterDisposeScope();
     }

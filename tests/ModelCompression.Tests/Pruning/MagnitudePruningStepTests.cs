@@ -1,0 +1,211 @@
+using ModelCompression.Data;
+using ModelCompression.Modules;
+using ModelCompression.Pruning;
+using ModelCompression.Tests.Support;
+using ModelCompression.Training;
+using NUnit.Framework;
+using TorchSharp;
+using Linear = TorchSharp.Modules.Linear;
+using TensorDataset = ModelCompression.Data.TensorDataset;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Tests.Pruning;
+
+[TestFixture]
+public sealed class MagnitudePruningStepTests
+{
+    private nn.Module<Tensor, Tensor> _model = null!;
+    private TensorDataset _train = null!;
+    private TensorDataset _test = null!;
+
+    [OneTimeSetUp]
+    public void TrainTinyModel() => (_model, _train, _test) = TestModels.TrainedMlp(seed: 3);
+
+    [OneTimeTearDown]
+    public void Cleanup()
+    {
+        _model.Dispose();
+        _train.Dispose();
+        _test.Dispose();
+    }
+
+    private CompressionContext Context() => new(new CompressionData(_train, _test), _model, seed: 1);
+
+    private static long Zeros(nn.Module model, string name)
+    {
+        var w = model.named_parameters().Single(p => p.name == name).parameter;
+        using var nz = w.count_nonzero();
+        return w.numel() - nz.item<long>();
+    }
+
+    [Test]
+    public void Apply_LayerWise_PrunesEachLayerToTheTarget()
+    {
+        using var model = ModuleCloner.DeepClone(_model);
+        var step = new MagnitudePruningStep(new MagnitudePruningOptions { Sparsity = 0.75, SparseExecution = SparseExecution.Never });
+        var result = step.Apply(model, Context());
+        Assert.That(Zeros(result, "fc1.weight"), Is.EqualTo(24)); // round(0.75 · 32)
+        Assert.That(Zeros(result, "fc2.weight"), Is.EqualTo(18)); // round(0.75 · 24)
+        Assert.That(Zeros(result, "fc1.bias"), Is.EqualTo(0), "biases are not pruned");
+    }
+
+    [Test]
+    public void Apply_Global_ReachesTheTargetAcrossLayers()
+    {
+        using var model = ModuleCloner.DeepClone(_model);
+        var options = new MagnitudePruningOptions { Sparsity = 0.5, Scope = PruningScope.Global, SparseExecution = SparseExecution.Never };
+        var result = new MagnitudePruningStep(options).Apply(model, Context());
+        Assert.That(Zeros(result, "fc1.weight") + Zeros(result, "fc2.weight"), Is.EqualTo(28)); // round(0.5 · 56)
+    }
+
+    [Test]
+    public void Apply_LayerOverride_Wins()
+    {
+        using var model = ModuleCloner.DeepClone(_model);
+        var options = new MagnitudePruningOptions { Sparsity = 0.5, SparseExecution = SparseExecution.Never };
+        options.LayerSparsity["fc2"] = 0.25;
+        var result = new MagnitudePruningStep(options).Apply(model, Context());
+        Assert.That(Zeros(result, "fc1.weight"), Is.EqualTo(16));
+        Assert.That(Zeros(result, "fc2.weight"), Is.EqualTo(6));
+    }
+
+    [TestCase("one-shot")]
+    [TestCase("iterative")]
+    [TestCase("gradual")]
+    public void Apply_WithFineTuning_PrunedWeightsStayExactlyZero(string kind)
+    {
+        using var model = ModuleCloner.DeepClone(_model);
+        IPruningSchedule schedule = kind switch
+        {
+            "one-shot" => new OneShotPruning(),
+            "iterative" => new IterativePruning(3),
+            _ => new GradualPruning(),
+        };
+        var options = new MagnitudePruningOptions
+        {
+            Sparsity = 0.6,
+            Schedule = schedule,
+            // Adam with weight decay would move every weight if the masks were not held.
+            FineTuning = new TrainingOptions { Epochs = 3, BatchSize = 20, LearningRate = 0.01, Optimizer = OptimizerKind.AdamW, WeightDecay = 0.1 },
+            SparseExecution = SparseExecution.Never,
+        };
+        var result = new MagnitudePruningStep(options).Apply(model, Context());
+        Assert.That(Zeros(result, "fc1.weight"), Is.EqualTo(19)); // round(0.6 · 32)
+        Assert.That(Zeros(result, "fc2.weight"), Is.EqualTo(14)); // round(0.6 · 24)
+        var accuracy = new AccuracyEvaluator().Evaluate(result, _test).Value;
+        Assert.That(accuracy, Is.GreaterThan(0.6));
+    }
+
+    [Test]
+    public void Masks_ZeroTheGradientsOfPrunedWeights()
+    {
+        using var layer = nn.Linear(4, 3);
+        using var x = randn(5, 4);
+        layer.call(x).sum().backward();
+        using var masks = new MaskSet();
+        masks.Add("w", layer.weight!, MagnitudeMasks.TopMagnitude(layer.weight!, 0.5));
+        masks.ApplyToGradients();
+        using var pruned = MagnitudeMasks.TopMagnitude(layer.weight!, 0.5).eq(0);
+        Assert.That(layer.weight!.grad!.masked_select(pruned).abs().sum().item<float>(), Is.EqualTo(0f));
+        Assert.That(layer.weight!.grad!.masked_select(pruned.logical_not()).abs().sum().item<float>(), Is.GreaterThan(0f));
+    }
+
+    [Test]
+    public void Apply_TwoOfFour_EveryGroupHasTwoNonzeros()
+    {
+        using var model = ModuleCloner.DeepClone(_model);
+        var options = new MagnitudePruningOptions { Pattern = NMPattern.TwoOfFour, SparseExecution = SparseExecution.Never, Layers = LayerSelection.Named("fc1") };
+        var result = new MagnitudePruningStep(options).Apply(model, Context());
+        var w = result.named_parameters().Single(p => p.name == "fc1.weight").parameter;
+        using var counts = w.ne(0).reshape(8, 1, 4).sum(-1);
+        Assert.That(counts.eq(2).all().item<bool>(), Is.True);
+    }
+
+    [Test]
+    public void Apply_NOfMNotDividingALayer_ThrowsNamingItAndChangesNothing()
+    {
+        using var model = ModuleCloner.DeepClone(_model);
+        string before = TestModels.StateHash(model);
+        // fc2 has 8 inputs: 3 does not divide them.
+        var options = new MagnitudePruningOptions { Pattern = new NMPattern(1, 3) };
+        var ex = Assert.Throws<ArgumentException>(() => new MagnitudePruningStep(options).Apply(model, Context()));
+        Assert.That(ex!.Message, Does.Contain("fc1").Or.Contain("fc2"));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+    }
+
+    [Test]
+    public void Apply_UnknownLayerOrStrayOverride_ThrowsBeforeChanges()
+    {
+        using var model = ModuleCloner.DeepClone(_model);
+        string before = TestModels.StateHash(model);
+        Assert.Throws<ArgumentException>(() => new MagnitudePruningStep(new MagnitudePruningOptions { Layers = LayerSelection.Named("fc9") }).Apply(model, Context()));
+        var stray = new MagnitudePruningOptions();
+        stray.LayerSparsity["relu"] = 0.5;
+        var ex = Assert.Throws<ArgumentException>(() => new MagnitudePruningStep(stray).Apply(model, Context()));
+        Assert.That(ex!.Message, Does.Contain("relu"));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+    }
+
+    [Test]
+    public void Options_InvalidValues_AreAllListed()
+    {
+        var options = new MagnitudePruningOptions
+        {
+            Sparsity = 1.0,
+            Pattern = new NMPattern(5, 4),
+            Schedule = new GradualPruning(),
+            Quality = -1,
+        };
+        options.LayerSparsity["fc1"] = -0.2;
+        var ex = Assert.Throws<OptionsValidationException>(() => new MagnitudePruningStep(options));
+        Assert.That(ex!.OptionsType, Is.EqualTo(nameof(MagnitudePruningOptions)));
+        Assert.That(ex.Message, Does.Contain("Sparsity must be in [0, 1)").And.Contain("N < M").And.Contain("one-shot")
+            .And.Contain("Quality must be positive").And.Contain("LayerSparsity['fc1']").And.Contain("needs FineTuning"));
+    }
+
+    [TestCase(-0.1)]
+    [TestCase(1.0)]
+    [TestCase(double.NaN)]
+    public void AddMagnitudePruning_SparsityOutsideRange_Throws(double sparsity)
+    {
+        Assert.Throws<OptionsValidationException>(() => CompressionPipeline.Create().AddMagnitudePruning(sparsity));
+    }
+
+    [Test]
+    public void Apply_SparseExecutionAlways_GivesSparseLayersWithTheSameOutputs()
+    {
+        using var model = ModuleCloner.DeepClone(_model);
+        using var x = randn(7, 4);
+        var options = new MagnitudePruningOptions { Sparsity = 0.5, SparseExecution = SparseExecution.Always };
+        var context = Context();
+        var result = new MagnitudePruningStep(options).Apply(model, context);
+        var dense = ModuleCloner.DeepClone(_model);
+        new MagnitudePruningStep(new MagnitudePruningOptions { Sparsity = 0.5, SparseExecution = SparseExecution.Never }).Apply(dense, Context());
+        Assert.That(result.modules().OfType<SparseLinear>().Count(), Is.EqualTo(2));
+        Assert.That(result.modules().OfType<Linear>(), Is.Empty);
+        Assert.That(TestModels.Output(result, x), Is.EqualTo(TestModels.Output(dense, x)).Within(1e-5));
+        Assert.That(context.Notes, Has.Some.Contains("sparse kernel for fc1, fc2"));
+        dense.Dispose();
+        result.Dispose();
+    }
+
+    [Test]
+    public void Apply_WithoutFineTuning_LeavesNoLiveTensors()
+    {
+        using var model = ModuleCloner.DeepClone(_model);
+        var step = new MagnitudePruningStep(new MagnitudePruningOptions
+        {
+            Sparsity = 0.5,
+            Schedule = new IterativePruning(2),
+            FineTuning = new TrainingOptions { Epochs = 1, BatchSize = 50 },
+            SparseExecution = SparseExecution.Never,
+        });
+        var context = Context();
+        step.Apply(model, context); // warm-up
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        long before = Tensor.TotalCount;
+        step.Apply(model, context);
+        Assert.That(Tensor.TotalCount, Is.EqualTo(before));
+    }
+}
