@@ -5,8 +5,9 @@
 using System.Diagnostics;
 using ModelCompression;
 using ModelCompression.Examples;
-using ModelCompression.Quantization;
+using ModelCompression.Pruning;
 using ModelCompression.Samples;
+using ModelCompression.Training;
 
 var options = ExampleArguments.Parse(args, defaultReportPath: "artifacts/quickstart/report.json");
 if (options is null)
@@ -27,7 +28,14 @@ Console.WriteLine(trained.FromCache
     : $"LeNet-300-100: trained in {trained.Seconds:0.0} s.");
 
 var pipeline = CompressionPipeline.Create()
-    .AddHalfPrecision(HalfPrecisionFormat.BFloat16)
+    // 90% of the weights removed by one global magnitude threshold, then 5 epochs of fine-tuning with the masks
+    // held; layers that run faster sparse become SparseLinear layers on this library's own kernel.
+    .AddMagnitudePruning(new MagnitudePruningOptions
+    {
+        Sparsity = 0.9,
+        Scope = PruningScope.Global,
+        FineTuning = new TrainingOptions { Epochs = 5, Optimizer = OptimizerKind.Sgd, LearningRate = 0.02, Momentum = 0.9, Schedule = new CosineLearningRate() },
+    })
     .WithAccuracyCheck(maxDrop: 0.01, AccuracyCheckPolicy.SkipStep)
     .WithModelName(ModelZoo.DisplayName(ZooModel.LeNet300100))
     .WithSeed(seed)

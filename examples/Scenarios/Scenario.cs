@@ -1,5 +1,6 @@
 using ModelCompression;
 using ModelCompression.Samples;
+using static TorchSharp.torch;
 
 namespace Scenarios;
 
@@ -27,7 +28,57 @@ public static class ScenarioCatalog
         new BaselineScenario("baseline-lenet300", ZooModel.LeNet300100),
         new BaselineScenario("baseline-lenet5", ZooModel.LeNet5),
         new BaselineScenario("baseline-smallresnet", ZooModel.SmallResNet),
+        new PruneLeNet300Scenario(),
+        new PruneLeNet5Scenario(),
+        new PruneTwoOfFourScenario(),
     ];
+}
+
+/// <summary>The bundled digits and a trained zoo model, as every scenario starts.</summary>
+public sealed class ScenarioBaseline : IDisposable
+{
+    private ScenarioBaseline(ZooModel kind, MnistSplit split, TrainedModel trained)
+    {
+        Kind = kind;
+        Split = split;
+        Trained = trained;
+    }
+
+    public ZooModel Kind { get; }
+
+    public MnistSplit Split { get; }
+
+    public TrainedModel Trained { get; }
+
+    public nn.Module<Tensor, Tensor> Model => Trained.Model;
+
+    public string Name => ModelZoo.DisplayName(Kind);
+
+    public CompressionData Data => new(Split.Train, Split.Test);
+
+    public static ScenarioBaseline Load(ZooModel kind, ScenarioContext context)
+    {
+        var split = MnistDigits.LoadBundled().Split(8000, context.Seed, ModelZoo.Layout(kind));
+        var trained = ZooTraining.TrainOrLoad(kind, split, context.CacheDirectory, context.Seed);
+        context.Log.WriteLine(trained.FromCache
+            ? $"{ModelZoo.DisplayName(kind)}: reused cached weights."
+            : $"{ModelZoo.DisplayName(kind)}: trained in {trained.Seconds:0.0} s.");
+        return new ScenarioBaseline(kind, split, trained);
+    }
+
+    /// <summary>Reference figures every report carries.</summary>
+    public Dictionary<string, double> Reference() => new()
+    {
+        ["trainingSeconds"] = Trained.Seconds,
+        ["trainSamples"] = Split.Train.Count,
+        ["testSamples"] = Split.Test.Count,
+    };
+
+    public void Dispose()
+    {
+        Trained.Model.Dispose();
+        Split.Dispose();
+    }
 }
 
 /// <summary>Trains a zoo model and reports it, with no compression step: the reference every other scenario compares to.</summary>
@@ -39,25 +90,14 @@ public sealed class BaselineScenario(string name, ZooModel model) : IScenario
 
     public CompressionReport Run(ScenarioContext context)
     {
-        using var split = MnistDigits.LoadBundled().Split(8000, context.Seed, ModelZoo.Layout(model));
-        var trained = ZooTraining.TrainOrLoad(model, split, context.CacheDirectory, context.Seed);
-        using var net = trained.Model;
-        context.Log.WriteLine(trained.FromCache
-            ? $"{ModelZoo.DisplayName(model)}: reused cached weights."
-            : $"{ModelZoo.DisplayName(model)}: trained in {trained.Seconds:0.0} s.");
-
+        using var baseline = ScenarioBaseline.Load(model, context);
         using var result = CompressionPipeline.Create()
-            .WithModelName(ModelZoo.DisplayName(model))
+            .WithModelName(baseline.Name)
             .WithSeed(context.Seed)
             .Build()
-            .Run(net, new CompressionData(split.Train, split.Test));
+            .Run(baseline.Model, baseline.Data);
         var report = result.Report;
-        report.Reference = new Dictionary<string, double>
-        {
-            ["trainingSeconds"] = trained.Seconds,
-            ["trainSamples"] = split.Train.Count,
-            ["testSamples"] = split.Test.Count,
-        };
+        report.Reference = baseline.Reference();
         return report;
     }
 }

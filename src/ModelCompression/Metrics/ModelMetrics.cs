@@ -231,6 +231,29 @@ public static class ModelMetrics
             MedianMilliseconds(model, sampleShape, 64, options, device ?? CPU));
     }
 
+    /// <summary>
+    /// Measures two models' latency together, alternating calls (A, B, B, A, …) so that drifts in the machine's speed
+    /// fall on both alike: the right way to compare a compressed model with its baseline on a noisy machine.
+    /// </summary>
+    /// <param name="first">The first model (e.g. the baseline).</param>
+    /// <param name="second">The second model (e.g. the compressed one).</param>
+    /// <param name="sampleShape">The shape of one sample, without the batch dimension.</param>
+    /// <param name="options">Warm-up and repeats; the defaults when <see langword="null"/>.</param>
+    /// <param name="device">The device of the inputs. The default is CPU.</param>
+    /// <returns>The median latencies of both, in milliseconds.</returns>
+    public static (LatencyMeasurement First, LatencyMeasurement Second) MeasureLatencyPaired(
+        nn.Module<Tensor, Tensor> first, nn.Module<Tensor, Tensor> second, IReadOnlyList<long> sampleShape, LatencyOptions? options = null, Device? device = null)
+    {
+        ArgumentNullException.ThrowIfNull(first);
+        ArgumentNullException.ThrowIfNull(second);
+        ArgumentNullException.ThrowIfNull(sampleShape);
+        options ??= new LatencyOptions();
+        OptionsValidationException.ThrowIfInvalid(typeof(LatencyOptions), options.Validate());
+        var (a1, b1) = PairedMedians(first, second, sampleShape, 1, options, device ?? CPU);
+        var (a64, b64) = PairedMedians(first, second, sampleShape, 64, options, device ?? CPU);
+        return (new LatencyMeasurement(a1, a64), new LatencyMeasurement(b1, b64));
+    }
+
     /// <summary>Measures everything: counts, bytes, MACs, latency (when enabled) and the per-layer breakdown.</summary>
     /// <param name="model">The model.</param>
     /// <param name="sampleShape">The shape of one sample, without the batch dimension.</param>
@@ -331,10 +354,24 @@ public static class ModelMetrics
         }
     }
 
-    private static double MedianMilliseconds(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device)
+    private static double MedianMilliseconds(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device) =>
+        Medians([model], sampleShape, batch, options, device)[0];
+
+    private static (double First, double Second) PairedMedians(nn.Module<Tensor, Tensor> first, nn.Module<Tensor, Tensor> second, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device)
     {
-        bool wasTraining = model.training;
-        model.eval();
+        var medians = Medians([first, second], sampleShape, batch, options, device);
+        return (medians[0], medians[1]);
+    }
+
+    /// <summary>Median milliseconds of each model, the models' calls alternating within every repeat.</summary>
+    private static double[] Medians(IReadOnlyList<nn.Module<Tensor, Tensor>> models, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device)
+    {
+        var wasTraining = models.Select(m => m.training).ToArray();
+        foreach (var model in models)
+        {
+            model.eval();
+        }
+
         try
         {
             using var scope = NewDisposeScope();
@@ -343,31 +380,49 @@ public static class ModelMetrics
             var input = rand([batch, .. sampleShape], generator: generator).to(device);
             for (int i = 0; i < options.Warmup; i++)
             {
-                using var warm = NewDisposeScope();
-                model.call(input);
+                foreach (var model in models)
+                {
+                    using var warm = NewDisposeScope();
+                    model.call(input);
+                }
             }
 
-            var times = new double[options.Repeats];
+            var times = models.Select(_ => new double[options.Repeats]).ToArray();
             for (int i = 0; i < options.Repeats; i++)
             {
-                using var timed = NewDisposeScope();
-                long start = Stopwatch.GetTimestamp();
-                model.call(input);
-                if (device.type == DeviceType.CUDA)
+                for (int k = 0; k < models.Count; k++)
                 {
-                    // Kernels run asynchronously: wait for them, or only the launches are timed.
-                    torch.cuda.synchronize(device);
-                }
+                    // Alternate the order so neither model always runs second.
+                    int m = i % 2 == 0 ? k : models.Count - 1 - k;
+                    using var timed = NewDisposeScope();
+                    long start = Stopwatch.GetTimestamp();
+                    models[m].call(input);
+                    if (device.type == DeviceType.CUDA)
+                    {
+                        // Kernels run asynchronously: wait for them, or only the launches are timed.
+                        torch.cuda.synchronize(device);
+                    }
 
-                times[i] = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+                    times[m][i] = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+                }
             }
 
-            Array.Sort(times);
-            return times.Length % 2 == 1 ? times[times.Length / 2] : (times[(times.Length / 2) - 1] + times[times.Length / 2]) / 2;
+            return times.Select(Median).ToArray();
         }
         finally
         {
-            model.train(wasTraining);
+            for (int k = 0; k < models.Count; k++)
+            {
+                models[k].train(wasTraining[k]);
+            }
         }
+    }
+
+    private static double Median(double[] values)
+    {
+        var sorted = values.ToArray();
+        Array.Sort(sorted);
+        int n = sorted.Length;
+        return n % 2 == 1 ? sorted[n / 2] : (sorted[(n / 2) - 1] + sorted[n / 2]) / 2;
     }
 }

@@ -30,7 +30,7 @@ public sealed class HalfPrecisionStep : ICompressionStep
     public string Name => $"{StepName}({(_options.Format == HalfPrecisionFormat.BFloat16 ? "bf16" : "fp16")})";
 
     /// <inheritdoc/>
-    /// <exception cref="ArgumentException">The selection names a layer the model does not have, or selects no layer.</exception>
+    /// <exception cref="ArgumentException">The selection names a layer the model does not have, or its named layers match none.</exception>
     public nn.Module<Tensor, Tensor> Apply(nn.Module<Tensor, Tensor> model, CompressionContext context)
     {
         ArgumentNullException.ThrowIfNull(model);
@@ -47,7 +47,14 @@ public sealed class HalfPrecisionStep : ICompressionStep
             .ToList();
         if (targets.Count == 0)
         {
-            throw new ArgumentException($"The layer selection ({_options.Layers}) selects no layer of the model.", nameof(model));
+            if (_options.Layers.Include.Count > 0)
+            {
+                throw new ArgumentException($"The layer selection ({_options.Layers}) selects no layer of the model.", nameof(model));
+            }
+
+            // Selection by type only: a model with no such layer left (e.g. all became sparse) is not an error.
+            context.AddNote($"no layer matched ({_options.Layers}); nothing converted");
+            return model;
         }
 
         var dtype = _options.Format == HalfPrecisionFormat.BFloat16 ? ScalarType.BFloat16 : ScalarType.Float16;

@@ -66,12 +66,27 @@ public sealed class HalfPrecisionStepTests
     }
 
     [Test]
-    public void Apply_SelectionMatchingNothing_Throws()
+    public void Apply_TypeSelectionMatchingNothing_IsANoOpWithANote()
     {
         using var original = ModelZoo.LeNet300100();
         using var model = ModuleCloner.DeepClone(original);
         using var data = new ModelCompression.Data.TensorDataset(randn(4, 784), zeros(4, dtype: int64));
         var step = new HalfPrecisionStep(new HalfPrecisionOptions { Layers = LayerSelection.OfType<TorchSharp.Modules.Conv2d>() });
+        var context = Context(original, data);
+        var result = step.Apply(model, context);
+        Assert.That(result, Is.SameAs(model));
+        Assert.That(TestModels.StateHash(result), Is.EqualTo(TestModels.StateHash(original)));
+        Assert.That(context.Notes, Has.One.Contains("nothing converted"));
+    }
+
+    [Test]
+    public void Apply_NamedSelectionMatchingNothing_Throws()
+    {
+        using var original = ModelZoo.LeNet300100();
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = new ModelCompression.Data.TensorDataset(randn(4, 784), zeros(4, dtype: int64));
+        // "relu1" exists but is not of a selected type.
+        var step = new HalfPrecisionStep(new HalfPrecisionOptions { Layers = LayerSelection.Named("relu1") });
         Assert.Throws<ArgumentException>(() => step.Apply(model, Context(original, data)));
     }
 
