@@ -1,0 +1,132 @@
+using ModelCompression.Pruning.Structured;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Pruning;
+
+/// <summary>What an importance criterion sees of one producing layer: its weights and, for Taylor, its activations' statistics.</summary>
+public sealed class ChannelImportanceContext
+{
+    internal ChannelImportanceContext(string layerName, nn.Module layer, nn.Module? batchNorm, Tensor? taylorScores)
+    {
+        LayerName = layerName;
+        Layer = layer;
+        BatchNorm = batchNorm;
+        TaylorScores = taylorScores;
+    }
+
+    /// <summary>Gets the dotted name of the producing layer.</summary>
+    public string LayerName { get; }
+
+    /// <summary>Gets the producing layer (Linear or Conv2d).</summary>
+    public nn.Module Layer { get; }
+
+    /// <summary>Gets the BatchNorm that follows the layer's output channels, or <see langword="null"/>.</summary>
+    public nn.Module? BatchNorm { get; }
+
+    /// <summary>Gets the first-order Taylor scores of the layer's output channels, when the criterion asked for them.</summary>
+    public Tensor? TaylorScores { get; }
+
+    /// <summary>Gets the layer's weight with output channels first.</summary>
+    public Tensor Weight => Layer.named_parameters(recurse: false).First(p => p.name == "weight").parameter;
+}
+
+/// <summary>
+/// Scores the output channels of a layer: the channels with the lowest scores are removed. One score per channel,
+/// non-negative; scores of layers pruned together (a residual group) are added.
+/// </summary>
+public interface IChannelImportance
+{
+    /// <summary>Gets whether the criterion needs activation × gradient statistics from training batches.</summary>
+    bool NeedsTaylorScores { get; }
+
+    /// <summary>Returns one score per output channel of <see cref="ChannelImportanceContext.Layer"/>.</summary>
+    /// <param name="context">The layer and its statistics.</param>
+    /// <returns>A float tensor of shape [channels]; the caller disposes it.</returns>
+    Tensor Score(ChannelImportanceContext context);
+}
+
+/// <summary>The L1 norm of each output channel's weights (Li et al. 2017, "Pruning Filters for Efficient ConvNets").</summary>
+public sealed class L1Importance : IChannelImportance
+{
+    /// <inheritdoc/>
+    public bool NeedsTaylorScores => false;
+
+    /// <inheritdoc/>
+    public Tensor Score(ChannelImportanceContext context)
+    {
+        ArgumentNullException.ThrowIfNull(context);
+        using var noGrad = no_grad();
+        var w = context.Weight.detach();
+        return w.abs().reshape(w.shape[0], -1).sum(1).to(float32);
+    }
+
+    /// <inheritdoc/>
+    public override string ToString() => "L1";
+}
+
+/// <summary>The L2 norm of each output channel's weights.</summary>
+public sealed class L2Importance : IChannelImportance
+{
+    /// <inheritdoc/>
+    public bool NeedsTaylorScores => false;
+
+    /// <inheritdoc/>
+    public Tensor Score(ChannelImportanceContext context)
+    {
+        ArgumentNullException.ThrowIfNull(context);
+        using var noGrad = no_grad();
+        var w = context.Weight.detach();
+        return w.pow(2).reshape(w.shape[0], -1).sum(1).sqrt().to(float32);
+    }
+
+    /// <inheritdoc/>
+    public override string ToString() => "L2";
+}
+
+/// <summary>
+/// The magnitude of the BatchNorm scale (γ) behind each channel (Liu et al. 2017, "network slimming"). Layers with no
+/// BatchNorm behind them fall back to the L1 norm.
+/// </summary>
+public sealed class BatchNormScaleImportance : IChannelImportance
+{
+    /// <inheritdoc/>
+    public bool NeedsTaylorScores => false;
+
+    /// <inheritdoc/>
+    public Tensor Score(ChannelImportanceContext context)
+    {
+        ArgumentNullException.ThrowIfNull(context);
+        using var noGrad = no_grad();
+        var gamma = context.BatchNorm?.named_parameters(recurse: false).FirstOrDefault(p => p.name == "weight").parameter;
+        return gamma is null ? new L1Importance().Score(context) : gamma.detach().abs().to(float32);
+    }
+
+    /// <inheritdoc/>
+    public override string ToString() => "BatchNorm scale";
+}
+
+/// <summary>
+/// First-order Taylor expansion of the loss change when a channel is removed (Molchanov et al. 2017): the mean over
+/// training batches of |mean over batch and positions of activation × gradient|.
+/// </summary>
+/// <param name="batches">The training batches averaged. The default is 8.</param>
+public sealed class TaylorImportance(int batches = 8) : IChannelImportance
+{
+    /// <summary>Gets the number of training batches averaged.</summary>
+    public int Batches { get; } = batches > 0 ? batches : throw new ArgumentOutOfRangeException(nameof(batches), batches, "Must be positive.");
+
+    /// <inheritdoc/>
+    public bool NeedsTaylorScores => true;
+
+    /// <inheritdoc/>
+    public Tensor Score(ChannelImportanceContext context)
+    {
+        ArgumentNullException.ThrowIfNull(context);
+        return (context.TaylorScores ?? throw new InvalidOperationException("The Taylor criterion needs scores from training batches.")).clone();
+    }
+
+    /// <inheritdoc/>
+    public override string ToString() => $"Taylor ({Batches} batches)";
+}
