@@ -1,0 +1,243 @@
+using ModelCompression.Modules;
+using ModelCompression.Pruning;
+using ModelCompression.Pruning.Structured;
+using ModelCompression.Samples;
+using ModelCompression.Tests.Support;
+using ModelCompression.Training;
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+using Conv2d = TorchSharp.Modules.Conv2d;
+using Linear = TorchSharp.Modules.Linear;
+using TensorDataset = ModelCompression.Data.TensorDataset;
+
+namespace ModelCompression.Tests.Pruning;
+
+[TestFixture]
+public sealed class StructuredPruningStepTests
+{
+    private static CompressionContext Context(nn.Module<Tensor, Tensor> model, params long[] sampleShape)
+    {
+        var data = new TensorDataset(randn([16, .. sampleShape]), randint(0, 2, [16], dtype: int64));
+        return new CompressionContext(new CompressionData(data, data), model);
+    }
+
+    private static nn.Module<Tensor, Tensor> Prune(nn.Module<Tensor, Tensor> model, double ratio, params long[] sampleShape) =>
+        new StructuredPruningStep(new StructuredPruningOptions { Ratio = ratio }).Apply(model, Context(model, sampleShape));
+
+    private static T Layer<T>(nn.Module model, string name) => (T)(object)ModuleTree.GetSubmodule(model, name);
+
+    [Test]
+    public void LinearToLinear_RemovesTheWeakestNeuronsAndKeepsTheOutput()
+    {
+        torch.random.manual_seed(1);
+        using var original = nn.Sequential(("fc1", nn.Linear(4, 8)), ("relu", nn.ReLU()), ("fc2", nn.Linear(8, 3)));
+        using (no_grad())
+        {
+            // Neurons 0, 2, 4, 6: the smallest weights, and nothing downstream reads them.
+            foreach (int c in new[] { 0, 2, 4, 6 })
+            {
+                Layer<Linear>(original, "fc1").weight![c].mul_(0.001);
+                Layer<Linear>(original, "fc2").weight![.., c].zero_();
+            }
+        }
+
+        using var input = randn(5, 4);
+        var expected = TestModels.Output(original, input);
+        var pruned = Prune(ModuleCloner.DeepClone(original), 0.5, 4);
+
+        Assert.That(Layer<Linear>(pruned, "fc1").out_features, Is.EqualTo(4));
+        Assert.That(Layer<Linear>(pruned, "fc2").in_features, Is.EqualTo(4));
+        Assert.That(Layer<Linear>(pruned, "fc2").out_features, Is.EqualTo(3), "the output layer keeps its outputs");
+        Assert.That(TestModels.Output(pruned, input), Is.EqualTo(expected).Within(1e-5));
+    }
+
+    [Test]
+    public void ConvBatchNormConv_KeptChannelsComputeWhatTheyDid()
+    {
+        torch.random.manual_seed(2);
+        using var original = nn.Sequential(
+            ("conv1", nn.Conv2d(1, 4, 3, padding: 1)), ("bn", nn.BatchNorm2d(4)), ("relu", nn.ReLU()), ("conv2", nn.Conv2d(4, 2, 3, padding: 1)));
+        using (no_grad())
+        {
+            Layer<Conv2d>(original, "conv1").weight![1].mul_(0.001);
+            Layer<Conv2d>(original, "conv1").weight![3].mul_(0.001);
+            var bn = Layer<TorchSharp.Modules.BatchNorm2d>(original, "bn");
+            bn.running_mean!.copy_(tensor(new float[] { 0.1f, 0.2f, 0.3f, 0.4f }));
+            bn.running_var!.copy_(tensor(new float[] { 1.5f, 2.5f, 3.5f, 4.5f }));
+        }
+
+        original.eval();
+        var pruned = Prune(ModuleCloner.DeepClone(original), 0.5, 1, 6, 6);
+        pruned.eval();
+
+        Assert.That(Layer<Conv2d>(pruned, "conv1").out_channels, Is.EqualTo(2));
+        Assert.That(Layer<TorchSharp.Modules.BatchNorm2d>(pruned, "bn").num_features, Is.EqualTo(2));
+        Assert.That(Layer<Conv2d>(pruned, "conv2").in_channels, Is.EqualTo(2));
+        Assert.That(Layer<TorchSharp.Modules.BatchNorm2d>(pruned, "bn").running_var!.data<float>().ToArray(), Is.EqualTo(new[] { 1.5f, 3.5f }));
+
+        // The kept channels 0 and 2 come out of conv1 → bn → relu exactly as before.
+        using var x = randn(2, 1, 6, 6);
+        using var noGrad = no_grad();
+        using var before = Layer<nn.Module<Tensor, Tensor>>(original, "relu").call(Layer<nn.Module<Tensor, Tensor>>(original, "bn").call(Layer<Conv2d>(original, "conv1").call(x)));
+        using var after = Layer<nn.Module<Tensor, Tensor>>(pruned, "relu").call(Layer<nn.Module<Tensor, Tensor>>(pruned, "bn").call(Layer<Conv2d>(pruned, "conv1").call(x)));
+        using var kept = before.index_select(1, tensor(new long[] { 0, 2 }));
+        Assert.That(after.allclose(kept, rtol: 1e-5, atol: 1e-6), Is.True);
+    }
+
+    [Test]
+    public void ConvFlattenLinear_ShrinksTheLinearByTheSpatialSize()
+    {
+        torch.random.manual_seed(3);
+        using var original = nn.Sequential(("conv", nn.Conv2d(1, 4, 3)), ("relu", nn.ReLU()), ("flatten", nn.Flatten()), ("fc", nn.Linear(4 * 4 * 4, 5)));
+        using (no_grad())
+        {
+            foreach (int c in new[] { 0, 3 })
+            {
+                Layer<Conv2d>(original, "conv").weight![c].mul_(0.001);
+                Layer<Linear>(original, "fc").weight![.., (c * 16)..((c + 1) * 16)].zero_();
+            }
+        }
+
+        using var input = randn(3, 1, 6, 6);
+        var expected = TestModels.Output(original, input);
+        var pruned = Prune(ModuleCloner.DeepClone(original), 0.5, 1, 6, 6);
+        Assert.That(Layer<Conv2d>(pruned, "conv").out_channels, Is.EqualTo(2));
+        Assert.That(Layer<Linear>(pruned, "fc").in_features, Is.EqualTo(2 * 16));
+        Assert.That(TestModels.Output(pruned, input), Is.EqualTo(expected).Within(1e-5));
+    }
+
+    [Test]
+    public void ResidualAdd_ChannelsOnBothSidesArePrunedTogether()
+    {
+        using var model = ModelZoo.Create(ZooModel.SmallResNet, 4);
+        model.eval();
+        using (no_grad())
+        {
+            var groups = ChannelGroupTracer.Trace(model, randn(1, 1, 28, 28));
+            var residual = groups.Single(g => g.Producers.Count() == 2);
+            Assert.That(residual.Producers.Select(p => p.Name), Is.EquivalentTo(new[] { "conv1", "block.conv2" }));
+            Assert.That(residual.Members.Where(m => m.Role == ChannelRole.Consumer).Select(m => m.Name), Is.EquivalentTo(new[] { "block.conv1", "conv2" }));
+            Assert.That(groups.Single(g => g.Producers.Any(p => p.Name == "fc")).Fixed, Does.Contain("output"));
+        }
+
+        var pruned = Prune(ModuleCloner.DeepClone(model), 0.5, 1, 28, 28);
+        Assert.That(Layer<Conv2d>(pruned, "conv1").out_channels, Is.EqualTo(8));
+        Assert.That(Layer<Conv2d>(pruned, "block.conv1").in_channels, Is.EqualTo(8));
+        Assert.That(Layer<Conv2d>(pruned, "block.conv1").out_channels, Is.EqualTo(8));
+        Assert.That(Layer<Conv2d>(pruned, "block.conv2").out_channels, Is.EqualTo(8));
+        Assert.That(Layer<Conv2d>(pruned, "conv2").out_channels, Is.EqualTo(16));
+        Assert.That(Layer<Linear>(pruned, "fc").in_features, Is.EqualTo(16));
+        using var x = randn(2, 1, 28, 28);
+        Assert.That(TestModels.Output(pruned, x), Has.Length.EqualTo(20));
+        Assert.That(ModelCompression.Metrics.ModelMetrics.CountParameters(pruned) * 2, Is.LessThan(ModelCompression.Metrics.ModelMetrics.CountParameters(model)));
+    }
+
+    [Test]
+    public void UnresolvableDependency_ThrowsNamingTheLayerBeforeAnyChange()
+    {
+        using var model = new Scaled();
+        string before = TestModels.StateHash(model);
+        var ex = Assert.Throws<ChannelGroupTracer.Unresolvable>(() => Prune(model, 0.5, 4));
+        Assert.That(ex!.Message, Does.Contain("'fc2'"));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+        Assert.That(Layer<Linear>(model, "fc1").out_features, Is.EqualTo(8));
+    }
+
+    [Test]
+    public void ExcludedProducer_LeavesItsGroupAlone()
+    {
+        using var model = ModelZoo.LeNet300100();
+        var options = new StructuredPruningOptions { Ratio = 0.5, Layers = LayerSelection.Default.Except("fc2") };
+        var pruned = new StructuredPruningStep(options).Apply(ModuleCloner.DeepClone(model), Context(model, 784));
+        Assert.That(Layer<Linear>(pruned, "fc1").out_features, Is.EqualTo(150));
+        Assert.That(Layer<Linear>(pruned, "fc2").out_features, Is.EqualTo(100));
+        Assert.That(Layer<Linear>(pruned, "fc3").out_features, Is.EqualTo(10));
+    }
+
+    [Test]
+    public void RoundTo_RoundsTheKeptChannels_AndLayerRatioOverrides()
+    {
+        using var model = ModelZoo.LeNet300100();
+        var options = new StructuredPruningOptions { Ratio = 0.3, RoundTo = 16 };
+        options.LayerRatio["fc2"] = 0.75;
+        var pruned = new StructuredPruningStep(options).Apply(ModuleCloner.DeepClone(model), Context(model, 784));
+        Assert.That(Layer<Linear>(pruned, "fc1").out_features, Is.EqualTo(208)); // round(210 / 16) · 16
+        Assert.That(Layer<Linear>(pruned, "fc2").out_features, Is.EqualTo(32));  // round(25 / 16) · 16
+    }
+
+    [Test]
+    public void Importance_CriteriaScoreEveryChannel()
+    {
+        using var conv = nn.Conv2d(2, 3, 1, bias: false);
+        using var bn = nn.BatchNorm2d(3);
+        using (no_grad())
+        {
+            conv.weight!.copy_(tensor(new float[] { 1, -1, 3, 0, -2, 2 }, [3, 2, 1, 1]));
+            bn.weight!.copy_(tensor(new float[] { 0.5f, -4, 1 }));
+        }
+
+        var context = new ChannelImportanceContext("conv", conv, bn, null);
+        using var l1 = new L1Importance().Score(context);
+        using var l2 = new L2Importance().Score(context);
+        using var gamma = new BatchNormScaleImportance().Score(context);
+        Assert.That(l1.data<float>().ToArray(), Is.EqualTo(new float[] { 2, 3, 4 }));
+        Assert.That(l2.data<float>().ToArray(), Is.EqualTo(new[] { MathF.Sqrt(2), 3, MathF.Sqrt(8) }).Within(1e-6));
+        Assert.That(gamma.data<float>().ToArray(), Is.EqualTo(new float[] { 0.5f, 4, 1 }));
+    }
+
+    [Test]
+    public void Taylor_PrunesWithScoresFromTrainingBatches()
+    {
+        var (model, train, test) = TestModels.TrainedMlp(seed: 5);
+        using (model)
+        using (train)
+        using (test)
+        {
+            var options = new StructuredPruningOptions { Ratio = 0.25, Importance = new TaylorImportance(batches: 3) };
+            var context = new CompressionContext(new CompressionData(train, test), model);
+            var pruned = new StructuredPruningStep(options).Apply(ModuleCloner.DeepClone(model), context);
+            Assert.That(Layer<Linear>(pruned, "fc1").out_features, Is.EqualTo(6));
+            Assert.That(new AccuracyEvaluator().Evaluate(pruned, test).Value, Is.GreaterThan(0.5));
+        }
+    }
+
+    [Test]
+    public void Options_InvalidValues_AreAllListed()
+    {
+        var options = new StructuredPruningOptions { Ratio = 1.0, RoundTo = 0, Rounds = 0 };
+        options.LayerRatio["fc1"] = 2;
+        var ex = Assert.Throws<OptionsValidationException>(() => new StructuredPruningStep(options));
+        Assert.That(ex!.Errors, Has.Count.EqualTo(4));
+        Assert.That(ex.Message, Does.Contain("remove whole layers"));
+    }
+
+    [Test]
+    public void Trace_LeavesNoLiveTensors()
+    {
+        using var model = ModelZoo.Create(ZooModel.SmallResNet, 1);
+        using var x = randn(1, 1, 28, 28);
+        ChannelGroupTracer.Trace(model, x);
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        long before = Tensor.TotalCount;
+        ChannelGroupTracer.Trace(model, x);
+        Assert.That(Tensor.TotalCount, Is.EqualTo(before));
+    }
+
+    /// <summary>fc2 reads fc1's output times 3: a computation outside any layer that the tracer cannot explain.</summary>
+    private sealed class Scaled : nn.Module<Tensor, Tensor>
+    {
+        private readonly nn.Module<Tensor, Tensor> fc1 = nn.Linear(4, 8);
+        private readonly nn.Module<Tensor, Tensor> fc2 = nn.Linear(8, 2);
+
+        public Scaled()
+            : base(nameof(Scaled)) => RegisterComponents();
+
+        public override Tensor forward(Tensor input)
+        {
+            using var scope = NewDisposeScope();
+            return fc2.call(fc1.call(input) * 3).MoveToOuterDisposeScope();
+        }
+    }
+}
