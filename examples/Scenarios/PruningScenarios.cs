@@ -66,6 +66,12 @@ public sealed class PruneLeNet300Scenario : IScenario
 
     public string Description => "LeNet-300-100: ≥ 92% of weights removed with fine-tuning; one-shot vs AGP at 95%";
 
+    public IReadOnlyList<ScenarioTarget> Targets { get; } =
+    [
+        global::Scenarios.Targets.ReferenceAtLeast("weightsRemoved", 0.92, "≥ 92% of weights removed"),
+        global::Scenarios.Targets.DropAtMost(0.3),
+    ];
+
     public CompressionReport Run(ScenarioContext context)
     {
         using var baseline = ScenarioBaseline.Load(ZooModel.LeNet300100, context);
@@ -105,6 +111,12 @@ public sealed class PruneLeNet5Scenario : IScenario
 
     public string Description => "LeNet-5: ≥ 92% of weights removed with fine-tuning";
 
+    public IReadOnlyList<ScenarioTarget> Targets { get; } =
+    [
+        global::Scenarios.Targets.ReferenceAtLeast("weightsRemoved", 0.92, "≥ 92% of weights removed"),
+        global::Scenarios.Targets.DropAtMost(0.3),
+    ];
+
     public CompressionReport Run(ScenarioContext context)
     {
         using var baseline = ScenarioBaseline.Load(ZooModel.LeNet5, context);
@@ -128,6 +140,12 @@ public sealed class PruneTwoOfFourScenario : IScenario
     public string Name => "prune-2of4-lenet300";
 
     public string Description => "LeNet-300-100: exactly 2 non-zeros in every group of 4 inputs, fine-tuned";
+
+    public IReadOnlyList<ScenarioTarget> Targets { get; } =
+    [
+        global::Scenarios.Targets.ReferenceAtLeast("groupsWithExactlyTwo", 1.0, "every group of 4 holds exactly 2 non-zeros"),
+        global::Scenarios.Targets.DropAtMost(0.5),
+    ];
 
     public CompressionReport Run(ScenarioContext context)
     {
@@ -171,5 +189,42 @@ public sealed class PruneTwoOfFourScenario : IScenario
         }
 
         return (double)exact / groups;
+    }
+}
+
+/// <summary>
+/// The small residual CNN with half of the channels of every prunable group removed (the residual stream pruned as one
+/// group), fine-tuned: parameters and MACs fall to about a quarter (both sides of most convolutions shrink).
+/// </summary>
+public sealed class PruneStructuredResCnnScenario : IScenario
+{
+    public string Name => "prune-structured-rescnn";
+
+    public string Description => "SmallResNet: 50% of channels removed by layer surgery, fine-tuned";
+
+    public IReadOnlyList<ScenarioTarget> Targets { get; } =
+    [
+        global::Scenarios.Targets.ReferenceAtMost("parameterRatio", 0.5, "parameters ≤ half of the baseline"),
+        global::Scenarios.Targets.ReferenceAtMost("macRatio", 0.5, "MACs ≤ half of the baseline"),
+        global::Scenarios.Targets.DropAtMost(1.0),
+        new("speedup reported at batch 1 and 64", r => r.Speedup is { Batch1: > 0, Batch64: > 0 }),
+    ];
+
+    public CompressionReport Run(ScenarioContext context)
+    {
+        using var baseline = ScenarioBaseline.Load(ZooModel.SmallResNet, context);
+        var fineTuning = Pruning.FineTuning(20);
+        fineTuning.LearningRate = 0.05;
+        using var result = CompressionPipeline.Create()
+            .AddStructuredPruning(new StructuredPruningOptions { Ratio = 0.5, Importance = new L1Importance(), FineTuning = fineTuning })
+            .WithModelName(baseline.Name)
+            .WithSeed(context.Seed)
+            .Build()
+            .Run(baseline.Model, baseline.Data);
+        var report = result.Report;
+        report.Reference = baseline.Reference();
+        report.Reference["parameterRatio"] = (double)report.Final.Parameters / report.Baseline.Parameters;
+        report.Reference["macRatio"] = (double)report.Final.Macs / report.Baseline.Macs;
+        return report;
     }
 }

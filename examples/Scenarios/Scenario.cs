@@ -10,6 +10,11 @@ namespace Scenarios;
 /// <param name="Log">Where progress lines go.</param>
 public sealed record ScenarioContext(int Seed, string? CacheDirectory, TextWriter Log);
 
+/// <summary>A figure a scenario promises, checked against its report.</summary>
+/// <param name="Description">What is promised, e.g. "≥ 92% of weights removed".</param>
+/// <param name="Met">Whether the report meets it.</param>
+public sealed record ScenarioTarget(string Description, Func<CompressionReport, bool> Met);
+
 /// <summary>One named end-to-end case.</summary>
 public interface IScenario
 {
@@ -17,7 +22,26 @@ public interface IScenario
 
     string Description { get; }
 
+    /// <summary>The figures the scenario promises (the issue's "must show"), checked after the run.</summary>
+    IReadOnlyList<ScenarioTarget> Targets => [];
+
     CompressionReport Run(ScenarioContext context);
+}
+
+/// <summary>Common targets.</summary>
+public static class Targets
+{
+    /// <summary>The final accuracy is at most <paramref name="points"/> percentage points below the baseline.</summary>
+    public static ScenarioTarget DropAtMost(double points) =>
+        new($"accuracy drop ≤ {points} points", r => (r.Baseline.Accuracy - r.Final.Accuracy) * 100 <= points + 1e-9);
+
+    /// <summary>A reference figure is at least <paramref name="value"/>.</summary>
+    public static ScenarioTarget ReferenceAtLeast(string key, double value, string description) =>
+        new(description, r => r.Reference is not null && r.Reference.TryGetValue(key, out var v) && v >= value - 1e-12);
+
+    /// <summary>A reference figure is at most <paramref name="value"/>.</summary>
+    public static ScenarioTarget ReferenceAtMost(string key, double value, string description) =>
+        new(description, r => r.Reference is not null && r.Reference.TryGetValue(key, out var v) && v <= value + 1e-12);
 }
 
 /// <summary>The scenarios, by name. Technique issues add theirs here.</summary>
@@ -31,6 +55,7 @@ public static class ScenarioCatalog
         new PruneLeNet300Scenario(),
         new PruneLeNet5Scenario(),
         new PruneTwoOfFourScenario(),
+        new PruneStructuredResCnnScenario(),
     ];
 }
 
