@@ -45,6 +45,22 @@ internal static class Pruning
         return 1 - ((double)nonzero / weights);
     }
 
+    /// <summary>The targets of the magnitude-pruning scenarios: a share of weights removed, a bounded accuracy drop.</summary>
+    public static IReadOnlyList<ScenarioTarget> WeightTargets(double removed, double dropPoints) =>
+    [
+        Targets.ReferenceAtLeast("weightsRemoved", removed, $"≥ {removed * 100:0.#}% of weights removed"),
+        Targets.DropAtMost(dropPoints),
+    ];
+
+    /// <summary>The run's report with the baseline's reference figures and the share of weights removed.</summary>
+    public static CompressionReport Report(ScenarioBaseline baseline, CompressionResult result)
+    {
+        var report = result.Report;
+        report.Reference = baseline.Reference();
+        report.Reference["weightsRemoved"] = WeightsRemoved(report, result.Model);
+        return report;
+    }
+
     /// <summary>Runs one pruning pipeline with the accuracy check off (the scenario reports, then judges).</summary>
     public static CompressionResult Run(ScenarioBaseline baseline, ScenarioContext context, MagnitudePruningOptions options, bool measureLatency = true) =>
         CompressionPipeline.Create()
@@ -66,11 +82,7 @@ public sealed class PruneLeNet300Scenario : IScenario
 
     public string Description => "LeNet-300-100: ≥ 92% of weights removed with fine-tuning; one-shot vs AGP at 95%";
 
-    public IReadOnlyList<ScenarioTarget> Targets { get; } =
-    [
-        global::Scenarios.Targets.ReferenceAtLeast("weightsRemoved", 0.92, "≥ 92% of weights removed"),
-        global::Scenarios.Targets.DropAtMost(0.3),
-    ];
+    public IReadOnlyList<ScenarioTarget> Targets { get; } = Pruning.WeightTargets(0.92, 0.3);
 
     public CompressionReport Run(ScenarioContext context)
     {
@@ -81,9 +93,7 @@ public sealed class PruneLeNet300Scenario : IScenario
         options.LayerSparsity["fc3"] = 0.74;
 
         using var result = Pruning.Run(baseline, context, options);
-        var report = result.Report;
-        report.Reference = baseline.Reference();
-        report.Reference["weightsRemoved"] = Pruning.WeightsRemoved(report, result.Model);
+        var report = Pruning.Report(baseline, result);
 
         // The schedule comparison: the same 95% global sparsity and the same 20 fine-tuning epochs.
         foreach (var (key, schedule) in new (string, IPruningSchedule)[] { ("oneShotAccuracy", new OneShotPruning()), ("agpAccuracy", new GradualPruning()) })
@@ -97,7 +107,7 @@ public sealed class PruneLeNet300Scenario : IScenario
                 FineTuning = Pruning.FineTuning(20),
                 SparseExecution = SparseExecution.Never,
             }, measureLatency: false);
-            report.Reference[key] = compared.Report.Final.Accuracy;
+            report.Reference![key] = compared.Report.Final.Accuracy;
         }
 
         return report;
@@ -111,11 +121,7 @@ public sealed class PruneLeNet5Scenario : IScenario
 
     public string Description => "LeNet-5: ≥ 92% of weights removed with fine-tuning";
 
-    public IReadOnlyList<ScenarioTarget> Targets { get; } =
-    [
-        global::Scenarios.Targets.ReferenceAtLeast("weightsRemoved", 0.92, "≥ 92% of weights removed"),
-        global::Scenarios.Targets.DropAtMost(0.3),
-    ];
+    public IReadOnlyList<ScenarioTarget> Targets { get; } = Pruning.WeightTargets(0.92, 0.3);
 
     public CompressionReport Run(ScenarioContext context)
     {
@@ -127,9 +133,7 @@ public sealed class PruneLeNet5Scenario : IScenario
         options.LayerSparsity["fc2"] = 0.90;
         options.LayerSparsity["fc3"] = 0.75;
         using var result = Pruning.Run(baseline, context, options);
-        var report = result.Report;
-        report.Reference = baseline.Reference();
-        report.Reference["weightsRemoved"] = Pruning.WeightsRemoved(report, result.Model);
+        var report = Pruning.Report(baseline, result);
         return report;
     }
 }
@@ -157,10 +161,8 @@ public sealed class PruneTwoOfFourScenario : IScenario
             Layers = LayerSelection.OfType<TorchSharp.Modules.Linear>(),
         };
         using var result = Pruning.Run(baseline, context, options);
-        var report = result.Report;
-        report.Reference = baseline.Reference();
-        report.Reference["weightsRemoved"] = Pruning.WeightsRemoved(report, result.Model);
-        report.Reference["groupsWithExactlyTwo"] = GroupsWithExactlyTwo(result.Model);
+        var report = Pruning.Report(baseline, result);
+        report.Reference!["groupsWithExactlyTwo"] = GroupsWithExactlyTwo(result.Model);
         return report;
     }
 

@@ -35,6 +35,22 @@ public sealed class OptionsValidationException : ArgumentException
         }
     }
 
+    /// <summary>Adds the errors of options nested in other options (fine-tuning, layer selection), prefixed with where they sit.</summary>
+    internal static void AddNested(List<string> errors, string owner, string property, IReadOnlyList<string>? nested, bool required = true)
+    {
+        if (nested is null)
+        {
+            if (required)
+            {
+                errors.Add($"{owner}.{property} must not be null.");
+            }
+
+            return;
+        }
+
+        errors.AddRange(nested.Select(e => $"{owner}.{property}: {e}"));
+    }
+
     private static string BuildMessage(string optionsType, IReadOnlyList<string> errors) =>
         $"Invalid {optionsType} ({errors.Count} error{(errors.Count == 1 ? string.Empty : "s")}):" + Environment.NewLine +
         string.Join(Environment.NewLine, errors.Select(e => "  - " + e));

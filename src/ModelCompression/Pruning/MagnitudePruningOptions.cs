@@ -158,19 +158,8 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
             }
         }
 
-        if (FineTuning is not null)
-        {
-            errors.AddRange(FineTuning.Validate().Select(e => $"{Name}.{nameof(FineTuning)}: {e}"));
-        }
-
-        if (Layers is null)
-        {
-            errors.Add($"{Name}.{nameof(Layers)} must not be null.");
-        }
-        else
-        {
-            errors.AddRange(Layers.Validate().Select(e => $"{Name}.{nameof(Layers)}: {e}"));
-        }
+        OptionsValidationException.AddNested(errors, Name, nameof(FineTuning), FineTuning?.Validate(), required: false);
+        OptionsValidationException.AddNested(errors, Name, nameof(Layers), Layers?.Validate());
 
         return errors;
     }

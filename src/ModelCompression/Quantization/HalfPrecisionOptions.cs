@@ -32,14 +32,7 @@ public sealed class HalfPrecisionOptions : IValidatableOptions
             errors.Add($"{nameof(HalfPrecisionOptions)}.{nameof(Format)} is not a known format (was {(int)Format}).");
         }
 
-        if (Layers is null)
-        {
-            errors.Add($"{nameof(HalfPrecisionOptions)}.{nameof(Layers)} must not be null.");
-        }
-        else
-        {
-            errors.AddRange(Layers.Validate().Select(e => $"{nameof(HalfPrecisionOptions)}.{nameof(Layers)}: {e}"));
-        }
+        OptionsValidationException.AddNested(errors, nameof(HalfPrecisionOptions), nameof(Layers), Layers?.Validate());
 
         return errors;
     }

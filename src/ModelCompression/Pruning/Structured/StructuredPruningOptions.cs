@@ -73,19 +73,8 @@ public sealed class StructuredPruningOptions : IValidatableOptions
             errors.Add($"{Name}.{nameof(Rounds)} must be between 1 and 100 (was {Rounds}).");
         }
 
-        if (FineTuning is not null)
-        {
-            errors.AddRange(FineTuning.Validate().Select(e => $"{Name}.{nameof(FineTuning)}: {e}"));
-        }
-
-        if (Layers is null)
-        {
-            errors.Add($"{Name}.{nameof(Layers)} must not be null.");
-        }
-        else
-        {
-            errors.AddRange(Layers.Validate().Select(e => $"{Name}.{nameof(Layers)}: {e}"));
-        }
+        OptionsValidationException.AddNested(errors, Name, nameof(FineTuning), FineTuning?.Validate(), required: false);
+        OptionsValidationException.AddNested(errors, Name, nameof(Layers), Layers?.Validate());
 
         return errors;
     }

@@ -326,6 +326,19 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
         return root;
     }
 
+    /// <summary>Fills a new layer's weight (already sliced) and bias (sliced here), keeping the old ones' requires_grad.</summary>
+    private static void CopyWeightAndBias(Parameter weight, Parameter? bias, Tensor slicedWeight, Parameter oldWeight, Parameter? oldBias, long[]? outKeep)
+    {
+        weight.copy_(slicedWeight);
+        weight.requires_grad = oldWeight.requires_grad;
+        if (oldBias is not null && bias is not null)
+        {
+            using var selected = outKeep is null ? oldBias.detach().clone() : oldBias.detach().index_select(0, tensor(outKeep, device: oldBias.device));
+            bias.copy_(selected);
+            bias.requires_grad = oldBias.requires_grad;
+        }
+    }
+
     private static long[] Expand(long[] keep, long expansion) =>
         expansion == 1 ? keep : keep.SelectMany(c => Enumerable.Range(0, (int)expansion).Select(i => (c * expansion) + i)).ToArray();
 
@@ -339,14 +352,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
             {
                 var w = Select(Select(linear.weight!.detach(), 0, outKeep), 1, inKeep);
                 var result = nn.Linear(w.shape[1], w.shape[0], hasBias: linear.bias is not null, device: w.device, dtype: w.dtype);
-                result.weight!.copy_(w);
-                result.weight!.requires_grad = linear.weight!.requires_grad;
-                if (linear.bias is { } bias)
-                {
-                    result.bias!.copy_(Select(bias.detach(), 0, outKeep));
-                    result.bias!.requires_grad = bias.requires_grad;
-                }
-
+                CopyWeightAndBias(result.weight!, result.bias, w, linear.weight!, linear.bias, outKeep);
                 result.train(linear.training);
                 return result;
             }
@@ -369,14 +375,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                 var result = conv.padding_type is { } paddingType
                     ? nn.Conv2d(inChannels, outChannels, kernel, paddingType, stride, dilation, conv.padding_mode, groups, conv.bias is not null, w.device, w.dtype)
                     : nn.Conv2d(inChannels, outChannels, kernel, stride, (conv.padding![0], conv.padding![1]), dilation, conv.padding_mode, groups, conv.bias is not null, w.device, w.dtype);
-                result.weight!.copy_(w);
-                result.weight!.requires_grad = conv.weight!.requires_grad;
-                if (conv.bias is { } bias)
-                {
-                    result.bias!.copy_(Select(bias.detach(), 0, outKeep));
-                    result.bias!.requires_grad = bias.requires_grad;
-                }
-
+                CopyWeightAndBias(result.weight!, result.bias, w, conv.weight!, conv.bias, outKeep);
                 result.train(conv.training);
                 return result;
             }
