@@ -134,6 +134,41 @@ public sealed class StructuredPruningStepTests
     }
 
     [Test]
+    public void ResidualAdd_KeptChannelsComputeWhatTheyDid()
+    {
+        // conv_a → residual block (conv → BN → ReLU → conv → BN, + input, ReLU) → conv_c. Channels 1 and 3 of the
+        // residual stream and of the block's inner layer get tiny producer weights and are read by no consumer, so
+        // removing them changes nothing: the pruned network must compute exactly what the original did.
+        torch.random.manual_seed(6);
+        using var original = nn.Sequential(("conv_a", nn.Conv2d(1, 4, 3, padding: 1)), ("block", new ResidualBlock(4)), ("conv_c", nn.Conv2d(4, 2, 3, padding: 1)));
+        using (no_grad())
+        {
+            foreach (int c in new[] { 1, 3 })
+            {
+                Layer<Conv2d>(original, "conv_a").weight![c].mul_(0.001);
+                Layer<Conv2d>(original, "conv_a").bias![c] = 0;
+                Layer<Conv2d>(original, "block.conv2").weight![c].mul_(0.001);
+                Layer<Conv2d>(original, "block.conv1").weight![c].mul_(0.001);
+                Layer<Conv2d>(original, "block.conv1").weight![.., c].zero_();
+                Layer<Conv2d>(original, "block.conv2").weight![.., c].zero_();
+                Layer<Conv2d>(original, "conv_c").weight![.., c].zero_();
+            }
+        }
+
+        original.eval();
+        using var input = randn(2, 1, 6, 6);
+        var expected = TestModels.Output(original, input);
+        var pruned = Prune(ModuleCloner.DeepClone(original), 0.5, 1, 6, 6);
+
+        Assert.That(Layer<Conv2d>(pruned, "conv_a").out_channels, Is.EqualTo(2));
+        Assert.That(Layer<Conv2d>(pruned, "block.conv1").out_channels, Is.EqualTo(2));
+        Assert.That(Layer<Conv2d>(pruned, "block.conv2").out_channels, Is.EqualTo(2));
+        Assert.That(Layer<Conv2d>(pruned, "conv_c").in_channels, Is.EqualTo(2));
+        Assert.That(Layer<Conv2d>(pruned, "conv_c").out_channels, Is.EqualTo(2), "the model's output channels stay");
+        Assert.That(TestModels.Output(pruned, input), Is.EqualTo(expected).Within(1e-5));
+    }
+
+    [Test]
     public void UnresolvableDependency_ThrowsNamingTheLayerBeforeAnyChange()
     {
         using var model = new Scaled();
