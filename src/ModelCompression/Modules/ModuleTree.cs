@@ -34,6 +34,66 @@ public static class ModuleTree
     }
 
     /// <summary>
+    /// Says whether <see cref="Replace"/> could put a module of <paramref name="replacementType"/> in place of the
+    /// submodule named <paramref name="name"/>, without changing anything: steps check every layer first, so that they
+    /// never stop halfway through a model.
+    /// </summary>
+    /// <param name="root">The root module.</param>
+    /// <param name="name">The dotted name of the submodule.</param>
+    /// <param name="replacementType">The type of the module that would replace it.</param>
+    /// <returns><see langword="null"/> when it can be replaced, else why not.</returns>
+    public static string? WhyCannotReplace(nn.Module root, string name, Type replacementType)
+    {
+        ArgumentNullException.ThrowIfNull(root);
+        ArgumentException.ThrowIfNullOrEmpty(name);
+        ArgumentNullException.ThrowIfNull(replacementType);
+        int dot = name.LastIndexOf('.');
+        string parentName = dot < 0 ? string.Empty : name[..dot];
+        string childName = dot < 0 ? name : name[(dot + 1)..];
+        nn.Module parent;
+        try
+        {
+            parent = parentName.Length == 0 ? root : GetSubmodule(root, parentName);
+        }
+        catch (ArgumentException ex)
+        {
+            return ex.Message;
+        }
+
+        var old = parent.named_children().FirstOrDefault(c => c.name == childName).module;
+        if (old is null)
+        {
+            return $"The model has no submodule named '{name}'.";
+        }
+
+        if (parent is Sequential)
+        {
+            return parentName.Length == 0 ? null : WhyCannotReplace(root, parentName, typeof(Sequential));
+        }
+
+        bool held = false;
+        for (var t = parent.GetType(); t is not null && t != typeof(nn.Module); t = t.BaseType)
+        {
+            foreach (var field in t.GetFields(BindingFlags.Instance | BindingFlags.Public | BindingFlags.NonPublic | BindingFlags.DeclaredOnly))
+            {
+                if (!ReferenceEquals(field.GetValue(parent), old))
+                {
+                    continue;
+                }
+
+                if (!field.FieldType.IsAssignableFrom(replacementType))
+                {
+                    return $"the field {t.Name}.{field.Name} that holds '{name}' is typed {field.FieldType.Name}, which a {replacementType.Name} cannot fill";
+                }
+
+                held = true;
+            }
+        }
+
+        return held || parent is ModuleList<nn.Module<Tensor, Tensor>> ? null : $"its parent {parent.GetType().Name} keeps '{name}' in no field this library can update";
+    }
+
+    /// <summary>
     /// Replaces the submodule with the given dotted name, updating both the field that the parent's
     /// <c>forward</c> reads and the registry that <c>parameters()</c> and <c>state_dict()</c> read.
     /// </summary>

@@ -140,6 +140,16 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
             }
         }
 
+        if ((Quality is not null || Pattern is not null) && (Scope == PruningScope.Global || LayerSparsity is { Count: > 0 }))
+        {
+            errors.Add($"{Name}: {(Quality is not null ? nameof(Quality) : nameof(Pattern))} decides each layer's pruning itself; it cannot be combined with a global {nameof(Scope)} or {nameof(LayerSparsity)} overrides.");
+        }
+
+        if (Schedule is GradualPruning gradual && gradual.InitialSparsity >= Sparsity && Quality is null && Pattern is null)
+        {
+            errors.Add($"{Name}: the gradual schedule's {nameof(GradualPruning.InitialSparsity)} ({gradual.InitialSparsity}) must be below {nameof(Sparsity)} ({Sparsity}).");
+        }
+
         if (Quality is not null && Schedule is GradualPruning)
         {
             errors.Add($"{Name}.{nameof(Quality)} (Han's rule) cannot be combined with the gradual schedule, which needs a target sparsity.");

@@ -213,10 +213,19 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
     {
         var root = model;
         var chosen = new List<string>();
+        var skipped = new List<string>();
         foreach (var (name, module, _) in targets)
         {
             if (module is not Linear linear)
             {
+                continue;
+            }
+
+            // The kernel is for the CPU; elsewhere a sparse layer would rebuild its dense weight on every call.
+            string? why = linear.weight!.device_type != DeviceType.CPU ? "not on the CPU" : ModuleTree.WhyCannotReplace(root, name, typeof(SparseLinear));
+            if (why is not null)
+            {
+                skipped.Add($"{name} ({why})");
                 continue;
             }
 
@@ -237,12 +246,25 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
                 }
             }
 
-            root = ModuleTree.Replace(root, name, sparse);
+            try
+            {
+                root = ModuleTree.Replace(root, name, sparse);
+            }
+            catch
+            {
+                sparse.Dispose();
+                throw;
+            }
+
             linear.Dispose();
             chosen.Add(name);
         }
 
         context.AddNote(chosen.Count == 0 ? "no layer ran faster sparse; all stay dense" : $"sparse kernel for {string.Join(", ", chosen)}");
+        if (skipped.Count > 0)
+        {
+            context.AddNote($"kept dense: {string.Join(", ", skipped)}");
+        }
         return root;
     }
 

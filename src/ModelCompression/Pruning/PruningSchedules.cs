@@ -110,6 +110,7 @@ public sealed class GradualPruning : IPruningSchedule
     public bool RequiresFineTuning => true;
 
     /// <inheritdoc/>
+    /// <remarks>A layer whose own final sparsity is below <see cref="InitialSparsity"/> (an override) starts at its final sparsity.</remarks>
     public double RoundSparsity(int round, double finalSparsity) => Math.Min(InitialSparsity, finalSparsity);
 
     /// <summary>Returns Δt for a run of <paramref name="totalSteps"/> steps.</summary>

@@ -97,6 +97,58 @@ public sealed class MagnitudePruningStepTests
     }
 
     [Test]
+    public void FineTuning_AfterEveryOptimizerStep_PrunedWeightsAreZeroAndGotNoGradient()
+    {
+        // A schedule that is consulted after every optimizer step inspects the model at that moment.
+        using var model = ModuleCloner.DeepClone(_model);
+        var weight = model.named_parameters().Single(p => p.name == "fc1.weight").parameter;
+        using var pruned = MagnitudeMasks.TopMagnitude(weight, 0.5).eq(0);
+        var probe = new InspectingSchedule(() =>
+        {
+            using var scope = NewDisposeScope();
+            return (weight.masked_select(pruned).abs().sum().item<float>(), weight.grad!.masked_select(pruned).abs().sum().item<float>());
+        });
+        var options = new MagnitudePruningOptions
+        {
+            Sparsity = 0.5,
+            Schedule = probe,
+            FineTuning = new TrainingOptions { Epochs = 2, BatchSize = 30, Optimizer = OptimizerKind.Sgd, LearningRate = 0.1, Momentum = 0.9 },
+            SparseExecution = SparseExecution.Never,
+        };
+        new MagnitudePruningStep(options).Apply(model, Context());
+        Assert.That(probe.Observations, Has.Count.EqualTo(2 * 20));
+        Assert.That(probe.Observations.Select(o => o.Weights), Has.All.EqualTo(0f));
+        Assert.That(probe.Observations.Select(o => o.Gradients), Has.All.EqualTo(0f));
+    }
+
+    [Test]
+    public void Options_QualityWithGlobalScope_IsRejected()
+    {
+        var ex = Assert.Throws<OptionsValidationException>(() => new MagnitudePruningStep(new MagnitudePruningOptions { Quality = 1, Scope = PruningScope.Global }));
+        Assert.That(ex!.Message, Does.Contain("Quality decides"));
+    }
+
+    /// <summary>A one-shot schedule that records, after every optimizer step, what <paramref name="inspect"/> sees.</summary>
+    private sealed class InspectingSchedule(Func<(float Weights, float Gradients)> inspect) : IPruningSchedule
+    {
+        public List<(float Weights, float Gradients)> Observations { get; } = [];
+
+        public int Rounds => 1;
+
+        public bool RequiresFineTuning => false;
+
+        public double RoundSparsity(int round, double finalSparsity) => finalSparsity;
+
+        public double? SparsityDuringTraining(long step, long totalSteps, double finalSparsity)
+        {
+            Observations.Add(inspect());
+            return null;
+        }
+
+        public IReadOnlyList<string> Validate() => [];
+    }
+
+    [Test]
     public void Masks_ZeroTheGradientsOfPrunedWeights()
     {
         using var layer = nn.Linear(4, 3);

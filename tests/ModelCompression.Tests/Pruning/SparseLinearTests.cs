@@ -29,6 +29,9 @@ public sealed class SparseLinearTests
     [TestCase(10, 33, 0.5, 70)]
     [TestCase(129, 257, 0.99, 65)]
     [TestCase(8, 8, 1.0, 9)]
+    [TestCase(1024, 1024, 0.9, 1)]
+    [TestCase(1024, 1024, 0.9, 2)]
+    [TestCase(1023, 1025, 0.8, 4)]
     public void Forward_EqualsDense(long outputs, long inputs, double sparsity, int batch)
     {
         using var linear = PrunedLinear(inputs, outputs, sparsity, seed: (int)(outputs + inputs));
@@ -47,9 +50,12 @@ public sealed class SparseLinearTests
         using var linear = PrunedLinear(70_000, 3, 0.99, seed: 2);
         using var sparse = SparseLinear.FromLinear(linear);
         Assert.That(sparse.state_dict()["columns"].dtype, Is.EqualTo(ScalarType.Int32));
-        using var x = randn(2, 70_000);
         using var noGrad = no_grad();
-        Assert.That(sparse.call(x).allclose(linear.call(x), rtol: 1e-5, atol: 1e-5), Is.True);
+        foreach (int batch in new[] { 2, 64 })
+        {
+            using var x = randn(batch, 70_000);
+            Assert.That(sparse.call(x).allclose(linear.call(x), rtol: 1e-5, atol: 1e-5), Is.True, $"batch {batch}");
+        }
     }
 
     [Test]

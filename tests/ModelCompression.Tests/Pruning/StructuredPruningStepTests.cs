@@ -169,6 +169,79 @@ public sealed class StructuredPruningStepTests
     }
 
     [Test]
+    public void ResidualAdd_WithAZeroBranch_IsStillCoupled()
+    {
+        // The block's last BatchNorm has γ = β = 0 (a common initialisation): its branch adds exactly zero on the
+        // sample, yet the add still couples conv1's and block.conv2's channels.
+        using var model = ModelZoo.Create(ZooModel.SmallResNet, 4);
+        using (no_grad())
+        {
+            var bn2 = Layer<TorchSharp.Modules.BatchNorm2d>(model, "block.bn2");
+            bn2.weight!.zero_();
+            bn2.bias!.zero_();
+        }
+
+        var groups = ChannelGroupTracer.Trace(model, randn(1, 1, 28, 28));
+        Assert.That(groups.Single(g => g.Producers.Any(p => p.Name == "conv1")).Producers.Select(p => p.Name), Is.EquivalentTo(new[] { "conv1", "block.conv2" }));
+    }
+
+    [Test]
+    public void DepthwiseConvolution_IsSlicedWithItsChannels()
+    {
+        torch.random.manual_seed(8);
+        using var model = nn.Sequential(
+            ("conv1", nn.Conv2d(1, 4, 3, padding: 1)), ("dw", nn.Conv2d(4, 4, 3, padding: 1, groups: 4)), ("relu", nn.ReLU()),
+            ("pw", nn.Conv2d(4, 3, 1)), ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(3, 2)));
+        var pruned = Prune(ModuleCloner.DeepClone(model), 0.5, 1, 6, 6);
+        var dw = Layer<Conv2d>(pruned, "dw");
+        Assert.That((dw.in_channels, dw.out_channels, dw.groups), Is.EqualTo((2L, 2L, 2L)));
+        Assert.That(Layer<Conv2d>(pruned, "pw").in_channels, Is.EqualTo(2));
+        using var x = randn(2, 1, 6, 6);
+        Assert.That(TestModels.Output(pruned, x), Has.Length.EqualTo(4));
+    }
+
+    [TestCase("grouped")]
+    [TestCase("batchnorm1d-after-flatten")]
+    [TestCase("layernorm")]
+    public void UnsupportedLayerInAGroup_ThrowsNamingIt(string kind)
+    {
+        torch.random.manual_seed(9);
+        using nn.Module<Tensor, Tensor> model = kind switch
+        {
+            "grouped" => nn.Sequential(("conv1", nn.Conv2d(1, 4, 3)), ("grouped", nn.Conv2d(4, 4, 3, groups: 2)), ("flatten", nn.Flatten()), ("fc", nn.Linear(4 * 2 * 2, 2))),
+            "batchnorm1d-after-flatten" => nn.Sequential(("conv1", nn.Conv2d(1, 4, 3)), ("flatten", nn.Flatten()), ("bn", nn.BatchNorm1d(4 * 4 * 4)), ("fc", nn.Linear(64, 2))),
+            _ => nn.Sequential(("fc1", nn.Linear(4, 8)), ("norm", nn.LayerNorm(8)), ("fc2", nn.Linear(8, 2))),
+        };
+        long[] shape = kind == "layernorm" ? [4] : [1, 6, 6];
+        string before = TestModels.StateHash(model);
+        string layer = kind switch { "grouped" => "'grouped'", "batchnorm1d-after-flatten" => "'bn'", _ => "'norm'" };
+        var ex = Assert.Throws<ArgumentException>(() => Prune(model, 0.5, shape));
+        Assert.That(ex!.Message, Does.Contain(layer));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+    }
+
+    [Test]
+    public void Rounds_RemoveTheShareInSteps()
+    {
+        using var model = ModelZoo.LeNet300100();
+        var options = new StructuredPruningOptions { Ratio = 0.5, Rounds = 2 };
+        var pruned = new StructuredPruningStep(options).Apply(ModuleCloner.DeepClone(model), Context(model, 784));
+        Assert.That(Layer<Linear>(pruned, "fc1").out_features, Is.EqualTo(150));
+        Assert.That(Layer<Linear>(pruned, "fc2").out_features, Is.EqualTo(50));
+    }
+
+    [Test]
+    public void RatioLeavingNoChannel_IsRejectedBeforeAnyChange()
+    {
+        torch.random.manual_seed(10);
+        using var model = nn.Sequential(("fc1", nn.Linear(4, 3)), ("relu", nn.ReLU()), ("fc2", nn.Linear(3, 2)));
+        string before = TestModels.StateHash(model);
+        var ex = Assert.Throws<ArgumentException>(() => Prune(model, 0.9, 4));
+        Assert.That(ex!.Message, Does.Contain("would remove all"));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+    }
+
+    [Test]
     public void UnresolvableDependency_ThrowsNamingTheLayerBeforeAnyChange()
     {
         using var model = new Scaled();
@@ -212,7 +285,7 @@ public sealed class StructuredPruningStepTests
             bn.weight!.copy_(tensor(new float[] { 0.5f, -4, 1 }));
         }
 
-        var context = new ChannelImportanceContext("conv", conv, bn, null);
+        var context = new ChannelImportanceContext("conv", conv, [bn], null);
         using var l1 = new L1Importance().Score(context);
         using var l2 = new L2Importance().Score(context);
         using var gamma = new BatchNormScaleImportance().Score(context);

@@ -69,7 +69,13 @@ internal static unsafe class CsrKernel
                 {
                     // Rows of the transposed input are padded with zeros to whole vectors, so no sample needs a scalar loop.
                     int stride = Vector.IsHardwareAccelerated ? (batch + Vector<float>.Count - 1) / Vector<float>.Count * Vector<float>.Count : batch;
-                    transposed = System.Buffers.ArrayPool<float>.Shared.Rent(stride * inFeatures);
+                    long size = (long)stride * inFeatures;
+                    if (size > Array.MaxLength)
+                    {
+                        throw new ArgumentException($"A batch of {batch} × {inFeatures} inputs is too large for one call; split the batch.");
+                    }
+
+                    transposed = System.Buffers.ArrayPool<float>.Shared.Rent((int)size);
                     Transpose(px, transposed, batch, inFeatures, stride);
                     args.Stride = stride;
                 }

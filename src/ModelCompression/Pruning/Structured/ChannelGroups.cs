@@ -78,6 +78,8 @@ internal static class ChannelGroupTracer
         public string? Unresolved;
 
         public Space Root() => Parent is null ? this : (Parent = Parent.Root());
+
+        public void MarkUnresolved(string why) => Root().Unresolved ??= why;
     }
 
     /// <summary>A tensor seen during the trace: its channel space (dim 1) and, behind a Flatten, the expansion.</summary>
@@ -88,7 +90,7 @@ internal static class ChannelGroupTracer
         var leaves = model.named_modules().Where(m => !m.module.named_children().Any()).ToList();
         var seen = new List<Seen>();
         var byObject = new Dictionary<Tensor, Seen>(ReferenceEqualityComparer.Instance);
-        var calls = new Dictionary<nn.Module, int>(ReferenceEqualityComparer.Instance);
+        var touched = new Dictionary<nn.Module, List<Space>>(ReferenceEqualityComparer.Instance);
         var removers = new List<Action>();
         var spaces = new List<Space>();
         Exception? failure = null;
@@ -140,14 +142,48 @@ internal static class ChannelGroupTracer
 
                     try
                     {
-                        calls[m] = calls.GetValueOrDefault(m) + 1;
+                        bool again = touched.ContainsKey(m);
+                        var spacesOfLayer = touched.TryGetValue(m, out var list) ? list : touched[m] = [];
                         var source = Resolve(x, layerName, seen, byObject, NewSpace);
-                        var (space, expansion) = Propagate(layerName, m, source, x, y, NewSpace, calls[m] > 1);
+                        var (space, expansion) = Propagate(layerName, m, source, x, y, NewSpace, spacesOfLayer);
+                        if (again && m.parameters().Any())
+                        {
+                            // A layer used twice would need one slicing to fit every group it touches.
+                            spacesOfLayer.ForEach(s => s.MarkUnresolved($"'{layerName}' is called more than once"));
+                        }
+
                         Record(y, space, expansion);
                     }
                     catch (Exception ex)
                     {
                         failure = ex;
+                    }
+
+                    return y;
+                });
+                removers.Add(remover.remove);
+            }
+
+            // Modules with children and parameters or buffers of their own use them in code the tracer cannot see:
+            // the channels flowing into and out of them are not pruned.
+            foreach (var (name, module) in model.named_modules().Prepend(("(the model)", model)).Where(m => m.module.named_children().Any()))
+            {
+                if (module is not nn.Module<Tensor, Tensor> container
+                    || (!module.named_parameters(recurse: false).Any() && !module.named_buffers(recurse: false).Any()))
+                {
+                    continue;
+                }
+
+                string containerName = name;
+                var remover = container.register_forward_hook((m, x, y) =>
+                {
+                    string why = $"'{containerName}' ({m.GetType().Name}) holds parameters of its own, used outside any layer";
+                    foreach (var t in new[] { x, y })
+                    {
+                        if (byObject.TryGetValue(t, out var s))
+                        {
+                            s.Space?.MarkUnresolved(why);
+                        }
                     }
 
                     return y;
@@ -187,22 +223,20 @@ internal static class ChannelGroupTracer
 
     private static Seen Resolve(Tensor x, string consumer, List<Seen> seen, Dictionary<Tensor, Seen> byObject, Func<long, Space> newSpace)
     {
-        if (byObject.TryGetValue(x, out var known))
+        using var scope = NewDisposeScope();
+        var value = x.detach();
+
+        // The same tensor object a layer produced, unchanged since (an in-place op would have changed its values).
+        if (byObject.TryGetValue(x, out var known) && known.Value.shape.SequenceEqual(value.shape) && known.Value.allclose(value, rtol: 1e-5, atol: 1e-6))
         {
             return known;
         }
 
-        using var scope = NewDisposeScope();
-        var value = x.detach();
         var candidates = seen.Where(s => s.Value.shape.SequenceEqual(value.shape)).Reverse().Take(64).ToList();
-        foreach (var c in candidates)
-        {
-            if (c.Value.allclose(value, rtol: 1e-5, atol: 1e-6))
-            {
-                return c;
-            }
-        }
+        Seen? copy = candidates.FirstOrDefault(c => c.Value.allclose(value, rtol: 1e-5, atol: 1e-6));
 
+        // Look for a sum of two outputs even when one output alone matches: x + 0 (a branch that is exactly zero on
+        // this sample) still couples the two branches' channels.
         for (int i = 0; i < candidates.Count; i++)
         {
             for (int j = i + 1; j < candidates.Count; j++)
@@ -230,6 +264,11 @@ internal static class ChannelGroupTracer
                             ra.Members.AddRange(rb.Members);
                             rb.Members.Clear();
                         }
+
+                        if (ra.Channels != rb.Channels)
+                        {
+                            throw new Unresolvable(consumer, "its input adds tensors with different channel counts");
+                        }
                     }
 
                     return new Seen(a.Value, a.Space, a.Expansion);
@@ -237,17 +276,33 @@ internal static class ChannelGroupTracer
             }
         }
 
+        if (copy is not null)
+        {
+            return copy;
+        }
+
         throw new Unresolvable(consumer, "its input is computed by code outside any layer that the tracer cannot explain (only additions of two layer outputs are understood)");
     }
 
-    private static (Space? Space, long Expansion) Propagate(string name, nn.Module module, Seen source, Tensor x, Tensor y, Func<long, Space> newSpace, bool calledAgain)
+    private static (Space? Space, long Expansion) Propagate(string name, nn.Module module, Seen source, Tensor x, Tensor y, Func<long, Space> newSpace, List<Space> touched)
     {
         var space = source.Space?.Root();
-        if (calledAgain && module is Linear or Conv2d or BatchNorm1d or BatchNorm2d)
+        var (result, expansion) = PropagateOnce(name, module, source, space, x, y, newSpace);
+        if (space is not null)
         {
-            // A layer used twice would need one slicing to fit two groups.
-            space?.Unresolved ??= $"'{name}' is called more than once";
+            touched.Add(space);
         }
+
+        if (result is not null)
+        {
+            touched.Add(result);
+        }
+
+        return (result, expansion);
+    }
+
+    private static (Space? Space, long Expansion) PropagateOnce(string name, nn.Module module, Seen source, Space? space, Tensor x, Tensor y, Func<long, Space> newSpace)
+    {
 
         switch (module)
         {
@@ -256,9 +311,9 @@ internal static class ChannelGroupTracer
                 {
                     space.Members.Add(new GroupMember(name, module, ChannelRole.Consumer, source.Expansion));
                 }
-                else if (space is not null)
+                else
                 {
-                    space.Unresolved ??= $"'{name}' reads a {x.dim()}-D input whose last dimension is not the channel dimension";
+                    space?.MarkUnresolved($"'{name}' reads a {x.dim()}-D input whose last dimension is not the channel dimension");
                 }
 
                 var produced = newSpace(linear.out_features);
@@ -270,7 +325,7 @@ internal static class ChannelGroupTracer
                 {
                     if (source.Expansion != 1)
                     {
-                        space.Unresolved ??= $"'{name}' reads a flattened tensor";
+                        space.MarkUnresolved($"'{name}' reads a flattened tensor");
                     }
 
                     space.Members.Add(new GroupMember(name, module, ChannelRole.Consumer));
@@ -286,10 +341,16 @@ internal static class ChannelGroupTracer
                 return (space, source.Expansion);
 
             case Conv2d:
-                space?.Unresolved ??= $"'{name}' is a grouped convolution, which couples channels in blocks";
+                space?.MarkUnresolved($"'{name}' is a grouped convolution, which couples channels in blocks");
                 return (space is null ? null : newSpace(y.shape[1]), 1);
 
             case BatchNorm1d or BatchNorm2d:
+                if (source.Expansion != 1)
+                {
+                    // One BatchNorm feature per flattened position, not per channel.
+                    space?.MarkUnresolved($"'{name}' normalises a flattened tensor");
+                }
+
                 space?.Members.Add(new GroupMember(name, module, ChannelRole.PassThrough));
                 return (space, source.Expansion);
 
@@ -304,7 +365,7 @@ internal static class ChannelGroupTracer
                     return (space, source.Expansion);
                 }
 
-                space?.Unresolved ??= $"'{name}' flattens dimensions {flatten.start_dim}..{flatten.end_dim}, which the tracer does not map";
+                space?.MarkUnresolved($"'{name}' flattens dimensions {flatten.start_dim}..{flatten.end_dim}, which the tracer does not map");
                 return (null, 1);
 
             default:
@@ -313,14 +374,12 @@ internal static class ChannelGroupTracer
                     return (space, source.Expansion);
                 }
 
-                if (module.parameters().Any() || x.dim() != y.dim() || (x.dim() >= 2 && x.shape[1] != y.shape[1]))
-                {
-                    space?.Unresolved ??= $"'{name}' ({module.GetType().Name}) is a layer whose effect on channels is unknown";
-                    return (y.dim() >= 2 ? newSpace(y.shape[1]) : null, 1);
-                }
-
-                // An unknown parameterless layer that keeps the shape: treated as elementwise.
-                return (space, source.Expansion);
+                // Anything else (normalisations across channels, softmax over channels, shuffles, custom layers) may
+                // mix channels in ways the tracer cannot know: its groups are not pruned.
+                space?.MarkUnresolved($"'{name}' ({module.GetType().Name}) is a layer whose effect on channels is unknown");
+                var unknown = y.dim() >= 2 ? newSpace(y.shape[1]) : null;
+                unknown?.MarkUnresolved($"'{name}' ({module.GetType().Name}) is a layer whose effect on channels is unknown");
+                return (unknown, 1);
         }
     }
 

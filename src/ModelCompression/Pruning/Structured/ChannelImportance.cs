@@ -8,11 +8,11 @@ namespace ModelCompression.Pruning;
 /// <summary>What an importance criterion sees of one producing layer: its weights and, for Taylor, its activations' statistics.</summary>
 public sealed class ChannelImportanceContext
 {
-    internal ChannelImportanceContext(string layerName, nn.Module layer, nn.Module? batchNorm, Tensor? taylorScores)
+    internal ChannelImportanceContext(string layerName, nn.Module layer, IReadOnlyList<nn.Module> batchNorms, Tensor? taylorScores)
     {
         LayerName = layerName;
         Layer = layer;
-        BatchNorm = batchNorm;
+        BatchNorms = batchNorms;
         TaylorScores = taylorScores;
     }
 
@@ -22,8 +22,8 @@ public sealed class ChannelImportanceContext
     /// <summary>Gets the producing layer (Linear or Conv2d).</summary>
     public nn.Module Layer { get; }
 
-    /// <summary>Gets the BatchNorm that follows the layer's output channels, or <see langword="null"/>.</summary>
-    public nn.Module? BatchNorm { get; }
+    /// <summary>Gets the BatchNorm layers that normalise these channels (two in a residual group, one per branch; none without BatchNorm).</summary>
+    public IReadOnlyList<nn.Module> BatchNorms { get; }
 
     /// <summary>Gets the first-order Taylor scores of the layer's output channels, when the criterion asked for them.</summary>
     public Tensor? TaylorScores { get; }
@@ -86,8 +86,8 @@ public sealed class L2Importance : IChannelImportance
 }
 
 /// <summary>
-/// The magnitude of the BatchNorm scale (γ) behind each channel (Liu et al. 2017, "network slimming"). Layers with no
-/// BatchNorm behind them fall back to the L1 norm.
+/// The magnitude of the BatchNorm scale (γ) behind each channel (Liu et al. 2017, "network slimming"), averaged over
+/// the BatchNorm layers of the group. Layers with no BatchNorm behind them fall back to the L1 norm.
 /// </summary>
 public sealed class BatchNormScaleImportance : IChannelImportance
 {
@@ -99,8 +99,17 @@ public sealed class BatchNormScaleImportance : IChannelImportance
     {
         ArgumentNullException.ThrowIfNull(context);
         using var noGrad = no_grad();
-        var gamma = context.BatchNorm?.named_parameters(recurse: false).FirstOrDefault(p => p.name == "weight").parameter;
-        return gamma is null ? new L1Importance().Score(context) : gamma.detach().abs().to(float32);
+        var gammas = context.BatchNorms
+            .Select(bn => bn.named_parameters(recurse: false).FirstOrDefault(p => p.name == "weight").parameter)
+            .Where(g => g is not null)
+            .ToList();
+        if (gammas.Count == 0)
+        {
+            return new L1Importance().Score(context);
+        }
+
+        using var scope = NewDisposeScope();
+        return stack(gammas.Select(g => g.detach().abs().to(float32)).ToList()).mean([0L]).MoveToOuterDisposeScope();
     }
 
     /// <inheritdoc/>

@@ -53,10 +53,10 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
             throw new ArgumentException(string.Join(" ", unknown), nameof(model));
         }
 
-        var stray = _options.LayerRatio.Keys.FirstOrDefault(k => !model.named_modules().Any(m => m.name == k));
+        var stray = _options.LayerRatio.Keys.FirstOrDefault(k => !model.named_modules().Any(m => m.name == k && m.module is Linear or Conv2d));
         if (stray is not null)
         {
-            throw new ArgumentException($"{nameof(StructuredPruningOptions.LayerRatio)} names '{stray}', which is not a layer of the model.", nameof(model));
+            throw new ArgumentException($"{nameof(StructuredPruningOptions.LayerRatio)} names '{stray}', which is not a Linear or Conv2d layer of the model.", nameof(model));
         }
 
         var root = model;
@@ -131,14 +131,16 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                 }
 
                 double ratio = group.Producers.Select(p => _options.LayerRatio.TryGetValue(p.Name, out var r) ? r : (double?)null).FirstOrDefault(r => r is not null) ?? _options.Ratio;
+                if (Math.Round(original * (1 - ratio)) < 1)
+                {
+                    // Checked against the final ratio in the first round, before anything changes.
+                    throw new ArgumentException($"Pruning {group.Describe()} at ratio {ratio} would remove all of its {original} channels.");
+                }
+
                 double removedShare = ratio * round / _options.Rounds;
                 long keep = (long)Math.Round(original * (1 - removedShare));
                 keep = Math.Max(_options.RoundTo, (long)Math.Round((double)keep / _options.RoundTo) * _options.RoundTo);
                 keep = Math.Min(keep, group.Channels);
-                if (keep < 1)
-                {
-                    throw new ArgumentException($"Pruning {group.Describe()} at ratio {ratio} would remove all of its {group.Channels} channels.");
-                }
 
                 if (keep == group.Channels)
                 {
@@ -147,10 +149,10 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
 
                 using var scope = NewDisposeScope();
                 var scores = zeros(group.Channels, dtype: float32);
-                var batchNorm = group.Members.FirstOrDefault(m => m.Role == ChannelRole.PassThrough && m.Module is BatchNorm1d or BatchNorm2d)?.Module;
+                var batchNorms = group.Members.Where(m => m.Role == ChannelRole.PassThrough && m.Module is BatchNorm1d or BatchNorm2d).Select(m => m.Module).ToList();
                 foreach (var producer in group.Producers)
                 {
-                    var ctx = new ChannelImportanceContext(producer.Name, producer.Module, batchNorm, taylor?.GetValueOrDefault(producer.Name));
+                    var ctx = new ChannelImportanceContext(producer.Name, producer.Module, batchNorms, taylor?.GetValueOrDefault(producer.Name));
                     var s = _options.Importance.Score(ctx).to(float32).cpu();
                     if (s.shape.Length != 1 || s.shape[0] != group.Channels)
                     {
@@ -216,14 +218,18 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                 }
 
                 context.CancellationToken.ThrowIfCancellationRequested();
-                var loss = nn.functional.cross_entropy(model.call(input.to(context.Device)), target.to(context.Device));
+                var output = model.call(input.to(context.Device));
+                var lossFunction = _options.FineTuning?.Loss ?? ((o, t) => nn.functional.cross_entropy(o, t));
+                var loss = lossFunction(output, target.to(context.Device));
                 loss.backward();
                 using var noGrad = no_grad();
-                foreach (var (name, (output, probe)) in probes)
+                foreach (var (name, (activation, probe)) in probes)
                 {
-                    var product = output * probe.grad!;
-                    var dims = Enumerable.Range(0, (int)product.dim()).Where(d => d != 1).Select(d => (long)d).ToArray();
-                    sums[name].add_(product.mean(dims).abs().cpu());
+                    // Per sample: |mean over positions of activation × gradient|; then the mean over the batch.
+                    var product = activation * probe.grad!;
+                    var positions = Enumerable.Range(2, Math.Max(0, (int)product.dim() - 2)).Select(d => (long)d).ToArray();
+                    var perSample = positions.Length == 0 ? product : product.mean(positions);
+                    sums[name].add_(perSample.abs().mean([0L]).cpu());
                 }
 
                 DisposeProbes(probes);
@@ -300,7 +306,13 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
 
                         break;
                     case ChannelRole.Consumer:
-                        inKeep = Expand(plan.Keep, member.Expansion);
+                        var expanded = Expand(plan.Keep, member.Expansion);
+                        if (inKeep is not null && !inKeep.SequenceEqual(expanded))
+                        {
+                            throw new ArgumentException($"Layer '{member.Name}' would need two different input channel selections.");
+                        }
+
+                        inKeep = expanded;
                         break;
                 }
 
@@ -308,13 +320,30 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
             }
         }
 
-        var replacements = new List<(string Name, nn.Module Old, nn.Module<Tensor, Tensor> New)>();
-        using (no_grad())
+        // Every layer must be replaceable before the first one is replaced.
+        foreach (var (name, (module, _, _)) in edits)
         {
-            foreach (var (name, (module, outKeep, inKeep)) in edits)
+            if (ModuleTree.WhyCannotReplace(root, name, module.GetType()) is { } why)
             {
-                replacements.Add((name, module, Shrink(name, module, outKeep, inKeep)));
+                throw new ArgumentException($"Structured pruning cannot rebuild layer '{name}': {why}.");
             }
+        }
+
+        var replacements = new List<(string Name, nn.Module Old, nn.Module<Tensor, Tensor> New)>();
+        try
+        {
+            using (no_grad())
+            {
+                foreach (var (name, (module, outKeep, inKeep)) in edits)
+                {
+                    replacements.Add((name, module, Shrink(name, module, outKeep, inKeep)));
+                }
+            }
+        }
+        catch
+        {
+            replacements.ForEach(r => r.New.Dispose());
+            throw;
         }
 
         foreach (var (name, old, replacement) in replacements)
@@ -384,10 +413,18 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
             {
                 var bn = (NormBase)module;
                 long channels = outKeep?.Length ?? bn.num_features;
-                var device = bn.parameters().FirstOrDefault()?.device ?? bn.buffers().First().device;
-                nn.Module<Tensor, Tensor> result = module is BatchNorm2d
-                    ? nn.BatchNorm2d(channels, bn.eps, bn.momentum ?? 0.1, bn.affine, bn.track_running_stats, device)
-                    : nn.BatchNorm1d(channels, bn.eps, bn.momentum ?? 0.1, bn.affine, bn.track_running_stats, device);
+                var reference = bn.parameters().Cast<Tensor>().Concat(bn.buffers()).FirstOrDefault(t => t.is_floating_point());
+                var device = reference?.device ?? CPU;
+                var dtype = reference?.dtype ?? ScalarType.Float32;
+                NormBase result = module is BatchNorm2d
+                    ? nn.BatchNorm2d(channels, bn.eps, bn.momentum ?? 0.1, bn.affine, bn.track_running_stats, device, dtype)
+                    : nn.BatchNorm1d(channels, bn.eps, bn.momentum ?? 0.1, bn.affine, bn.track_running_stats, device, dtype);
+                result.momentum = bn.momentum;
+                foreach (var (key, p) in module.named_parameters(recurse: false))
+                {
+                    result.named_parameters(recurse: false).First(q => q.name == key).parameter.requires_grad = p.requires_grad;
+                }
+
                 var target = result.state_dict();
                 foreach (var (key, value) in module.state_dict())
                 {
@@ -400,7 +437,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                 }
 
                 result.train(module.training);
-                return result;
+                return (nn.Module<Tensor, Tensor>)(nn.Module)result;
             }
 
             default:
