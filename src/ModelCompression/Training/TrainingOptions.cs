@@ -16,7 +16,7 @@ public enum OptimizerKind
 }
 
 /// <summary>Options of the <see cref="Trainer"/> shared by every step that trains or fine-tunes.</summary>
-public sealed class TrainingOptions
+public sealed class TrainingOptions : IValidatableOptions
 {
     /// <summary>Gets or sets the number of passes over the training data.</summary>
     /// <value>The default is 1. Must be between 0 and 10,000 (0 trains nothing).</value>
@@ -64,8 +64,7 @@ public sealed class TrainingOptions
     /// <returns>A new options object with the same values.</returns>
     public TrainingOptions Clone() => (TrainingOptions)MemberwiseClone();
 
-    /// <summary>Lists every invalid value; empty when the options are valid.</summary>
-    /// <returns>One message per invalid value, naming the property.</returns>
+    /// <inheritdoc/>
     public IReadOnlyList<string> Validate()
     {
         var errors = new List<string>();
