@@ -56,6 +56,7 @@ public static class ScenarioCatalog
         new PruneLeNet5Scenario(),
         new PruneTwoOfFourScenario(),
         new PruneStructuredResCnnScenario(),
+        new SvdLeNet300Scenario(),
     ];
 }
 
