@@ -5,23 +5,84 @@ using static TorchSharp.torch;
 
 namespace ModelCompression.Factorization;
 
-/// <summary>
-/// A Linear layer factorized as two: <c>in → rank</c> (no bias) then <c>rank → out</c> (with the original bias), from
-/// the truncated SVD of its weight with the singular values split evenly (√σ on each side).
-/// </summary>
-public sealed class LowRankLinear : nn.Module<Tensor, Tensor>, ICompressedLayer
+/// <summary>Two layers in sequence that stand for one factorized layer: the parts both low-rank layers share.</summary>
+public abstract class LowRankLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
 {
     private readonly nn.Module<Tensor, Tensor> first;
     private readonly nn.Module<Tensor, Tensor> second;
 
+    /// <summary>Initializes a new instance of the <see cref="LowRankLayer"/> class.</summary>
+    /// <param name="name">The module name.</param>
+    /// <param name="first">The first factor (to <paramref name="rank"/> features or channels).</param>
+    /// <param name="second">The second factor.</param>
+    /// <param name="rank">The rank.</param>
+    private protected LowRankLayer(string name, nn.Module<Tensor, Tensor> first, nn.Module<Tensor, Tensor> second, int rank)
+        : base(name)
+    {
+        this.first = first;
+        this.second = second;
+        RankValue = rank;
+        RegisterComponents();
+    }
+
+    /// <inheritdoc/>
+    public int WeightBits => 32;
+
+    /// <inheritdoc/>
+    public int? Rank => RankValue;
+
+    /// <inheritdoc/>
+    public long ParameterCount => parameters().Sum(p => p.numel());
+
+    /// <inheritdoc/>
+    public long NonzeroParameterCount
+    {
+        get
+        {
+            using var scope = NewDisposeScope();
+            return parameters().Sum(p => p.count_nonzero().item<long>());
+        }
+    }
+
+    /// <summary>Gets the first factor.</summary>
+    protected nn.Module<Tensor, Tensor> First => first;
+
+    /// <summary>Gets the second factor.</summary>
+    protected nn.Module<Tensor, Tensor> Second => second;
+
+    private int RankValue { get; }
+
+    /// <inheritdoc/>
+    public abstract long CountMacs(Tensor input, Tensor output);
+
+    /// <inheritdoc/>
+    public override Tensor forward(Tensor input) => second.call(first.call(input));
+
+    /// <inheritdoc/>
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            first.Dispose();
+            second.Dispose();
+        }
+
+        base.Dispose(disposing);
+    }
+}
+
+/// <summary>
+/// A Linear layer factorized as two: <c>in → rank</c> (no bias) then <c>rank → out</c> (with the original bias), from
+/// the truncated SVD of its weight with the singular values split evenly (√σ on each side).
+/// </summary>
+public sealed class LowRankLinear : LowRankLayer
+{
     /// <summary>Initializes a new instance of the <see cref="LowRankLinear"/> class from its two factors.</summary>
     /// <param name="first">The <c>in → rank</c> layer.</param>
     /// <param name="second">The <c>rank → out</c> layer.</param>
     public LowRankLinear(Linear first, Linear second)
-        : base(nameof(LowRankLinear))
+        : base(nameof(LowRankLinear), first ?? throw new ArgumentNullException(nameof(first)), second ?? throw new ArgumentNullException(nameof(second)), (int)first.out_features)
     {
-        ArgumentNullException.ThrowIfNull(first);
-        ArgumentNullException.ThrowIfNull(second);
         if (first.out_features != second.in_features)
         {
             throw new ArgumentException($"The factors do not chain: {first.out_features} outputs into {second.in_features} inputs.", nameof(second));
@@ -29,10 +90,6 @@ public sealed class LowRankLinear : nn.Module<Tensor, Tensor>, ICompressedLayer
 
         InFeatures = first.in_features;
         OutFeatures = second.out_features;
-        RankValue = (int)first.out_features;
-        this.first = first;
-        this.second = second;
-        RegisterComponents();
     }
 
     /// <summary>Builds the rank-<paramref name="rank"/> factorization of a Linear layer from its truncated SVD (the layer is not changed).</summary>
@@ -52,43 +109,7 @@ public sealed class LowRankLinear : nn.Module<Tensor, Tensor>, ICompressedLayer
     public long OutFeatures { get; }
 
     /// <inheritdoc/>
-    public int WeightBits => 32;
-
-    /// <inheritdoc/>
-    public int? Rank => RankValue;
-
-    /// <inheritdoc/>
-    public long ParameterCount => parameters().Sum(p => p.numel());
-
-    /// <inheritdoc/>
-    public long NonzeroParameterCount
-    {
-        get
-        {
-            using var scope = NewDisposeScope();
-            return parameters().Sum(p => p.count_nonzero().item<long>());
-        }
-    }
-
-    private int RankValue { get; }
-
-    /// <inheritdoc/>
-    public long CountMacs(Tensor input, Tensor output) => output.numel() / OutFeatures * RankValue * (InFeatures + OutFeatures);
-
-    /// <inheritdoc/>
-    public override Tensor forward(Tensor input) => second.call(first.call(input));
-
-    /// <inheritdoc/>
-    protected override void Dispose(bool disposing)
-    {
-        if (disposing)
-        {
-            first.Dispose();
-            second.Dispose();
-        }
-
-        base.Dispose(disposing);
-    }
+    public override long CountMacs(Tensor input, Tensor output) => output.numel() / OutFeatures * Rank!.Value * (InFeatures + OutFeatures);
 }
 
 /// <summary>How a Conv2d layer is split in two.</summary>
@@ -102,30 +123,21 @@ public enum ConvDecomposition
 }
 
 /// <summary>A Conv2d layer factorized into two convolutions (see <see cref="ConvDecomposition"/>).</summary>
-public sealed class LowRankConv2d : nn.Module<Tensor, Tensor>, ICompressedLayer
+public sealed class LowRankConv2d : LowRankLayer
 {
-    private readonly nn.Module<Tensor, Tensor> first;
-    private readonly nn.Module<Tensor, Tensor> second;
-
     /// <summary>Initializes a new instance of the <see cref="LowRankConv2d"/> class from its two factors.</summary>
     /// <param name="first">The first convolution (to <c>rank</c> channels).</param>
     /// <param name="second">The second convolution (to the original outputs).</param>
     /// <param name="decomposition">Which decomposition the factors come from.</param>
     public LowRankConv2d(Conv2d first, Conv2d second, ConvDecomposition decomposition)
-        : base(nameof(LowRankConv2d))
+        : base(nameof(LowRankConv2d), first ?? throw new ArgumentNullException(nameof(first)), second ?? throw new ArgumentNullException(nameof(second)), (int)first.out_channels)
     {
-        ArgumentNullException.ThrowIfNull(first);
-        ArgumentNullException.ThrowIfNull(second);
         if (first.out_channels != second.in_channels)
         {
             throw new ArgumentException($"The factors do not chain: {first.out_channels} channels into {second.in_channels}.", nameof(second));
         }
 
         Decomposition = decomposition;
-        RankValue = (int)first.out_channels;
-        this.first = first;
-        this.second = second;
-        RegisterComponents();
     }
 
     /// <summary>Builds the rank-<paramref name="rank"/> factorization of a Conv2d layer from its truncated SVD (the layer is not changed).</summary>
@@ -143,47 +155,11 @@ public sealed class LowRankConv2d : nn.Module<Tensor, Tensor>, ICompressedLayer
     public ConvDecomposition Decomposition { get; }
 
     /// <inheritdoc/>
-    public int WeightBits => 32;
-
-    /// <inheritdoc/>
-    public int? Rank => RankValue;
-
-    /// <inheritdoc/>
-    public long ParameterCount => parameters().Sum(p => p.numel());
-
-    /// <inheritdoc/>
-    public long NonzeroParameterCount
-    {
-        get
-        {
-            using var scope = NewDisposeScope();
-            return parameters().Sum(p => p.count_nonzero().item<long>());
-        }
-    }
-
-    private int RankValue { get; }
-
-    /// <inheritdoc/>
-    public long CountMacs(Tensor input, Tensor output)
+    public override long CountMacs(Tensor input, Tensor output)
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        var middle = first.call(input);
-        return ModelMetrics.LayerMacs((nn.Module)first, input, middle) + ModelMetrics.LayerMacs((nn.Module)second, middle, output);
-    }
-
-    /// <inheritdoc/>
-    public override Tensor forward(Tensor input) => second.call(first.call(input));
-
-    /// <inheritdoc/>
-    protected override void Dispose(bool disposing)
-    {
-        if (disposing)
-        {
-            first.Dispose();
-            second.Dispose();
-        }
-
-        base.Dispose(disposing);
+        var middle = First.call(input);
+        return ModelMetrics.LayerMacs((nn.Module)First, input, middle) + ModelMetrics.LayerMacs((nn.Module)Second, middle, output);
     }
 }
