@@ -57,6 +57,8 @@ public static class ScenarioCatalog
         new PruneTwoOfFourScenario(),
         new PruneStructuredResCnnScenario(),
         new SvdLeNet300Scenario(),
+        new DistillMlpScenario(),
+        new DistillRecoveryScenario(),
     ];
 }
 

@@ -52,6 +52,35 @@ public static class ModelZoo
         };
     }
 
+    /// <summary>Creates a fully connected network 784 → hidden… → 10 with ReLU, and dropout after each hidden layer when <paramref name="dropout"/> &gt; 0.</summary>
+    /// <param name="hidden">The hidden layer widths, e.g. [1200, 1200].</param>
+    /// <param name="dropout">The dropout probability, 0 to below 1. The default is 0.</param>
+    /// <param name="seed">The seed of the initialisation.</param>
+    /// <returns>A new model whose layers are named fc1, fc2, … and relu1, drop1, ….</returns>
+    public static Sequential Mlp(IReadOnlyList<int> hidden, double dropout = 0, int seed = 0)
+    {
+        ArgumentNullException.ThrowIfNull(hidden);
+        ArgumentOutOfRangeException.ThrowIfNegative(dropout);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(dropout, 1);
+        torch.random.manual_seed(seed);
+        var layers = new List<(string, nn.Module<Tensor, Tensor>)> { ("flatten", nn.Flatten()) };
+        long width = 784;
+        for (int i = 0; i < hidden.Count; i++)
+        {
+            layers.Add(($"fc{i + 1}", nn.Linear(width, hidden[i])));
+            layers.Add(($"relu{i + 1}", nn.ReLU()));
+            if (dropout > 0)
+            {
+                layers.Add(($"drop{i + 1}", nn.Dropout(dropout)));
+            }
+
+            width = hidden[i];
+        }
+
+        layers.Add(($"fc{hidden.Count + 1}", nn.Linear(width, 10)));
+        return nn.Sequential(layers.ToArray());
+    }
+
     /// <summary>Creates LeNet-300-100: flatten, 784→300, ReLU, 300→100, ReLU, 100→10.</summary>
     /// <returns>A new model.</returns>
     public static Sequential LeNet300100() => nn.Sequential(

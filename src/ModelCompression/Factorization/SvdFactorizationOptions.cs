@@ -168,6 +168,13 @@ public sealed class SvdFactorizationOptions : IValidatableOptions
     /// <summary>Gets or sets fine-tuning after factorization, or <see langword="null"/> for none.</summary>
     public TrainingOptions? FineTuning { get; set; }
 
+    /// <summary>
+    /// Gets or sets recovery by distillation: the fine-tuning learns from the original (uncompressed) model's soft
+    /// targets as well as the labels. <see langword="null"/> fine-tunes on the labels alone.
+    /// </summary>
+    /// <value>The default is <see langword="null"/>.</value>
+    public Distillation.RecoveryDistillation? Distillation { get; set; }
+
     /// <inheritdoc/>
     public IReadOnlyList<string> Validate()
     {
@@ -194,6 +201,11 @@ public sealed class SvdFactorizationOptions : IValidatableOptions
         }
 
         OptionsValidationException.AddNested(errors, Name, nameof(FineTuning), FineTuning?.Validate(), required: false);
+        OptionsValidationException.AddNested(errors, Name, nameof(Distillation), Distillation?.Validate(), required: false);
+        if (Distillation is not null && FineTuning is null)
+        {
+            errors.Add($"{Name}.{nameof(Distillation)} distils during fine-tuning: set {nameof(FineTuning)} too.");
+        }
         OptionsValidationException.AddNested(errors, Name, nameof(Layers), Layers?.Validate());
         return errors;
     }
@@ -205,6 +217,7 @@ public sealed class SvdFactorizationOptions : IValidatableOptions
         ConvDecomposition = ConvDecomposition,
         Layers = Layers.Copy(),
         FineTuning = FineTuning?.Clone(),
+        Distillation = Distillation is null ? null : new Distillation.RecoveryDistillation { Alpha = Distillation.Alpha, Temperature = Distillation.Temperature },
     };
 }
 

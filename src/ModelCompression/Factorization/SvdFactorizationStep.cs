@@ -1,5 +1,7 @@
 using Microsoft.Extensions.Logging;
 using ModelCompression.Data;
+using ModelCompression.Distillation;
+using ModelCompression.Training;
 using ModelCompression.Metrics;
 using ModelCompression.Modules;
 using TorchSharp;
@@ -133,7 +135,7 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
 
             if (_options.FineTuning is { } fineTuning && chosen.Count > 0)
             {
-                context.Train(root, fineTuning);
+                context.Train(root, fineTuning, ((TrainingCallbacks?)null).WithDistillation(_options.Distillation, context.OriginalModel));
             }
 
             return root;

@@ -119,11 +119,21 @@ public sealed class CompressionContext
     /// <param name="callbacks">Extra loss and after-step hooks.</param>
     /// <returns>What the run did.</returns>
     /// <exception cref="InvalidOperationException">The run has no training data.</exception>
-    public TrainingSummary Train(nn.Module<Tensor, Tensor> model, TrainingOptions options, TrainingCallbacks? callbacks = null)
+    public TrainingSummary Train(nn.Module<Tensor, Tensor> model, TrainingOptions options, TrainingCallbacks? callbacks = null) =>
+        Train(model, options, callbacks, null);
+
+    /// <summary>Fine-tunes <paramref name="model"/> on <paramref name="data"/> (or the training data) with the shared <see cref="Trainer"/>.</summary>
+    /// <param name="model">The model to train in place.</param>
+    /// <param name="options">The training options; their seed defaults to <see cref="StepSeed"/>.</param>
+    /// <param name="callbacks">Extra loss and after-step hooks.</param>
+    /// <param name="data">The data to train on, or <see langword="null"/> for the run's training data.</param>
+    /// <returns>What the run did.</returns>
+    /// <exception cref="InvalidOperationException">No data was given and the run has no training data.</exception>
+    public TrainingSummary Train(nn.Module<Tensor, Tensor> model, TrainingOptions options, TrainingCallbacks? callbacks, IBatchSource? data)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(options);
-        var data = TrainingData ?? throw new InvalidOperationException($"Step '{StepName}' needs training data, but the pipeline was run without any.");
+        data ??= TrainingData ?? throw new InvalidOperationException($"Step '{StepName}' needs training data, but the pipeline was run without any.");
         var trainer = new Trainer(options);
         var progress = _progress is null
             ? null

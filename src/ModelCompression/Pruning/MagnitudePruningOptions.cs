@@ -74,6 +74,13 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
     /// <value>The default is <see langword="null"/>.</value>
     public TrainingOptions? FineTuning { get; set; }
 
+    /// <summary>
+    /// Gets or sets recovery by distillation: the fine-tuning learns from the original (uncompressed) model's soft
+    /// targets as well as the labels. <see langword="null"/> fine-tunes on the labels alone.
+    /// </summary>
+    /// <value>The default is <see langword="null"/>.</value>
+    public Distillation.RecoveryDistillation? Distillation { get; set; }
+
     /// <summary>Gets or sets the layers pruned.</summary>
     /// <value>The default is every Linear and Conv2d layer.</value>
     public LayerSelection Layers { get; set; } = LayerSelection.Default;
@@ -169,6 +176,11 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
         }
 
         OptionsValidationException.AddNested(errors, Name, nameof(FineTuning), FineTuning?.Validate(), required: false);
+        OptionsValidationException.AddNested(errors, Name, nameof(Distillation), Distillation?.Validate(), required: false);
+        if (Distillation is not null && FineTuning is null)
+        {
+            errors.Add($"{Name}.{nameof(Distillation)} distils during fine-tuning: set {nameof(FineTuning)} too.");
+        }
         OptionsValidationException.AddNested(errors, Name, nameof(Layers), Layers?.Validate());
 
         return errors;
@@ -183,6 +195,7 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
         Pattern = Pattern,
         Schedule = Schedule,
         FineTuning = FineTuning?.Clone(),
+        Distillation = Distillation is null ? null : new Distillation.RecoveryDistillation { Alpha = Distillation.Alpha, Temperature = Distillation.Temperature },
         Layers = Layers.Copy(),
         SparseExecution = SparseExecution,
     };

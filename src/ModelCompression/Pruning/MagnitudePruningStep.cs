@@ -1,4 +1,5 @@
 using Microsoft.Extensions.Logging;
+using ModelCompression.Distillation;
 using ModelCompression.Metrics;
 using ModelCompression.Modules;
 using ModelCompression.Training;
@@ -83,7 +84,7 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
                         }
                     },
                 };
-                context.Train(model, fineTuning, callbacks);
+                context.Train(model, fineTuning, callbacks.WithDistillation(_options.Distillation, context.OriginalModel));
                 masks.ApplyToWeights();
             }
         }

@@ -33,6 +33,13 @@ public sealed class StructuredPruningOptions : IValidatableOptions
     /// <value>The default is <see langword="null"/>.</value>
     public TrainingOptions? FineTuning { get; set; }
 
+    /// <summary>
+    /// Gets or sets recovery by distillation: the fine-tuning learns from the original (uncompressed) model's soft
+    /// targets as well as the labels. <see langword="null"/> fine-tunes on the labels alone.
+    /// </summary>
+    /// <value>The default is <see langword="null"/>.</value>
+    public Distillation.RecoveryDistillation? Distillation { get; set; }
+
     /// <inheritdoc/>
     public IReadOnlyList<string> Validate()
     {
@@ -74,6 +81,11 @@ public sealed class StructuredPruningOptions : IValidatableOptions
         }
 
         OptionsValidationException.AddNested(errors, Name, nameof(FineTuning), FineTuning?.Validate(), required: false);
+        OptionsValidationException.AddNested(errors, Name, nameof(Distillation), Distillation?.Validate(), required: false);
+        if (Distillation is not null && FineTuning is null)
+        {
+            errors.Add($"{Name}.{nameof(Distillation)} distils during fine-tuning: set {nameof(FineTuning)} too.");
+        }
         OptionsValidationException.AddNested(errors, Name, nameof(Layers), Layers?.Validate());
 
         return errors;
@@ -88,5 +100,6 @@ public sealed class StructuredPruningOptions : IValidatableOptions
         RoundTo = RoundTo,
         Rounds = Rounds,
         FineTuning = FineTuning?.Clone(),
+        Distillation = Distillation is null ? null : new Distillation.RecoveryDistillation { Alpha = Distillation.Alpha, Temperature = Distillation.Temperature },
     };
 }

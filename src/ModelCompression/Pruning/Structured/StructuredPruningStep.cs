@@ -1,5 +1,7 @@
 using Microsoft.Extensions.Logging;
 using ModelCompression.Data;
+using ModelCompression.Distillation;
+using ModelCompression.Training;
 using ModelCompression.Modules;
 using ModelCompression.Pruning.Structured;
 using TorchSharp;
@@ -77,7 +79,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
             context.Logger.LogInformation("{Step}: round {Round}: {Groups}", Name, round, string.Join(", ", summary));
             if (_options.FineTuning is { } fineTuning)
             {
-                context.Train(root, fineTuning);
+                context.Train(root, fineTuning, ((TrainingCallbacks?)null).WithDistillation(_options.Distillation, context.OriginalModel));
             }
         }
 

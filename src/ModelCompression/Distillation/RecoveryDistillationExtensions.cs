@@ -1,0 +1,45 @@
+using ModelCompression.Training;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Distillation;
+
+/// <summary>Turns a step's fine-tuning into distillation from the original model.</summary>
+internal static class RecoveryDistillationExtensions
+{
+    /// <summary>
+    /// Adds the soft-target term against <paramref name="teacher"/> to <paramref name="callbacks"/> (creating them when
+    /// null) and weights the hard-label term by 1 − α. The teacher runs in evaluation mode without gradients.
+    /// </summary>
+    public static TrainingCallbacks WithDistillation(this TrainingCallbacks? callbacks, RecoveryDistillation? distillation, nn.Module<Tensor, Tensor> teacher)
+    {
+        callbacks ??= new TrainingCallbacks();
+        if (distillation is null)
+        {
+            return callbacks;
+        }
+
+        var previous = callbacks.ExtraLoss;
+        callbacks.TaskLossWeight = 1 - distillation.Alpha;
+        callbacks.ExtraLoss = batch =>
+        {
+            Tensor teacherLogits;
+            bool wasTraining = teacher.training;
+            teacher.eval();
+            try
+            {
+                using (no_grad())
+                {
+                    teacherLogits = teacher.call(batch.Input);
+                }
+            }
+            finally
+            {
+                teacher.train(wasTraining);
+            }
+
+            var soft = DistillationLoss.SoftTargets(batch.Output, teacherLogits, distillation.Temperature) * distillation.Alpha;
+            return previous?.Invoke(batch) is { } other ? soft + other : soft;
+        };
+        return callbacks;
+    }
+}
