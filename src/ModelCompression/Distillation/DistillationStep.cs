@@ -37,6 +37,9 @@ public sealed class DistillationStep : ICompressionStep, ICompressionStepRequire
     /// <inheritdoc/>
     public bool RequiresTrainingData => true;
 
+    /// <summary>Gets, after <see cref="Apply"/>, each hint adapter's weight shape and how far training moved it (L2 norm), or null for same-width pairs.</summary>
+    internal IReadOnlyList<(long[] Shape, double Change)?> LastAdapters { get; private set; } = [];
+
     /// <inheritdoc/>
     /// <exception cref="ArgumentException">
     /// Teacher and student outputs differ in shape, a hint names an unknown layer, or hint features cannot be matched.
@@ -122,7 +125,21 @@ public sealed class DistillationStep : ICompressionStep, ICompressionStepRequire
             };
 
             context.Logger.LogInformation("{Step}: training {Student} from {Teacher}", Name, student.GetType().Name, teacher.GetType().Name);
+            var initial = adapters.Select(a => a?.parameters().First().detach().clone().DetachFromDisposeScope()).ToList();
             var summary = context.Train(harness, training, callbacks, cached ?? data);
+            LastAdapters = adapters.Select((a, i) =>
+            {
+                if (a is null)
+                {
+                    return ((long[], double)?)null;
+                }
+
+                using var scope = NewDisposeScope();
+                var weight = a.parameters().First();
+                double change = (weight.detach() - initial[i]!).pow(2).sum().sqrt().item<float>();
+                initial[i]!.Dispose();
+                return (weight.shape, change);
+            }).ToList();
             context.AddNote($"{summary.Steps} optimizer steps{(useCache ? ", teacher outputs cached" : string.Empty)}, final loss {summary.FinalLoss:0.####}");
             return student;
         }
@@ -263,6 +280,12 @@ public sealed class DistillationStep : ICompressionStep, ICompressionStepRequire
         }
     }
 
+    /// <summary>
+    /// Hooks a layer and hands a view of each output to <paramref name="capture"/>. Containers such as Sequential free
+    /// their intermediate tensors when their forward ends, so the view is kept outside every dispose scope (it shares
+    /// the output's storage and autograd graph); the previous view is freed at each new call and the last one when the
+    /// returned action removes the hook.
+    /// </summary>
     private static Action Hook(nn.Module model, string name, Action<Tensor> capture)
     {
         if (ModuleTree.GetSubmodule(model, name) is not nn.Module<Tensor, Tensor> layer)
@@ -270,12 +293,20 @@ public sealed class DistillationStep : ICompressionStep, ICompressionStepRequire
             throw new ArgumentException($"Layer '{name}' does not map one tensor to one tensor.");
         }
 
+        Tensor? kept = null;
         var remover = layer.register_forward_hook((m, x, y) =>
         {
-            capture(y);
+            kept?.Dispose();
+            kept = y.view_as(y).DetachFromDisposeScope();
+            capture(kept);
             return y;
         });
-        return remover.remove;
+        return () =>
+        {
+            remover.remove();
+            kept?.Dispose();
+            kept = null;
+        };
     }
 
     /// <summary>Trains the student together with the hint adapters (their parameters are in the same optimizer).</summary>
