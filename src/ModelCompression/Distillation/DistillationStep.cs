@@ -161,7 +161,9 @@ public sealed class DistillationStep : ICompressionStep, ICompressionStepRequire
         }
     }
 
-    private static Tensor Labels(Tensor packed) => packed.select(1, 0).to(ScalarType.Int64);
+    /// <summary>The task's targets from a packed batch: class indices for classification, the targets for regression.</summary>
+    private Tensor Labels(Tensor packed) =>
+        _options.Task == DistillationTask.Classification ? packed.select(1, 0).to(ScalarType.Int64) : packed.select(1, 0);
 
     private Tensor TeacherPart(Tensor packed) =>
         _options.Task == DistillationTask.Classification ? packed.narrow(1, 1, packed.shape[1] - 1) : packed.select(1, 1);

@@ -127,8 +127,9 @@ public sealed class DistillationStepTests
         Assert.That(ex!.Message, Does.Contain("'fc9'"));
     }
 
-    [Test]
-    public void Apply_Regression_MatchesTheTeachersOutputs()
+    [TestCase(1.0)]
+    [TestCase(0.5)]
+    public void Apply_Regression_MatchesTheTeachersOutputs(double alpha)
     {
         using var x = randn(200, 4);
         using var y = x.matmul(tensor(new float[] { 1, -2, 0.5f, 3 }, [4, 1]));
@@ -144,7 +145,7 @@ public sealed class DistillationStepTests
             Task = DistillationTask.Regression,
             Teacher = teacher,
             Student = student,
-            Alpha = 1,
+            Alpha = alpha,
             Training = new TrainingOptions { Epochs = 40, LearningRate = 0.05 },
         });
         using var trained = step.Apply(ModuleCloner.DeepClone(teacher), context);
