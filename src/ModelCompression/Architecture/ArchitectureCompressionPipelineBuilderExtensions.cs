@@ -3,7 +3,7 @@ using ModelCompression.Training;
 
 namespace ModelCompression;
 
-/// <summary>Adds the architecture steps (<see cref="DepthwiseSeparableRewriteStep"/>) to a pipeline.</summary>
+/// <summary>Adds the architecture steps (<see cref="DepthwiseSeparableRewriteStep"/>, <see cref="BudgetedSearchStep"/>) to a pipeline.</summary>
 public static class ArchitectureCompressionPipelineBuilderExtensions
 {
     /// <summary>Rewrites every standard convolution as a depthwise-separable one, then recovers for some epochs distilling from the original.</summary>
@@ -21,5 +21,22 @@ public static class ArchitectureCompressionPipelineBuilderExtensions
     {
         ArgumentNullException.ThrowIfNull(builder);
         return builder.AddStep(DepthwiseSeparableRewriteStep.StepName, options, o => new DepthwiseSeparableRewriteStep(o));
+    }
+
+    /// <summary>Searches, NetAdapt-style, for per-layer widths and ranks that bring the model to a fraction of its MACs.</summary>
+    /// <param name="builder">The builder.</param>
+    /// <param name="macsFraction">The MACs budget as a fraction of the current model's, in (0, 1).</param>
+    /// <returns>The builder.</returns>
+    public static CompressionPipelineBuilder AddBudgetedSearch(this CompressionPipelineBuilder builder, double macsFraction) =>
+        builder.AddBudgetedSearch(new BudgetedSearchOptions { Kind = SearchBudgetKind.Macs, Fraction = macsFraction });
+
+    /// <summary>Adds a budgeted search with full options.</summary>
+    /// <param name="builder">The builder.</param>
+    /// <param name="options">The options, validated now and at <c>Build()</c>.</param>
+    /// <returns>The builder.</returns>
+    public static CompressionPipelineBuilder AddBudgetedSearch(this CompressionPipelineBuilder builder, BudgetedSearchOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(builder);
+        return builder.AddStep(BudgetedSearchStep.StepName, options, o => new BudgetedSearchStep(o));
     }
 }

@@ -33,6 +33,32 @@ public static class ModuleTree
         return current;
     }
 
+    /// <summary>Returns whether a proper ancestor of the named submodule is a <typeparamref name="T"/>.</summary>
+    /// <typeparam name="T">The ancestor type (e.g. <c>ICompressedLayer</c>).</typeparam>
+    /// <param name="root">The root module.</param>
+    /// <param name="name">The dotted name.</param>
+    /// <returns><see langword="true"/> when some enclosing module is a <typeparamref name="T"/>.</returns>
+    public static bool HasAncestor<T>(nn.Module root, string name)
+    {
+        ArgumentNullException.ThrowIfNull(root);
+        ArgumentNullException.ThrowIfNull(name);
+        if (root is T && name.Length > 0)
+        {
+            return true;
+        }
+
+        for (int dot = name.LastIndexOf('.'); dot > 0; dot = name.LastIndexOf('.'))
+        {
+            name = name[..dot];
+            if (GetSubmodule(root, name) is T)
+            {
+                return true;
+            }
+        }
+
+        return false;
+    }
+
     /// <summary>
     /// Says whether <see cref="Replace"/> could put a module of <paramref name="replacementType"/> in place of the
     /// submodule named <paramref name="name"/>, without changing anything: steps check every layer first, so that they
