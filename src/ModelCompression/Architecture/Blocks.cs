@@ -83,7 +83,9 @@ public sealed class DepthwiseSeparableConv2d : nn.Module<Tensor, Tensor>
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(inChannels, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(outChannels, 1);
-        depthwise = nn.Conv2d(inChannels, inChannels, kernelSize, stride, padding, dilation, PaddingModes.Zeros, inChannels, bias: !batchNorm);
+        // Without BatchNorm or an activation between the two convolutions, a depthwise bias would fold into the
+        // pointwise one: it is left out.
+        depthwise = nn.Conv2d(inChannels, inChannels, kernelSize, stride, padding, dilation, PaddingModes.Zeros, inChannels, bias: !batchNorm && activation != BlockActivation.None);
         depthwiseNorm = BlockParts.Norm(inChannels, batchNorm);
         depthwiseActivation = BlockParts.Activation(activation);
         pointwise = nn.Conv2d(inChannels, outChannels, 1, bias: !batchNorm && pointwiseBias);
