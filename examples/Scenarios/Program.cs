@@ -34,7 +34,7 @@ if (options is null)
     return 2;
 }
 
-var context = new ScenarioContext(options.Seed, options.CacheDirectory, Console.Out);
+var context = new ScenarioContext(options.Seed, options.CacheDirectory, Console.Out, Path.GetFullPath(options.ReportPath!));
 var report = scenario.Run(context);
 Console.WriteLine();
 Console.WriteLine(report);

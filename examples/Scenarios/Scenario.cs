@@ -8,7 +8,8 @@ namespace Scenarios;
 /// <param name="Seed">The seed of data split, training and compression.</param>
 /// <param name="CacheDirectory">Where trained baselines are cached, or null to always train.</param>
 /// <param name="Log">Where progress lines go.</param>
-public sealed record ScenarioContext(int Seed, string? CacheDirectory, TextWriter Log);
+/// <param name="ReportPath">Where the report JSON goes (scenarios write companion files beside it).</param>
+public sealed record ScenarioContext(int Seed, string? CacheDirectory, TextWriter Log, string ReportPath);
 
 /// <summary>A figure a scenario promises, checked against its report.</summary>
 /// <param name="Description">What is promised, e.g. "≥ 92% of weights removed".</param>
@@ -59,6 +60,8 @@ public static class ScenarioCatalog
         new SvdLeNet300Scenario(),
         new DistillMlpScenario(),
         new DistillRecoveryScenario(),
+        new DepthwiseSeparableLeNet5Scenario(),
+        new SearchResCnnScenario(),
     ];
 }
 
