@@ -100,7 +100,7 @@ public sealed class BudgetedSearchOptions : IValidatableOptions
         StepFraction = StepFraction,
         ShortFineTuning = ShortFineTuning.Clone(),
         FinalFineTuning = FinalFineTuning?.Clone(),
-        Distillation = Distillation is null ? null : new RecoveryDistillation { Alpha = Distillation.Alpha, Temperature = Distillation.Temperature },
+        Distillation = RecoveryDistillation.Copy(Distillation),
         Layers = Layers.Copy(),
         TimeLimit = TimeLimit,
     };
@@ -159,27 +159,24 @@ public sealed class BudgetedSearchStep : ICompressionStep, ICompressionStepRequi
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(context);
-        var unknown = _options.Layers.FindUnknownNames(model);
-        if (unknown.Count > 0)
-        {
-            throw new ArgumentException(string.Join(" ", unknown), nameof(model));
-        }
+        _options.Layers.ThrowIfUnknownNames(model);
 
         var clock = Stopwatch.StartNew();
         var trace = new List<SearchCandidate>();
         var quiet = new CompressionContext(context.Data, context.OriginalModel, context.Device, context.StepSeed, NullLogger.Instance, null, context.CancellationToken);
         double start = Cost(model, context);
         double target = _options.Fraction * start;
+        double currentCost = start;
         var current = model;
         int iteration = 0;
         try
         {
-            while (Cost(current, context) > target && clock.Elapsed < _options.TimeLimit)
+            while (currentCost > target && clock.Elapsed < _options.TimeLimit)
             {
                 context.CancellationToken.ThrowIfCancellationRequested();
                 iteration++;
-                double goal = Math.Max(target, Cost(current, context) - (_options.StepFraction * start));
-                context.ReportProgress(CompressionPhase.Applying, Math.Clamp((start - Cost(current, context)) / (start - target), 0, 1));
+                double goal = Math.Max(target, currentCost - (_options.StepFraction * start));
+                context.ReportProgress(CompressionPhase.Applying, Math.Clamp((start - currentCost) / (start - target), 0, 1));
                 var candidates = Propose(current, goal, quiet, context);
                 if (candidates.Count == 0)
                 {
@@ -220,13 +217,14 @@ public sealed class BudgetedSearchStep : ICompressionStep, ICompressionStepRequi
                 }
 
                 current = best.Value.Model;
+                currentCost = best.Value.Entry.Cost;
                 context.Logger.LogInformation("{Step}: iteration {Iteration}: {Operation} {Layers} → {Setting}, cost {Cost:P1}, accuracy {Accuracy:0.####}",
                     Name, iteration, best.Value.Entry.Operation, best.Value.Entry.Layers, best.Value.Entry.Setting, best.Value.Entry.CostFraction, best.Value.Entry.Accuracy);
             }
 
-            LastMetBudget = Cost(current, context) <= target;
+            LastMetBudget = currentCost <= target;
             LastTrace = trace;
-            context.AddNote($"{iteration} iterations, {trace.Count} candidates, {clock.Elapsed.TotalSeconds:0} s; cost {Cost(current, context) / start:P1} of the start{(LastMetBudget ? string.Empty : " — budget NOT met (time limit or no candidate)")}");
+            context.AddNote($"{iteration} iterations, {trace.Count} candidates, {clock.Elapsed.TotalSeconds:0} s; cost {currentCost / start:P1} of the start{(LastMetBudget ? string.Empty : " — budget NOT met (time limit or no candidate)")}");
             if (_options.FinalFineTuning is { } final)
             {
                 context.Train(current, final, ((TrainingCallbacks?)null).WithDistillation(_options.Distillation, context.OriginalModel));
@@ -282,7 +280,7 @@ public sealed class BudgetedSearchStep : ICompressionStep, ICompressionStepRequi
 
         // Layers inside layers this library produced (low-rank factors, sparse or half-precision layers) are not
         // reshaped again: their own bookkeeping (rank, storage) would go stale.
-        bool Free(string name) => !ModuleTree.HasAncestor<ICompressedLayer>(current, name);
+        bool Free(string name) => !ModuleTree.HasAncestor<ICompressedLayer>(current, name, includeRoot: true);
         foreach (var group in groups.Where(g => g.Fixed is null && g.Unresolved is null && g.Members.All(m => Free(m.Name)) && g.Producers.All(p => _options.Layers.Matches(p.Name, p.Module))))
         {
             var names = group.Producers.Select(p => p.Name).ToArray();

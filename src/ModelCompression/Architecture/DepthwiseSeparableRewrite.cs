@@ -37,7 +37,7 @@ public sealed class DepthwiseSeparableRewriteOptions : IValidatableOptions
     {
         Layers = Layers.Copy(),
         Recovery = Recovery?.Clone(),
-        Distillation = Distillation is null ? null : new RecoveryDistillation { Alpha = Distillation.Alpha, Temperature = Distillation.Temperature },
+        Distillation = RecoveryDistillation.Copy(Distillation),
     };
 }
 
@@ -79,11 +79,7 @@ public sealed class DepthwiseSeparableRewriteStep : ICompressionStep, ICompressi
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(context);
-        var unknown = _options.Layers.FindUnknownNames(model);
-        if (unknown.Count > 0)
-        {
-            throw new ArgumentException(string.Join(" ", unknown), nameof(model));
-        }
+        _options.Layers.ThrowIfUnknownNames(model);
 
         var targets = _options.Layers.Select(model)
             .Where(t => t.Module is Conv2d c && c.groups == 1 && (c.kernel_size[0] > 1 || c.kernel_size[1] > 1) && c.padding_type is null && c.padding_mode == PaddingModes.Zeros)

@@ -49,6 +49,20 @@ public sealed class RecoveryDistillation : IValidatableOptions
 
     /// <inheritdoc/>
     public override string ToString() => $"distilled (α {Alpha}, T {Temperature})";
+
+    /// <summary>Adds the errors of a step's recovery distillation: its own, and a missing fine-tuning to distil in.</summary>
+    internal static void AddErrors(List<string> errors, string owner, RecoveryDistillation? distillation, TrainingOptions? fineTuning)
+    {
+        OptionsValidationException.AddNested(errors, owner, "Distillation", distillation?.Validate(), required: false);
+        if (distillation is not null && fineTuning is null)
+        {
+            errors.Add($"{owner}.Distillation distils during fine-tuning: set FineTuning too.");
+        }
+    }
+
+    /// <summary>Returns an independent copy, or <see langword="null"/>.</summary>
+    internal static RecoveryDistillation? Copy(RecoveryDistillation? distillation) =>
+        distillation is null ? null : new RecoveryDistillation { Alpha = distillation.Alpha, Temperature = distillation.Temperature };
 }
 
 /// <summary>Options of <see cref="DistillationStep"/>.</summary>

@@ -201,11 +201,7 @@ public sealed class SvdFactorizationOptions : IValidatableOptions
         }
 
         OptionsValidationException.AddNested(errors, Name, nameof(FineTuning), FineTuning?.Validate(), required: false);
-        OptionsValidationException.AddNested(errors, Name, nameof(Distillation), Distillation?.Validate(), required: false);
-        if (Distillation is not null && FineTuning is null)
-        {
-            errors.Add($"{Name}.{nameof(Distillation)} distils during fine-tuning: set {nameof(FineTuning)} too.");
-        }
+        ModelCompression.Distillation.RecoveryDistillation.AddErrors(errors, Name, Distillation, FineTuning);
         OptionsValidationException.AddNested(errors, Name, nameof(Layers), Layers?.Validate());
         return errors;
     }
@@ -217,7 +213,7 @@ public sealed class SvdFactorizationOptions : IValidatableOptions
         ConvDecomposition = ConvDecomposition,
         Layers = Layers.Copy(),
         FineTuning = FineTuning?.Clone(),
-        Distillation = Distillation is null ? null : new Distillation.RecoveryDistillation { Alpha = Distillation.Alpha, Temperature = Distillation.Temperature },
+        Distillation = ModelCompression.Distillation.RecoveryDistillation.Copy(Distillation),
     };
 }
 

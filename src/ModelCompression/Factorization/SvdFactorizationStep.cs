@@ -52,11 +52,7 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(context);
-        var unknown = _options.Layers.FindUnknownNames(model);
-        if (unknown.Count > 0)
-        {
-            throw new ArgumentException(string.Join(" ", unknown), nameof(model));
-        }
+        _options.Layers.ThrowIfUnknownNames(model);
 
         var entries = new List<Entry>();
         try

@@ -286,7 +286,7 @@ public static class ModelMetrics
                 }
 
                 // A compressed layer describes itself as a whole; its children are part of it.
-                if (IsInsideCompressedLayer(model, name))
+                if (Modules.ModuleTree.HasAncestor<ICompressedLayer>(model, name))
                 {
                     continue;
                 }
@@ -307,23 +307,6 @@ public static class ModelMetrics
             macs.Values.Sum(),
             latencyResult,
             layers);
-    }
-
-    private static bool IsInsideCompressedLayer(nn.Module model, string name)
-    {
-        int dot = name.LastIndexOf('.');
-        while (dot > 0)
-        {
-            name = name[..dot];
-            if (Modules.ModuleTree.GetSubmodule(model, name) is ICompressedLayer)
-            {
-                return true;
-            }
-
-            dot = name.LastIndexOf('.');
-        }
-
-        return false;
     }
 
     private static int BitsOf(Tensor? tensor) => tensor is null ? 32 : (int)(tensor.ElementSize * 8);

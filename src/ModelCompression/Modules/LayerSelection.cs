@@ -116,6 +116,18 @@ public sealed class LayerSelection
             .ToList();
     }
 
+    /// <summary>Throws when <see cref="FindUnknownNames"/> finds any: a step calls this before it changes anything.</summary>
+    /// <param name="model">The model.</param>
+    /// <exception cref="ArgumentException">The selection names a layer the model does not have.</exception>
+    public void ThrowIfUnknownNames(nn.Module model)
+    {
+        var unknown = FindUnknownNames(model);
+        if (unknown.Count > 0)
+        {
+            throw new ArgumentException(string.Join(" ", unknown), nameof(model));
+        }
+    }
+
     private static bool Glob(string pattern, string name) =>
         pattern.Contains('*') || pattern.Contains('?')
             ? Regex.IsMatch(name, "^" + Regex.Escape(pattern).Replace("\\*", ".*", StringComparison.Ordinal).Replace("\\?", ".", StringComparison.Ordinal) + "$", RegexOptions.CultureInvariant)

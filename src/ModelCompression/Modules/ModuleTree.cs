@@ -33,16 +33,17 @@ public static class ModuleTree
         return current;
     }
 
-    /// <summary>Returns whether a proper ancestor of the named submodule is a <typeparamref name="T"/>.</summary>
+    /// <summary>Returns whether a module enclosing the named submodule (below the root) is a <typeparamref name="T"/>.</summary>
     /// <typeparam name="T">The ancestor type (e.g. <c>ICompressedLayer</c>).</typeparam>
     /// <param name="root">The root module.</param>
     /// <param name="name">The dotted name.</param>
+    /// <param name="includeRoot">Whether the root itself counts as an ancestor of every submodule.</param>
     /// <returns><see langword="true"/> when some enclosing module is a <typeparamref name="T"/>.</returns>
-    public static bool HasAncestor<T>(nn.Module root, string name)
+    public static bool HasAncestor<T>(nn.Module root, string name, bool includeRoot = false)
     {
         ArgumentNullException.ThrowIfNull(root);
         ArgumentNullException.ThrowIfNull(name);
-        if (root is T && name.Length > 0)
+        if (includeRoot && root is T && name.Length > 0)
         {
             return true;
         }

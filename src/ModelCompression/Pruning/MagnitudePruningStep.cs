@@ -104,11 +104,7 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
     private List<(string Name, nn.Module Module, Parameter Weight)> SelectTargets(nn.Module<Tensor, Tensor> model)
     {
         var selection = _options.Layers;
-        var unknown = selection.FindUnknownNames(model);
-        if (unknown.Count > 0)
-        {
-            throw new ArgumentException(string.Join(" ", unknown), nameof(model));
-        }
+        selection.ThrowIfUnknownNames(model);
 
         var targets = new List<(string, nn.Module, Parameter)>();
         foreach (var (name, module) in selection.Select(model))

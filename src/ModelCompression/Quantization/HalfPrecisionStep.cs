@@ -35,15 +35,11 @@ public sealed class HalfPrecisionStep : ICompressionStep
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(context);
-        var unknown = _options.Layers.FindUnknownNames(model);
-        if (unknown.Count > 0)
-        {
-            throw new ArgumentException(string.Join(" ", unknown), nameof(model));
-        }
+        _options.Layers.ThrowIfUnknownNames(model);
 
         // Layers already converted are not converted twice, nor are layers inside them.
         var targets = _options.Layers.Select(model)
-            .Where(t => t.Module is not HalfPrecisionLayer && !IsInside<HalfPrecisionLayer>(model, t.Name))
+            .Where(t => t.Module is not HalfPrecisionLayer && !ModuleTree.HasAncestor<HalfPrecisionLayer>(model, t.Name))
             .ToList();
         if (targets.Count == 0)
         {
@@ -71,19 +67,5 @@ public sealed class HalfPrecisionStep : ICompressionStep
         }
 
         return root;
-    }
-
-    private static bool IsInside<T>(nn.Module model, string name)
-    {
-        for (int dot = name.LastIndexOf('.'); dot > 0; dot = name.LastIndexOf('.'))
-        {
-            name = name[..dot];
-            if (ModuleTree.GetSubmodule(model, name) is T)
-            {
-                return true;
-            }
-        }
-
-        return false;
     }
 }

@@ -81,11 +81,7 @@ public sealed class StructuredPruningOptions : IValidatableOptions
         }
 
         OptionsValidationException.AddNested(errors, Name, nameof(FineTuning), FineTuning?.Validate(), required: false);
-        OptionsValidationException.AddNested(errors, Name, nameof(Distillation), Distillation?.Validate(), required: false);
-        if (Distillation is not null && FineTuning is null)
-        {
-            errors.Add($"{Name}.{nameof(Distillation)} distils during fine-tuning: set {nameof(FineTuning)} too.");
-        }
+        ModelCompression.Distillation.RecoveryDistillation.AddErrors(errors, Name, Distillation, FineTuning);
         OptionsValidationException.AddNested(errors, Name, nameof(Layers), Layers?.Validate());
 
         return errors;
@@ -100,6 +96,6 @@ public sealed class StructuredPruningOptions : IValidatableOptions
         RoundTo = RoundTo,
         Rounds = Rounds,
         FineTuning = FineTuning?.Clone(),
-        Distillation = Distillation is null ? null : new Distillation.RecoveryDistillation { Alpha = Distillation.Alpha, Temperature = Distillation.Temperature },
+        Distillation = ModelCompression.Distillation.RecoveryDistillation.Copy(Distillation),
     };
 }

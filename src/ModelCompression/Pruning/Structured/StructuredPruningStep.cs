@@ -49,11 +49,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(context);
-        var unknown = _options.Layers.FindUnknownNames(model);
-        if (unknown.Count > 0)
-        {
-            throw new ArgumentException(string.Join(" ", unknown), nameof(model));
-        }
+        _options.Layers.ThrowIfUnknownNames(model);
 
         var stray = _options.LayerRatio.Keys.FirstOrDefault(k => !model.named_modules().Any(m => m.name == k && m.module is Linear or Conv2d));
         if (stray is not null)
