@@ -1,0 +1,222 @@
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+
+namespace ModelCompression.Quantization.Kernels;
+
+/// <summary>How a quantized layer turns its float input into the kernel's 7-bit activations.</summary>
+internal enum ActivationMode
+{
+    /// <summary>One scale and zero point fixed at conversion (from calibration).</summary>
+    Static,
+
+    /// <summary>One scale and zero point per call, from the whole batch's range.</summary>
+    PerTensor,
+
+    /// <summary>One scale and zero point per row (sample), from that row's range.</summary>
+    PerRow,
+
+    /// <summary>One scale and zero point per row and weight group, from that part's range.</summary>
+    PerBlock,
+}
+
+/// <summary>
+/// A batch of activations quantized to 0..127 for <see cref="Int8Kernel"/>, rows padded to the weights' blocks,
+/// with a scale and zero point per row and block. Owns native memory; one per call, so calls never share state.
+/// </summary>
+internal sealed unsafe class QuantizedActivations : IDisposable
+{
+    /// <summary>The largest quantized value: activations use 7 bits so that no kernel path saturates.</summary>
+    public const int MaxLevel = 127;
+
+    private QuantizedActivations(int rows, int stride, int blocks)
+    {
+        Rows = rows;
+        Stride = stride;
+        Blocks = blocks;
+        Data = (byte*)NativeMemory.AlignedAlloc((nuint)Math.Max(64L, (long)rows * stride), 64);
+        Scales = (float*)NativeMemory.Alloc((nuint)Math.Max(1L, (long)rows * blocks), sizeof(float));
+        ZeroPoints = (float*)NativeMemory.Alloc((nuint)Math.Max(1L, (long)rows * blocks), sizeof(float));
+    }
+
+    /// <summary>Finalizes an instance of the <see cref="QuantizedActivations"/> class.</summary>
+    ~QuantizedActivations() => Free();
+
+    public int Rows { get; }
+
+    public int Stride { get; }
+
+    public int Blocks { get; }
+
+    public byte* Data { get; private set; }
+
+    public float* Scales { get; private set; }
+
+    public float* ZeroPoints { get; private set; }
+
+    /// <summary>The scale and zero point that map [min, max] (widened to hold 0) onto 0..127.</summary>
+    public static (float Scale, float ZeroPoint) Range(float min, float max, bool symmetric)
+    {
+        if (!float.IsFinite(min) || !float.IsFinite(max))
+        {
+            throw new ArgumentException("The activations hold NaN or infinite values.");
+        }
+
+        if (symmetric)
+        {
+            float m = MathF.Max(MathF.Abs(min), MathF.Abs(max));
+            return m == 0 ? (1f, 64f) : (m / 63f, 64f);
+        }
+
+        float lo = MathF.Min(min, 0f), hi = MathF.Max(max, 0f);
+        if (hi == lo)
+        {
+            return (1f, 0f);
+        }
+
+        float scale = (hi - lo) / MaxLevel;
+        float zero = Math.Clamp(MathF.Round(-lo / scale), 0f, MaxLevel);
+        return (scale, zero);
+    }
+
+    /// <summary>Quantizes rows of <paramref name="x"/> ([rows, k], row-major) for <paramref name="weights"/>.</summary>
+    public static QuantizedActivations Quantize(ReadOnlySpan<float> x, int rows, PackedWeights weights, ActivationMode mode, float staticScale, float staticZero, bool symmetric)
+    {
+        int k = weights.K;
+        if (x.Length != (long)rows * k)
+        {
+            throw new ArgumentException($"Expected {rows} × {k} inputs, got {x.Length}.");
+        }
+
+        var result = new QuantizedActivations(rows, weights.Kp, weights.Blocks);
+        try
+        {
+            int blockSize = weights.BlockSize;
+            var (tensorScale, tensorZero) = mode switch
+            {
+                ActivationMode.Static => (staticScale, staticZero),
+                ActivationMode.PerTensor => RangeOf(x, symmetric),
+                _ => (0f, 0f),
+            };
+
+            for (int r = 0; r < rows; r++)
+            {
+                var row = x.Slice(r * k, k);
+                byte* dst = result.Data + ((long)r * result.Stride);
+                var (rowScale, rowZero) = mode == ActivationMode.PerRow ? RangeOf(row, symmetric) : (tensorScale, tensorZero);
+                for (int b = 0; b < weights.Blocks; b++)
+                {
+                    int start = b * blockSize;
+                    int end = Math.Min(k, start + blockSize);
+                    var part = start < end ? row[start..end] : [];
+                    var (scale, zero) = mode == ActivationMode.PerBlock ? RangeOf(part, symmetric) : (rowScale, rowZero);
+                    result.Scales[(r * weights.Blocks) + b] = scale;
+                    result.ZeroPoints[(r * weights.Blocks) + b] = zero;
+                    QuantizeSpan(part, 1f / scale, zero, new Span<byte>(dst + start, part.Length));
+                }
+
+                // Padding multiplies zero weights; any value works, zero keeps it tidy.
+                new Span<byte>(dst + k, result.Stride - k).Clear();
+            }
+
+            return result;
+        }
+        catch
+        {
+            result.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>q = clamp(round(x / scale + zero), 0, 127), rounding half to even, identically in every lane.</summary>
+    public static void QuantizeSpan(ReadOnlySpan<float> x, float inverseScale, float zero, Span<byte> q)
+    {
+        int i = 0;
+        if (Vector256.IsHardwareAccelerated)
+        {
+            var inv = Vector256.Create(inverseScale);
+            var z = Vector256.Create(zero);
+            var max = Vector256.Create((float)MaxLevel);
+            for (; i + 32 <= x.Length; i += 32)
+            {
+                var i0 = Level(x.Slice(i, 8), inv, z, max);
+                var i1 = Level(x.Slice(i + 8, 8), inv, z, max);
+                var i2 = Level(x.Slice(i + 16, 8), inv, z, max);
+                var i3 = Level(x.Slice(i + 24, 8), inv, z, max);
+                var bytes = Vector256.Narrow(Vector256.Narrow(i0, i1), Vector256.Narrow(i2, i3)).AsByte();
+                bytes.CopyTo(q.Slice(i, 32));
+            }
+        }
+
+        for (; i < x.Length; i++)
+        {
+            q[i] = (byte)MathF.Round(Math.Clamp((x[i] * inverseScale) + zero, 0f, MaxLevel), MidpointRounding.ToEven);
+        }
+    }
+
+    private static Vector256<int> Level(ReadOnlySpan<float> x, Vector256<float> inverseScale, Vector256<float> zero, Vector256<float> max) =>
+        Vector256.ConvertToInt32(Vector256.Round(Vector256.Min(Vector256.Max((Vector256.Create(x) * inverseScale) + zero, Vector256<float>.Zero), max)));
+
+    private static (float Scale, float ZeroPoint) RangeOf(ReadOnlySpan<float> x, bool symmetric)
+    {
+        if (x.IsEmpty)
+        {
+            return (1f, symmetric ? 64f : 0f);
+        }
+
+        float min = float.PositiveInfinity, max = float.NegativeInfinity;
+        int i = 0;
+        if (Vector256.IsHardwareAccelerated && x.Length >= 8)
+        {
+            var vmin = Vector256.Create(float.PositiveInfinity);
+            var vmax = Vector256.Create(float.NegativeInfinity);
+            var nan = Vector256<float>.Zero;
+            for (; i + 8 <= x.Length; i += 8)
+            {
+                var v = Vector256.Create(x.Slice(i, 8));
+                vmin = Vector256.Min(vmin, v);
+                vmax = Vector256.Max(vmax, v);
+                nan |= ~Vector256.Equals(v, v);
+            }
+
+            if (nan != Vector256<float>.Zero)
+            {
+                throw new ArgumentException("The activations hold NaN values.");
+            }
+
+            for (int j = 0; j < 8; j++)
+            {
+                min = MathF.Min(min, vmin.GetElement(j));
+                max = MathF.Max(max, vmax.GetElement(j));
+            }
+        }
+
+        for (; i < x.Length; i++)
+        {
+            if (float.IsNaN(x[i]))
+            {
+                throw new ArgumentException("The activations hold NaN values.");
+            }
+
+            min = MathF.Min(min, x[i]);
+            max = MathF.Max(max, x[i]);
+        }
+
+        return Range(min, max, symmetric);
+    }
+
+    public void Dispose()
+    {
+        Free();
+        GC.SuppressFinalize(this);
+    }
+
+    private void Free()
+    {
+        NativeMemory.AlignedFree(Data);
+        NativeMemory.Free(Scales);
+        NativeMemory.Free(ZeroPoints);
+        Data = null;
+        Scales = null;
+        ZeroPoints = null;
+    }
+}

@@ -1,0 +1,170 @@
+using ModelCompression.Modules;
+
+namespace ModelCompression.Quantization;
+
+/// <summary>Options of <see cref="PostTrainingQuantizationStep"/>.</summary>
+public sealed class PostTrainingQuantizationOptions : IValidatableOptions
+{
+    /// <summary>Gets or sets what to produce.</summary>
+    /// <value>The default is <see cref="QuantizationMode.DynamicInt8"/>.</value>
+    public QuantizationMode Mode { get; set; } = QuantizationMode.DynamicInt8;
+
+    /// <summary>Gets or sets the layers to quantize. Selected layers that cannot be quantized stay in float and are listed in the report.</summary>
+    /// <value>The default is every Linear and Conv2d layer.</value>
+    public LayerSelection Layers { get; set; } = LayerSelection.Default;
+
+    /// <summary>Gets or sets how many weights share a scale.</summary>
+    /// <value>
+    /// The default (<see langword="null"/>) is <see cref="QuantizationGranularity.PerChannel"/> for 8 bits and
+    /// <see cref="QuantizationGranularity.PerGroup"/>(64) for 4 bits, which needs groups.
+    /// </value>
+    public QuantizationGranularity? WeightGranularity { get; set; }
+
+    /// <summary>Gets or sets how <see cref="QuantizationMode.DynamicInt8"/> ranges activations at run time.</summary>
+    /// <value>The default is <see cref="DynamicActivationGranularity.PerRow"/>.</value>
+    public DynamicActivationGranularity DynamicActivations { get; set; } = DynamicActivationGranularity.PerRow;
+
+    /// <summary>Gets or sets how <see cref="QuantizationMode.StaticInt8"/> chooses activation ranges from calibration data.</summary>
+    /// <value>The default is <see cref="ActivationObserver.Mse"/>.</value>
+    public ActivationObserver Observer { get; set; } = ActivationObserver.Mse;
+
+    /// <summary>Gets or sets whether activation ranges are symmetric around zero (zero point fixed at the middle level) instead of asymmetric.</summary>
+    /// <value>The default is <see langword="false"/>.</value>
+    public bool SymmetricActivations { get; set; }
+
+    /// <summary>Gets or sets the calibration batches static quantization observes (and the first of which measures each layer's error).</summary>
+    /// <value>The default is 8; at least 1.</value>
+    public int CalibrationBatches { get; set; } = 8;
+
+    /// <summary>Gets or sets the calibration batch size.</summary>
+    /// <value>The default is 128; at least 1.</value>
+    public int CalibrationBatchSize { get; set; } = 128;
+
+    /// <summary>
+    /// Gets or sets whether a BatchNorm that directly follows a quantized Conv2d or Linear in a Sequential is folded
+    /// into its weights (the BatchNorm becomes an Identity).
+    /// </summary>
+    /// <value>The default is <see langword="true"/>.</value>
+    public bool FoldBatchNorm { get; set; } = true;
+
+    /// <summary>Gets or sets whether a ReLU that directly follows a quantized layer in a Sequential is applied by the kernel (the ReLU becomes an Identity).</summary>
+    /// <value>The default is <see langword="true"/>.</value>
+    public bool FuseRelu { get; set; } = true;
+
+    /// <summary>Gets or sets the sensitivity-driven fallback: keep the most sensitive layers in float until the accuracy on calibration data is close enough.</summary>
+    /// <value>The default is <see langword="null"/> (every selected layer is quantized).</value>
+    public QuantizationFallback? Fallback { get; set; }
+
+    internal int Bits => Mode == QuantizationMode.WeightOnlyInt4 ? 4 : 8;
+
+    internal bool IsInteger => Mode is QuantizationMode.DynamicInt8 or QuantizationMode.StaticInt8 or QuantizationMode.WeightOnlyInt8 or QuantizationMode.WeightOnlyInt4;
+
+    internal QuantizationGranularity EffectiveGranularity =>
+        WeightGranularity ?? (Bits == 4 ? QuantizationGranularity.PerGroup(64) : QuantizationGranularity.PerChannel);
+
+    /// <inheritdoc/>
+    public IReadOnlyList<string> Validate()
+    {
+        const string Owner = nameof(PostTrainingQuantizationOptions);
+        var errors = new List<string>();
+        if (!Enum.IsDefined(Mode))
+        {
+            errors.Add($"{Owner}.{nameof(Mode)} is not a known mode (was {(int)Mode}).");
+        }
+
+        if (!Enum.IsDefined(DynamicActivations))
+        {
+            errors.Add($"{Owner}.{nameof(DynamicActivations)} is not a known granularity (was {(int)DynamicActivations}).");
+        }
+
+        if (WeightGranularity is PerGroupGranularity group && (group.Size <= 0 || group.Size % 8 != 0))
+        {
+            errors.Add($"{Owner}.{nameof(WeightGranularity)}: the group size must be a positive multiple of 8 (was {group.Size}).");
+        }
+
+        if (Mode == QuantizationMode.WeightOnlyInt4 && WeightGranularity is not (null or PerGroupGranularity))
+        {
+            errors.Add($"{Owner}.{nameof(WeightGranularity)}: 4-bit weights need per-group scales (was {WeightGranularity}); 15 levels per channel lose too much.");
+        }
+
+        if (Mode is QuantizationMode.DynamicInt8 or QuantizationMode.StaticInt8 && WeightGranularity is PerGroupGranularity)
+        {
+            errors.Add($"{Owner}.{nameof(WeightGranularity)}: per-group scales are for the weight-only modes; {Mode} uses per-tensor or per-channel weights.");
+        }
+
+        if (Observer is null)
+        {
+            errors.Add($"{Owner}.{nameof(Observer)} is required.");
+        }
+        else
+        {
+            errors.AddRange(Observer.Validate().Select(e => $"{Owner}.{nameof(Observer)}: {e}"));
+        }
+
+        if (CalibrationBatches < 1)
+        {
+            errors.Add($"{Owner}.{nameof(CalibrationBatches)} must be at least 1 (was {CalibrationBatches}).");
+        }
+
+        if (CalibrationBatchSize < 1)
+        {
+            errors.Add($"{Owner}.{nameof(CalibrationBatchSize)} must be at least 1 (was {CalibrationBatchSize}).");
+        }
+
+        OptionsValidationException.AddNested(errors, Owner, nameof(Layers), Layers?.Validate());
+        if (Fallback is not null)
+        {
+            OptionsValidationException.AddNested(errors, Owner, nameof(Fallback), Fallback.Validate());
+        }
+
+        return errors;
+    }
+
+    internal PostTrainingQuantizationOptions Clone() => new()
+    {
+        Mode = Mode,
+        Layers = Layers.Copy(),
+        WeightGranularity = WeightGranularity,
+        DynamicActivations = DynamicActivations,
+        Observer = Observer,
+        SymmetricActivations = SymmetricActivations,
+        CalibrationBatches = CalibrationBatches,
+        CalibrationBatchSize = CalibrationBatchSize,
+        FoldBatchNorm = FoldBatchNorm,
+        FuseRelu = FuseRelu,
+        Fallback = Fallback is null ? null : new QuantizationFallback { MaxAccuracyDrop = Fallback.MaxAccuracyDrop, MaxFloatLayers = Fallback.MaxFloatLayers },
+    };
+}
+
+/// <summary>
+/// Sensitivity-driven fallback: after quantizing, the step measures the metric on calibration data and, while it
+/// has dropped by more than <see cref="MaxAccuracyDrop"/>, returns the quantized layer with the lowest SQNR to float.
+/// </summary>
+public sealed class QuantizationFallback
+{
+    /// <summary>Gets or sets the largest drop of the evaluator's metric on calibration data accepted before layers return to float.</summary>
+    /// <value>The default is 0.003 (0.3 points of accuracy); 0 to 1.</value>
+    public double MaxAccuracyDrop { get; set; } = 0.003;
+
+    /// <summary>Gets or sets the most layers that may return to float.</summary>
+    /// <value>The default is <see langword="null"/>: as many as needed.</value>
+    public int? MaxFloatLayers { get; set; }
+
+    /// <summary>Lists invalid settings.</summary>
+    /// <returns>One message per invalid setting.</returns>
+    public IReadOnlyList<string> Validate()
+    {
+        var errors = new List<string>();
+        if (!(MaxAccuracyDrop is >= 0 and <= 1))
+        {
+            errors.Add($"{nameof(MaxAccuracyDrop)} must be in [0, 1] (was {MaxAccuracyDrop}).");
+        }
+
+        if (MaxFloatLayers is < 1)
+        {
+            errors.Add($"{nameof(MaxFloatLayers)} must be at least 1 (was {MaxFloatLayers}).");
+        }
+
+        return errors;
+    }
+}

@@ -1,0 +1,530 @@
+using System.Runtime.InteropServices;
+using Microsoft.Extensions.Logging;
+using ModelCompression.Data;
+using ModelCompression.Metrics;
+using ModelCompression.Modules;
+using ModelCompression.Quantization.Kernels;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Quantization;
+
+/// <summary>
+/// Post-training quantization: replaces the selected Linear and Conv2d layers with <see cref="QuantizedLinear"/> /
+/// <see cref="QuantizedConv2d"/> layers holding int8 or int4 weights and running on the library's integer kernel —
+/// dynamic (activations ranged per call), static (ranges calibrated by an observer; BatchNorm folded, ReLU fused)
+/// or weight-only — or converts them to float16/bfloat16. Measures each layer's SQNR and, with
+/// <see cref="PostTrainingQuantizationOptions.Fallback"/>, keeps the most sensitive layers in float.
+/// </summary>
+public sealed class PostTrainingQuantizationStep : ICompressionStep
+{
+    /// <summary>The base name of the step in reports.</summary>
+    public const string StepName = "PostTrainingQuantization";
+
+    private readonly PostTrainingQuantizationOptions _options;
+
+    /// <summary>Initializes a new instance of the <see cref="PostTrainingQuantizationStep"/> class.</summary>
+    /// <param name="options">The options; copied.</param>
+    /// <exception cref="OptionsValidationException">The options are invalid (every error listed).</exception>
+    public PostTrainingQuantizationStep(PostTrainingQuantizationOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        OptionsValidationException.ThrowIfInvalid(typeof(PostTrainingQuantizationOptions), options.Validate());
+        _options = options.Clone();
+    }
+
+    /// <inheritdoc/>
+    public string Name => _options.Mode switch
+    {
+        QuantizationMode.DynamicInt8 => $"{StepName}(dynamic int8)",
+        QuantizationMode.StaticInt8 => $"{StepName}(static int8, {_options.Observer})",
+        QuantizationMode.WeightOnlyInt8 => $"{StepName}(weight-only int8, {_options.EffectiveGranularity})",
+        QuantizationMode.WeightOnlyInt4 => $"{StepName}(weight-only int4, {_options.EffectiveGranularity})",
+        QuantizationMode.Float16 => $"{StepName}(fp16)",
+        _ => $"{StepName}(bf16)",
+    };
+
+    /// <inheritdoc/>
+    /// <exception cref="ArgumentException">
+    /// The selection names an unknown layer or selects none; a selected layer's weight or bias, or a calibration
+    /// activation, is NaN or infinite (the message names the layer). Nothing has changed.
+    /// </exception>
+    /// <exception cref="InvalidOperationException">Static quantization found no calibration data.</exception>
+    public nn.Module<Tensor, Tensor> Apply(nn.Module<Tensor, Tensor> model, CompressionContext context)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(context);
+        if (!_options.IsInteger)
+        {
+            var format = _options.Mode == QuantizationMode.Float16 ? HalfPrecisionFormat.Float16 : HalfPrecisionFormat.BFloat16;
+            return new HalfPrecisionStep(new HalfPrecisionOptions { Format = format, Layers = _options.Layers }).Apply(model, context);
+        }
+
+        var (targets, leftInFloat) = SelectTargets(model);
+        if (targets.Count == 0)
+        {
+            if (_options.Layers.Include.Count > 0)
+            {
+                throw new ArgumentException($"The layer selection ({_options.Layers}) selects no layer that can be quantized: {string.Join(", ", leftInFloat)}.", nameof(model));
+            }
+
+            context.AddNote($"no layer to quantize ({_options.Layers}){(leftInFloat.Count > 0 ? $"; left in float: {string.Join(", ", leftInFloat)}" : string.Empty)}");
+            return model;
+        }
+
+        // Every check that can fail runs before the first change.
+        foreach (var target in targets)
+        {
+            ThrowIfNotFinite(target);
+        }
+
+        using var scope = NewDisposeScope();
+        var structure = _options.FoldBatchNorm || _options.FuseRelu ? FollowingLayers(model, targets) : [];
+        var calibration = Calibrate(model, targets, context);
+        try
+        {
+            return Convert(model, targets, leftInFloat, structure, calibration, context);
+        }
+        finally
+        {
+            foreach (var input in calibration.Inputs.Values)
+            {
+                input.Dispose();
+            }
+        }
+    }
+
+    private nn.Module<Tensor, Tensor> Convert(
+        nn.Module<Tensor, Tensor> model,
+        List<Target> targets,
+        List<string> leftInFloat,
+        Dictionary<string, Following> structure,
+        Calibration calibration,
+        CompressionContext context)
+    {
+        nn.Module<Tensor, Tensor> root = model;
+        using (no_grad())
+        {
+            if (_options.FoldBatchNorm)
+            {
+                foreach (var target in targets)
+                {
+                    if (structure.TryGetValue(target.Name, out var next) && next.BatchNorm is { } bn)
+                    {
+                        var batchNorm = ModuleTree.GetSubmodule(root, bn);
+                        FoldBatchNorm(target.Module, batchNorm);
+                        root = ModuleTree.Replace(root, bn, nn.Identity());
+                        batchNorm.Dispose();
+                    }
+                }
+            }
+
+            var quantized = new List<(Target Target, nn.Module<Tensor, Tensor> Layer, IQuantizedLayer Info)>();
+            foreach (var target in targets)
+            {
+                context.CancellationToken.ThrowIfCancellationRequested();
+                bool relu = _options.FuseRelu && structure.TryGetValue(target.Name, out var next) && next.Relu is not null;
+                var settings = Activations(calibration.Ranges.GetValueOrDefault(target.Name));
+                var layer = Quantize(target.Module, settings, relu);
+                var info = (IQuantizedLayer)layer;
+                double sqnr = calibration.Inputs.TryGetValue(target.Name, out var input) ? Sqnr(target.Module, layer, input, relu) : double.NaN;
+                SetSqnr(layer, double.IsNaN(sqnr) ? null : sqnr);
+                quantized.Add((target, layer, info));
+                context.Logger.LogDebug("Quantized {Layer}: {Kind}, SQNR {Sqnr:0.0} dB", target.Name, layer, sqnr);
+            }
+
+            var baselineMetric = _options.Fallback is null ? null : (double?)Evaluate(root, context);
+            foreach (var (target, layer, _) in quantized)
+            {
+                root = ModuleTree.Replace(root, target.Name, layer);
+            }
+
+            var restored = _options.Fallback is { } fallback ? FallBack(ref root, quantized, baselineMetric!.Value, fallback, context) : [];
+
+            // A fused ReLU's own module is now redundant: the kernel clamps.
+            foreach (var (target, layer, info) in quantized)
+            {
+                if (!restored.Contains(target.Name) && info.FusedRelu && structure[target.Name].Relu is { } reluName)
+                {
+                    var reluModule = ModuleTree.GetSubmodule(root, reluName);
+                    root = ModuleTree.Replace(root, reluName, nn.Identity());
+                    reluModule.Dispose();
+                }
+            }
+
+            foreach (var (target, layer, _) in quantized)
+            {
+                if (restored.Contains(target.Name))
+                {
+                    layer.Dispose();
+                }
+                else
+                {
+                    target.Module.Dispose();
+                }
+            }
+
+            var kept = quantized.Where(q => !restored.Contains(q.Target.Name)).ToList();
+            context.AddNote(
+                $"{kept.Count} layer(s) quantized on the {Int8Kernel.BestPath} kernel path " +
+                $"({string.Join(", ", kept.Select(q => $"{q.Target.Name} {(q.Info.SqnrDb is { } s ? $"{s:0.0} dB" : "int")}"))})");
+            if (restored.Count > 0)
+            {
+                context.AddNote($"kept in float by the fallback: {string.Join(", ", restored)}");
+            }
+
+            if (leftInFloat.Count > 0)
+            {
+                context.AddNote($"left in float (unsupported): {string.Join(", ", leftInFloat)}");
+            }
+        }
+
+        return root;
+    }
+
+    private sealed record Target(string Name, nn.Module<Tensor, Tensor> Module);
+
+    private sealed record Following(string? BatchNorm, string? Relu);
+
+    private sealed record Calibration(Dictionary<string, (float Min, float Max)> Ranges, Dictionary<string, Tensor> Inputs);
+
+    private (List<Target> Targets, List<string> LeftInFloat) SelectTargets(nn.Module<Tensor, Tensor> model)
+    {
+        _options.Layers.ThrowIfUnknownNames(model);
+        var targets = new List<Target>();
+        var left = new List<string>();
+        foreach (var (name, module) in _options.Layers.Select(model))
+        {
+            if (ModuleTree.HasAncestor<ICompressedLayer>(model, name) || module is ICompressedLayer)
+            {
+                continue;
+            }
+
+            string? why = module switch
+            {
+                Linear => null,
+                Conv2d conv => QuantizedConv2d.WhyUnsupported(conv),
+                _ => $"{module.GetType().Name} has no quantized kernel",
+            };
+            why ??= ModuleTree.WhyCannotReplace(model, name, typeof(QuantizedLinear));
+            if (why is null)
+            {
+                targets.Add(new Target(name, (nn.Module<Tensor, Tensor>)module));
+            }
+            else
+            {
+                left.Add($"{name} ({why})");
+            }
+        }
+
+        return (targets, left);
+    }
+
+    private static void ThrowIfNotFinite(Target target)
+    {
+        using var scope = NewDisposeScope();
+        foreach (var (name, parameter) in target.Module.named_parameters())
+        {
+            if (!isfinite(parameter).all().item<bool>())
+            {
+                throw new ArgumentException($"Layer '{target.Name}' has NaN or infinite values in its {name}; nothing was quantized.", "model");
+            }
+        }
+    }
+
+    /// <summary>For each target directly inside a Sequential: the BatchNorm and ReLU that follow it there.</summary>
+    private static Dictionary<string, Following> FollowingLayers(nn.Module<Tensor, Tensor> model, IReadOnlyList<Target> targets)
+    {
+        var result = new Dictionary<string, Following>(StringComparer.Ordinal);
+        var containers = new List<(string Prefix, nn.Module Module)> { (string.Empty, model) };
+        containers.AddRange(model.named_modules().Select(m => ($"{m.name}.", m.module)));
+        var wanted = targets.ToDictionary(t => t.Name, t => t.Module, StringComparer.Ordinal);
+        foreach (var (prefix, container) in containers)
+        {
+            if (container is not Sequential)
+            {
+                continue;
+            }
+
+            var children = container.named_children().Select(c => (Name: prefix + c.name, c.module)).ToList();
+            for (int i = 0; i < children.Count; i++)
+            {
+                if (!wanted.TryGetValue(children[i].Name, out var layer))
+                {
+                    continue;
+                }
+
+                string? bn = null, relu = null;
+                int j = i + 1;
+                if (j < children.Count && IsMatchingBatchNorm(layer, children[j].module))
+                {
+                    bn = children[j].Name;
+                    j++;
+                }
+
+                if (j < children.Count && children[j].module is ReLU)
+                {
+                    relu = children[j].Name;
+                }
+
+                result[children[i].Name] = new Following(bn, relu);
+            }
+        }
+
+        return result;
+    }
+
+    private static bool IsMatchingBatchNorm(nn.Module layer, nn.Module next) => (layer, next) switch
+    {
+        (Conv2d conv, BatchNorm2d bn) => bn.running_mean is not null && bn.running_mean.shape[0] == conv.out_channels,
+        (Linear linear, BatchNorm1d bn) => bn.running_mean is not null && bn.running_mean.shape[0] == linear.out_features,
+        _ => false,
+    };
+
+    /// <summary>w' = w · γ/√(σ²+ε) per output channel; b' = (b − μ) · γ/√(σ²+ε) + β. Eval-mode BatchNorm, exactly.</summary>
+    internal static void FoldBatchNorm(nn.Module<Tensor, Tensor> layer, nn.Module batchNorm)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var (mean, variance, gamma, beta, eps) = batchNorm switch
+        {
+            BatchNorm2d b => (b.running_mean!, b.running_var!, b.weight, b.bias, b.eps),
+            BatchNorm1d b => (b.running_mean!, b.running_var!, b.weight, b.bias, b.eps),
+            _ => throw new ArgumentException($"Cannot fold a {batchNorm.GetType().Name}.", nameof(batchNorm)),
+        };
+
+        var weight = layer switch
+        {
+            Conv2d c => c.weight!,
+            Linear l => l.weight!,
+            _ => throw new ArgumentException($"Cannot fold a BatchNorm into a {layer.GetType().Name}.", nameof(layer)),
+        };
+        var bias = layer is Conv2d cb ? cb.bias : ((Linear)layer).bias;
+        var factor = (gamma is null ? ones_like(variance) : gamma.detach()) / (variance + eps).sqrt();
+        var shape = new long[weight.dim()];
+        Array.Fill(shape, 1L);
+        shape[0] = -1;
+        var newWeight = weight.detach() * factor.reshape(shape).to(weight.dtype);
+        var oldBias = bias is null ? zeros_like(mean) : bias.detach();
+        var newBias = ((oldBias - mean) * factor) + (beta is null ? zeros_like(mean) : beta.detach());
+        weight.copy_(newWeight);
+        if (bias is not null)
+        {
+            bias.copy_(newBias);
+        }
+        else if (layer is Conv2d conv)
+        {
+            conv.bias = new Parameter(newBias.to(weight.dtype).DetachFromDisposeScope(), requires_grad: false);
+        }
+        else
+        {
+            ((Linear)layer).bias = new Parameter(newBias.to(weight.dtype).DetachFromDisposeScope(), requires_grad: false);
+        }
+    }
+
+    /// <summary>
+    /// Static mode: observes each target's input over the calibration batches (and keeps the first batch's input for
+    /// the SQNR). Other modes: keeps one batch's input per target for the SQNR only.
+    /// </summary>
+    private Calibration Calibrate(nn.Module<Tensor, Tensor> model, IReadOnlyList<Target> targets, CompressionContext context)
+    {
+        bool isStatic = _options.Mode == QuantizationMode.StaticInt8;
+        var data = context.CalibrationData;
+        if (data.Count == 0)
+        {
+            if (isStatic)
+            {
+                throw new InvalidOperationException($"Step '{Name}' needs calibration data, and the calibration data is empty.");
+            }
+
+            return new Calibration([], []);
+        }
+
+        var observers = targets.ToDictionary(t => t.Name, _ => _options.Observer.Create(), StringComparer.Ordinal);
+        var inputs = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        var removers = new List<Action>();
+        int batches = isStatic ? _options.CalibrationBatches : 1;
+        bool wasTraining = model.training;
+        string? failed = null;
+        try
+        {
+            foreach (var target in targets)
+            {
+                string name = target.Name;
+                var remover = target.Module.register_forward_hook((m, x, y) =>
+                {
+                    var values = x.detach().to(ScalarType.Float32).cpu().contiguous();
+                    if (!isfinite(values).all().item<bool>())
+                    {
+                        failed ??= name;
+                        return y;
+                    }
+
+                    if (!inputs.ContainsKey(name))
+                    {
+                        inputs[name] = values.clone().DetachFromDisposeScope();
+                    }
+
+                    if (isStatic)
+                    {
+                        observers[name].Observe(MemoryMarshal.Cast<byte, float>(values.bytes));
+                    }
+
+                    return y;
+                });
+                removers.Add(remover.remove);
+            }
+
+            model.eval();
+            int seen = 0;
+            using var noGrad = no_grad();
+            foreach (var (input, _) in data.ScopedBatches(_options.CalibrationBatchSize, shuffle: true, seed: context.StepSeed))
+            {
+                if (seen++ == batches)
+                {
+                    break;
+                }
+
+                context.CancellationToken.ThrowIfCancellationRequested();
+                context.ReportProgress(CompressionPhase.Applying, 0.5 * seen / batches);
+                model.call(input.to(context.Device));
+                if (failed is not null)
+                {
+                    throw new ArgumentException($"Layer '{failed}' received NaN or infinite activations during calibration; nothing was quantized.", "model");
+                }
+            }
+        }
+        catch
+        {
+            foreach (var t in inputs.Values)
+            {
+                t.Dispose();
+            }
+
+            throw;
+        }
+        finally
+        {
+            foreach (var remove in removers)
+            {
+                remove();
+            }
+
+            model.train(wasTraining);
+        }
+
+        var ranges = new Dictionary<string, (float, float)>(StringComparer.Ordinal);
+        if (isStatic)
+        {
+            foreach (var target in targets)
+            {
+                if (!inputs.ContainsKey(target.Name))
+                {
+                    throw new InvalidOperationException($"Layer '{target.Name}' was never called during calibration, so its activation range is unknown. Is it called through call()?");
+                }
+
+                ranges[target.Name] = observers[target.Name].ComputeRange(_options.SymmetricActivations);
+            }
+        }
+
+        return new Calibration(ranges, inputs);
+    }
+
+    private ActivationSettings Activations((float Min, float Max) range) => _options.Mode switch
+    {
+        QuantizationMode.StaticInt8 => StaticSettings(range),
+        QuantizationMode.DynamicInt8 => new ActivationSettings(
+            _options.DynamicActivations == DynamicActivationGranularity.PerTensor ? ActivationMode.PerTensor : ActivationMode.PerRow, 0, 0, _options.SymmetricActivations),
+        _ => new ActivationSettings(_options.EffectiveGranularity is PerGroupGranularity ? ActivationMode.PerBlock : ActivationMode.PerRow, 0, 0, _options.SymmetricActivations),
+    };
+
+    private ActivationSettings StaticSettings((float Min, float Max) range)
+    {
+        var (scale, zero) = QuantizedActivations.Range(range.Min, range.Max, _options.SymmetricActivations);
+        return new ActivationSettings(ActivationMode.Static, scale, zero, _options.SymmetricActivations);
+    }
+
+    private nn.Module<Tensor, Tensor> Quantize(nn.Module<Tensor, Tensor> module, ActivationSettings settings, bool relu) => module switch
+    {
+        Linear linear => QuantizedLinear.Create(linear, _options.Bits, _options.EffectiveGranularity, settings, relu, _options.Mode),
+        Conv2d conv => QuantizedConv2d.Create(conv, _options.Bits, _options.EffectiveGranularity, settings, relu, _options.Mode),
+        _ => throw new ArgumentException($"Cannot quantize a {module.GetType().Name}.", nameof(module)),
+    };
+
+    private static void SetSqnr(nn.Module layer, double? sqnr)
+    {
+        switch (layer)
+        {
+            case QuantizedLinear l:
+                l.SqnrDb = sqnr;
+                break;
+            case QuantizedConv2d c:
+                c.SqnrDb = sqnr;
+                break;
+        }
+    }
+
+    /// <summary>10·log10(Σ y² / Σ (y − ŷ)²) of the layer's float output y against the quantized ŷ on one batch.</summary>
+    internal static double Sqnr(nn.Module<Tensor, Tensor> floatLayer, nn.Module<Tensor, Tensor> quantized, Tensor input, bool relu)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var reference = floatLayer.call(input.to(ModelDevice(floatLayer))).to(ScalarType.Float32).cpu();
+        if (relu)
+        {
+            reference = nn.functional.relu(reference);
+        }
+
+        var output = quantized.call(input).to(ScalarType.Float32).cpu();
+        double signal = reference.square().sum().item<float>();
+        double noise = (reference - output).square().sum().item<float>();
+        return noise == 0 ? double.PositiveInfinity : 10 * Math.Log10(signal / noise);
+    }
+
+    private static Device ModelDevice(nn.Module module) =>
+        module.parameters().FirstOrDefault()?.device ?? CPU;
+
+    private static double Evaluate(nn.Module<Tensor, Tensor> model, CompressionContext context)
+    {
+        var result = context.Evaluator.Evaluate(model, context.CalibrationData, context.CancellationToken);
+        return result.Value * (context.Evaluator.HigherIsBetter ? 1 : -1);
+    }
+
+    /// <summary>Returns the lowest-SQNR quantized layers to float while the calibration metric has dropped too far.</summary>
+    private static HashSet<string> FallBack(
+        ref nn.Module<Tensor, Tensor> root,
+        IReadOnlyList<(Target Target, nn.Module<Tensor, Tensor> Layer, IQuantizedLayer Info)> quantized,
+        double baseline,
+        QuantizationFallback fallback,
+        CompressionContext context)
+    {
+        var restored = new HashSet<string>(StringComparer.Ordinal);
+        var order = quantized.OrderBy(q => q.Info.SqnrDb ?? double.PositiveInfinity).ToList();
+        int limit = fallback.MaxFloatLayers ?? order.Count;
+        double current = Evaluate(root, context);
+        foreach (var (target, _, info) in order)
+        {
+            if (baseline - current <= fallback.MaxAccuracyDrop || restored.Count >= limit)
+            {
+                break;
+            }
+
+            context.CancellationToken.ThrowIfCancellationRequested();
+            root = ModuleTree.Replace(root, target.Name, target.Module);
+            restored.Add(target.Name);
+            double before = current;
+            current = Evaluate(root, context);
+            context.Logger.LogInformation(
+                "Fallback: {Layer} (SQNR {Sqnr:0.0} dB) back to float; calibration {Metric} {Before:0.####} → {After:0.####} (float {Baseline:0.####})",
+                target.Name, info.SqnrDb, context.Evaluator.MetricName, before, current, baseline);
+        }
+
+        if (baseline - current > fallback.MaxAccuracyDrop)
+        {
+            context.AddNote($"the fallback could not bring the calibration {context.Evaluator.MetricName} within {fallback.MaxAccuracyDrop:0.####} of float ({current:0.####} vs {baseline:0.####})");
+        }
+
+        return restored;
+    }
+}

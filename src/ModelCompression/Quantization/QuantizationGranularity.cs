@@ -1,0 +1,89 @@
+namespace ModelCompression.Quantization;
+
+/// <summary>
+/// How many weights share one scale: the whole tensor, each output channel, or each group of consecutive inputs of
+/// an output channel. Use <see cref="PerTensor"/>, <see cref="PerChannel"/> or <see cref="PerGroup"/>.
+/// </summary>
+public abstract class QuantizationGranularity
+{
+    private protected QuantizationGranularity()
+    {
+    }
+
+    /// <summary>Gets one scale for the whole weight tensor.</summary>
+    public static QuantizationGranularity PerTensor { get; } = new PerTensorGranularity();
+
+    /// <summary>Gets one scale per output channel (row of a Linear weight, filter of a convolution).</summary>
+    public static QuantizationGranularity PerChannel { get; } = new PerChannelGranularity();
+
+    /// <summary>One scale per output channel and group of <paramref name="size"/> consecutive inputs.</summary>
+    /// <param name="size">The inputs per group: a positive multiple of 8.</param>
+    /// <returns>The granularity (validated by the options that use it).</returns>
+    public static QuantizationGranularity PerGroup(int size) => new PerGroupGranularity(size);
+}
+
+/// <summary>One scale for the whole tensor.</summary>
+public sealed class PerTensorGranularity : QuantizationGranularity
+{
+    internal PerTensorGranularity()
+    {
+    }
+
+    /// <inheritdoc/>
+    public override string ToString() => "per-tensor";
+}
+
+/// <summary>One scale per output channel.</summary>
+public sealed class PerChannelGranularity : QuantizationGranularity
+{
+    internal PerChannelGranularity()
+    {
+    }
+
+    /// <inheritdoc/>
+    public override string ToString() => "per-channel";
+}
+
+/// <summary>One scale per output channel and group of consecutive inputs.</summary>
+public sealed class PerGroupGranularity : QuantizationGranularity
+{
+    internal PerGroupGranularity(int size) => Size = size;
+
+    /// <summary>Gets the inputs per group.</summary>
+    public int Size { get; }
+
+    /// <inheritdoc/>
+    public override string ToString() => $"per-group({Size})";
+}
+
+/// <summary>How dynamic quantization ranges its activations at run time.</summary>
+public enum DynamicActivationGranularity
+{
+    /// <summary>One range for the whole batch of each call.</summary>
+    PerTensor,
+
+    /// <summary>One range per row (sample, or output pixel of a convolution): more accurate, a little slower.</summary>
+    PerRow,
+}
+
+/// <summary>What <see cref="PostTrainingQuantizationStep"/> produces.</summary>
+public enum QuantizationMode
+{
+    /// <summary>int8 weights; activations quantized at run time from each call's range (no calibration).</summary>
+    DynamicInt8,
+
+    /// <summary>int8 weights and activations, activation ranges fixed from calibration data by an observer; BatchNorm folded, ReLU fused.</summary>
+    StaticInt8,
+
+    /// <summary>int8 weights per channel or group; no calibration, the kernel quantizes each row's activations per weight group.</summary>
+    WeightOnlyInt8,
+
+    /// <summary>int4 weights in groups (two per byte); no calibration, the kernel quantizes each row's activations per weight group.</summary>
+    WeightOnlyInt4,
+
+    /// <summary>IEEE float16 weights (see <see cref="HalfPrecisionLayer"/>).</summary>
+    Float16,
+
+    /// <summary>bfloat16 weights (see <see cref="HalfPrecisionLayer"/>).</summary>
+    BFloat16,
+}

@@ -1,0 +1,134 @@
+using ModelCompression.Metrics;
+using ModelCompression.Quantization.Kernels;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Quantization;
+
+/// <summary>
+/// A Conv2d layer (groups = 1, zero padding) with int8 weights, run as im2col + the library's integer kernel
+/// (<see cref="Int8Kernel"/>). Like <see cref="QuantizedLinear"/>, its input is quantized statically (calibrated
+/// range), dynamically, or per weight group; a BatchNorm that followed it may be folded in, and a ReLU fused.
+/// </summary>
+public sealed class QuantizedConv2d : nn.Module<Tensor, Tensor>, ICompressedLayer, IQuantizedLayer
+{
+    private readonly Tensor weight;
+    private readonly Tensor weight_scale;
+    private readonly Tensor? bias;
+    private readonly Tensor? input_scale;
+    private readonly Tensor? input_zero_point;
+    private readonly QuantizedMatrix matrix;
+    private readonly ActivationSettings activations;
+    private readonly long[] kernelSize;
+    private readonly long[] stride;
+    private readonly long[] padding;
+    private readonly long[] dilation;
+
+    internal QuantizedConv2d(Conv2d conv, QuantizedMatrix matrix, ActivationSettings activations, bool fusedRelu, QuantizationMode mode)
+        : base(nameof(QuantizedConv2d))
+    {
+        this.matrix = matrix;
+        this.activations = activations;
+        kernelSize = [conv.kernel_size[0], conv.kernel_size[1]];
+        stride = [conv.stride[0], conv.stride[1]];
+        padding = [conv.padding![0], conv.padding![1]];
+        dilation = [conv.dilation[0], conv.dilation[1]];
+        InChannels = conv.in_channels;
+        FusedRelu = fusedRelu;
+        Mode = mode;
+        (weight, weight_scale, bias, input_scale, input_zero_point) =
+            QuantizedTensors.Create(matrix, activations, [matrix.N, InChannels, kernelSize[0], kernelSize[1]]);
+        RegisterComponents();
+    }
+
+    /// <summary>Gets the input channels.</summary>
+    public long InChannels { get; }
+
+    /// <summary>Gets the output channels.</summary>
+    public long OutChannels => matrix.N;
+
+    /// <inheritdoc/>
+    public QuantizationMode Mode { get; }
+
+    /// <inheritdoc/>
+    public QuantizationGranularity WeightGranularity => matrix.Granularity;
+
+    /// <inheritdoc/>
+    public bool FusedRelu { get; }
+
+    /// <inheritdoc/>
+    public double? SqnrDb { get; internal set; }
+
+    /// <summary>Gets or sets the kernel path. The default is <see cref="Int8Kernel.BestPath"/>.</summary>
+    public Int8KernelPath KernelPath { get; set; } = Int8Kernel.BestPath;
+
+    /// <inheritdoc/>
+    public int WeightBits => matrix.Bits;
+
+    /// <inheritdoc/>
+    public int? Rank => null;
+
+    /// <inheritdoc/>
+    public long ParameterCount => ((long)matrix.N * matrix.K) + (matrix.Bias?.Length ?? 0);
+
+    /// <inheritdoc/>
+    public long NonzeroParameterCount => matrix.Q.LongCount(v => v != 0) + (matrix.Bias?.LongCount(v => v != 0) ?? 0);
+
+    /// <inheritdoc/>
+    public long CountMacs(Tensor input, Tensor output) => output.numel() * matrix.K;
+
+    /// <summary>Gets why a convolution cannot be quantized by this layer, or <see langword="null"/> when it can.</summary>
+    /// <param name="conv">The layer.</param>
+    /// <returns>The reason, or <see langword="null"/>.</returns>
+    public static string? WhyUnsupported(Conv2d conv)
+    {
+        ArgumentNullException.ThrowIfNull(conv);
+        return conv.groups != 1 ? $"groups = {conv.groups} (grouped and depthwise convolutions stay in float)"
+            : conv.padding_type is not null ? "string padding ('same'/'valid')"
+            : conv.padding_mode != PaddingModes.Zeros ? $"padding mode {conv.padding_mode}"
+            : null;
+    }
+
+    internal static QuantizedConv2d Create(Conv2d conv, int bits, QuantizationGranularity granularity, ActivationSettings activations, bool fusedRelu, QuantizationMode mode)
+    {
+        if (WhyUnsupported(conv) is { } why)
+        {
+            throw new ArgumentException($"This Conv2d cannot be quantized: {why}.", nameof(conv));
+        }
+
+        var matrix = QuantizedTensors.QuantizeWeight(conv.weight!, conv.bias, bits, granularity, "Conv2d");
+        return new QuantizedConv2d(conv, matrix, activations, fusedRelu, mode);
+    }
+
+    /// <summary>Returns the float weight [out, in, kh, kw] that the stored integers and scales stand for.</summary>
+    /// <returns>A new tensor the caller owns.</returns>
+    public Tensor DequantizedWeight() => tensor(matrix.Dequantize(), [matrix.N, InChannels, kernelSize[0], kernelSize[1]]);
+
+    /// <inheritdoc/>
+    public override Tensor forward(Tensor input)
+    {
+        ArgumentNullException.ThrowIfNull(input);
+        if (input.dim() != 4 || input.shape[1] != InChannels)
+        {
+            throw new ArgumentException($"QuantizedConv2d expects [batch, {InChannels}, height, width] inputs; got [{string.Join(", ", input.shape)}].", nameof(input));
+        }
+
+        using var scope = NewDisposeScope();
+        long batch = input.shape[0];
+        long outH = ((input.shape[2] + (2 * padding[0]) - (dilation[0] * (kernelSize[0] - 1)) - 1) / stride[0]) + 1;
+        long outW = ((input.shape[3] + (2 * padding[1]) - (dilation[1] * (kernelSize[1] - 1)) - 1) / stride[1]) + 1;
+        var x = input.detach().to(ScalarType.Float32).cpu();
+
+        // im2col: [batch, C·kh·kw, L] → one row per output pixel, in the weight's (c, kh, kw) order.
+        var columns = nn.functional.unfold(x, (kernelSize[0], kernelSize[1]), (dilation[0], dilation[1]), (padding[0], padding[1]), (stride[0], stride[1]));
+        var rows = columns.transpose(1, 2).reshape(-1, matrix.K).contiguous();
+        var y = matrix.Run(rows, activations, FusedRelu, KernelPath);
+        var output = y.reshape(batch, outH * outW, matrix.N).transpose(1, 2).reshape(batch, matrix.N, outH, outW).contiguous();
+        return output.to(input.dtype).to(input.device).MoveToOuterDisposeScope();
+    }
+
+    /// <inheritdoc/>
+    public override string ToString() =>
+        $"QuantizedConv2d({InChannels}→{matrix.N}, k={kernelSize[0]}x{kernelSize[1]}, {Mode}, int{matrix.Bits} {matrix.Granularity}{(FusedRelu ? ", relu" : string.Empty)})";
+}
