@@ -18,7 +18,8 @@ public sealed record LatencyMeasurement(double Batch1, double Batch64);
 /// <param name="Macs">The multiply-accumulates of one sample through the layer.</param>
 /// <param name="Bits">The bits per stored weight.</param>
 /// <param name="Rank">The rank, for low-rank layers.</param>
-public sealed record LayerMeasurement(string Name, string Type, long Parameters, long NonzeroParameters, long Macs, int Bits, int? Rank);
+/// <param name="SqnrDb">A quantized layer's signal-to-quantization-noise ratio in dB, when measured.</param>
+public sealed record LayerMeasurement(string Name, string Type, long Parameters, long NonzeroParameters, long Macs, int Bits, int? Rank, double? SqnrDb = null);
 
 /// <summary>What the metrics measured of one model.</summary>
 /// <param name="Parameters">The number of parameters.</param>
@@ -295,7 +296,7 @@ public static class ModelMetrics
                 long nonzero = module is ICompressedLayer nz ? nz.NonzeroParameterCount : own.Sum(p => p.count_nonzero().item<long>());
                 int bits = module is ICompressedLayer c ? c.WeightBits : BitsOf(own.FirstOrDefault());
                 int? rank = (module as ICompressedLayer)?.Rank;
-                layers.Add(new LayerMeasurement(name, module.GetType().Name, count, nonzero, macs.GetValueOrDefault(name), bits, rank));
+                layers.Add(new LayerMeasurement(name, module.GetType().Name, count, nonzero, macs.GetValueOrDefault(name), bits, rank, (module as Quantization.IQuantizedLayer)?.SqnrDb));
             }
         }
 

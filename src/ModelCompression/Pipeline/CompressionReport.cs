@@ -101,6 +101,9 @@ public sealed class LayerFigures
 
     /// <summary>Gets or sets the multiply-accumulates per sample.</summary>
     public long Macs { get; set; }
+
+    /// <summary>Gets or sets a quantized layer's signal-to-quantization-noise ratio in dB, measured on calibration data (JSON <c>sqnrDb</c>).</summary>
+    public double? SqnrDb { get; set; }
 }
 
 /// <summary>

@@ -74,7 +74,7 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ICompressedLaye
     public long NonzeroParameterCount => matrix.Q.LongCount(v => v != 0) + (matrix.Bias?.LongCount(v => v != 0) ?? 0);
 
     /// <inheritdoc/>
-    public long CountMacs(Tensor input, Tensor output) => output.numel() / matrix.N * matrix.K;
+    public long CountMacs(Tensor input, Tensor output) => output.numel() * matrix.K;
 
     /// <summary>Quantizes a Linear layer (which is not changed) for dynamic or weight-only use.</summary>
     /// <param name="linear">The layer; its weight must be finite.</param>

@@ -128,6 +128,7 @@ public static unsafe class Int8Kernel
         });
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void RunPanels(in Args args, int start, int end, int rows, Int8KernelPath path)
     {
         for (int p = start; p < end; p++)
@@ -263,6 +264,7 @@ public static unsafe class Int8Kernel
 
     // ---------------------------------------------------------------- scalar reference
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Rows1Scalar(in Args g, int p, int m)
     {
         byte* panel = g.Panel(p);
@@ -357,6 +359,7 @@ public static unsafe class Int8Kernel
         return acc + (((Vector512.ConvertToSingle(sums) * scale) - (Vector512.Create(za) * sum)) * sa);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Rows4Avx512(in Args g, int p, int m)
     {
         byte* panel = g.Panel(p);
@@ -393,6 +396,7 @@ public static unsafe class Int8Kernel
         Finish512(g, p, m + 3, s3, f3);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Rows1Avx512(in Args g, int p, int m)
     {
         byte* panel = g.Panel(p);
@@ -464,6 +468,7 @@ public static unsafe class Int8Kernel
     private static Vector256<float> Epilogue256(Vector256<float> acc, Vector256<int> sums, float sa, float za, Vector256<float> scale, Vector256<float> sum) =>
         acc + (((Vector256.ConvertToSingle(sums) * scale) - (Vector256.Create(za) * sum)) * sa);
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Rows4Avx2(in Args g, int p, int m, bool vnni)
     {
         byte* panel = g.Panel(p);
@@ -526,6 +531,7 @@ public static unsafe class Int8Kernel
         Finish256(g, p, m + 3, s30, s31, f30, f31);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Rows1Avx2(in Args g, int p, int m, bool vnni)
     {
         byte* panel = g.Panel(p);
@@ -587,6 +593,7 @@ public static unsafe class Int8Kernel
         return acc + AdvSimd.Arm64.AddPairwise(low, high);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Rows1AdvSimd(in Args g, int p, int m, bool dot)
     {
         byte* panel = g.Panel(p);

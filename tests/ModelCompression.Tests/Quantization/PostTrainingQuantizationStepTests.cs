@@ -1,0 +1,381 @@
+using ModelCompression.Data;
+using ModelCompression.Metrics;
+using ModelCompression.Modules;
+using ModelCompression.Quantization;
+using ModelCompression.Samples;
+using ModelCompression.Tests.Support;
+using ModelCompression.Training;
+using NUnit.Framework;
+using TorchSharp;
+using TorchSharp.Modules;
+using TensorDataset = ModelCompression.Data.TensorDataset;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Tests.Quantization;
+
+[TestFixture]
+public sealed class PostTrainingQuantizationStepTests
+{
+    private static CompressionContext Context(nn.Module<Tensor, Tensor> original, IBatchSource data, IEvaluator? evaluator = null) =>
+        new(new CompressionData(data, data) { Evaluator = evaluator ?? new AccuracyEvaluator() }, original);
+
+    private static TensorDataset Images(int count, int seed)
+    {
+        using var generator = new Generator((ulong)seed);
+        return new TensorDataset(randn([count, 1, 28, 28], generator: generator), zeros(count, dtype: int64));
+    }
+
+    private static TensorDataset Flat(int count, int seed, int features = 784)
+    {
+        using var generator = new Generator((ulong)seed);
+        return new TensorDataset(randn([count, features], generator: generator), zeros(count, dtype: int64));
+    }
+
+    private static double RelativeError(float[] actual, float[] expected) =>
+        Math.Sqrt(actual.Zip(expected).Sum(p => (p.First - p.Second) * (p.First - p.Second)) / expected.Sum(v => v * v));
+
+    [Test]
+    public void DynamicInt8_QuartersTheSizeAndKeepsOutputsClose()
+    {
+        using var original = ModelZoo.LeNet300100();
+        original.eval();
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = Flat(64, 1);
+        using var input = randn(16, 784);
+        var expected = TestModels.Output(original, input);
+
+        var result = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions()).Apply(model, Context(original, data));
+
+        var quantized = result.named_modules().Where(m => m.module is QuantizedLinear).Select(m => m.name).ToList();
+        Assert.That(quantized, Is.EqualTo(new[] { "fc1", "fc2", "fc3" }));
+        double ratio = (double)ModelMetrics.SizeInBytes(result) / ModelMetrics.SizeInBytes(original);
+        Assert.That(ratio, Is.InRange(0.25, 0.26));
+        Assert.That(result.modules().OfType<ReLU>().Count(), Is.Zero, "both ReLUs are fused into the layers before them");
+        Assert.That(RelativeError(TestModels.Output(result, input), expected), Is.LessThan(0.03));
+        var layers = ModelMetrics.Measure(result, [784]).Layers;
+        Assert.That(layers.Where(l => l.Type == nameof(QuantizedLinear)).Select(l => l.Bits), Is.All.EqualTo(8));
+        Assert.That(layers.Where(l => l.Type == nameof(QuantizedLinear)).Select(l => l.SqnrDb), Is.All.GreaterThan(25.0));
+        Assert.That(ModelMetrics.CountMacs(result, input), Is.EqualTo(ModelMetrics.CountMacs(original, input)));
+    }
+
+    [Test]
+    public void WeightOnlyInt4_PacksTwoWeightsPerByteWithinASeventhOfTheSize()
+    {
+        using var original = ModelZoo.LeNet300100();
+        original.eval();
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = Flat(32, 2);
+        using var input = randn(8, 784);
+        var expected = TestModels.Output(original, input);
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4 };
+
+        var result = new PostTrainingQuantizationStep(options).Apply(model, Context(original, data));
+
+        var fc1 = (QuantizedLinear)ModuleTree.GetSubmodule(result, "fc1");
+        Assert.That(fc1.WeightBits, Is.EqualTo(4));
+        var state = fc1.state_dict();
+        Assert.That(state["weight"].dtype, Is.EqualTo(ScalarType.Byte));
+        Assert.That(state["weight"].shape, Is.EqualTo(new long[] { 300, 392 }));
+        Assert.That(state["weight_scale"].dtype, Is.EqualTo(ScalarType.Float16));
+        Assert.That(state["weight_scale"].shape, Is.EqualTo(new long[] { 300, 13 }));
+        Assert.That(ModelMetrics.SizeInBytes(result) * 7, Is.LessThan(ModelMetrics.SizeInBytes(original)));
+        Assert.That(RelativeError(TestModels.Output(result, input), expected), Is.LessThan(0.2));
+    }
+
+    [Test]
+    public void StaticInt8_FoldsBatchNormFusesReluAndTracksTheFloatModel()
+    {
+        using var original = ModelZoo.Create(ZooModel.SmallResNet, 3);
+        using (var train = Images(64, 3))
+        {
+            // A few steps so the BatchNorm statistics are not the identity.
+            new Trainer(new TrainingOptions { Epochs = 1, BatchSize = 16, LearningRate = 0.01 }).Train(original, train, seed: 3);
+        }
+
+        original.eval();
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = Images(64, 4);
+        using var input = randn(8, 1, 28, 28);
+        var expected = TestModels.Output(original, input);
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.StaticInt8, CalibrationBatches = 2, CalibrationBatchSize = 32 };
+
+        var result = new PostTrainingQuantizationStep(options).Apply(model, Context(original, data));
+
+        var conv1 = (QuantizedConv2d)ModuleTree.GetSubmodule(result, "conv1");
+        Assert.That(conv1.FusedRelu, Is.True);
+        Assert.That(conv1.Mode, Is.EqualTo(QuantizationMode.StaticInt8));
+        Assert.That(ModuleTree.GetSubmodule(result, "bn1"), Is.InstanceOf<Identity>());
+        Assert.That(ModuleTree.GetSubmodule(result, "relu1"), Is.InstanceOf<Identity>());
+        Assert.That(conv1.state_dict().Keys, Is.SupersetOf(new[] { "weight", "weight_scale", "bias", "input_scale", "input_zero_point" }));
+
+        // Inside the custom residual block the structure is unknown: its convs are quantized, its BatchNorms stay.
+        Assert.That(result.named_modules().Where(m => m.module is BatchNorm2d).Select(m => m.name), Is.EquivalentTo(new[] { "block.bn1", "block.bn2" }));
+        Assert.That(result.modules().OfType<Conv2d>(), Is.Empty);
+        Assert.That(RelativeError(TestModels.Output(result, input), expected), Is.LessThan(0.1));
+    }
+
+    [Test]
+    public void FoldBatchNorm_LeavesEvalOutputsUnchanged()
+    {
+        torch.random.manual_seed(5);
+        using var conv = nn.Conv2d(3, 4, 3, padding: 1);
+        using var bn = nn.BatchNorm2d(4);
+        using (no_grad())
+        {
+            bn.running_mean!.copy_(randn(4));
+            bn.running_var!.copy_(rand(4) + 0.5);
+            bn.weight!.copy_(randn(4));
+            bn.bias!.copy_(randn(4));
+        }
+
+        bn.eval();
+        using var x = randn(2, 3, 6, 6);
+        var expected = TestModels.Output(nn.Sequential(conv, bn), x);
+        using var copy = ModuleCloner.DeepClone(conv);
+        PostTrainingQuantizationStep.FoldBatchNorm(copy, bn);
+        var actual = TestModels.Output(copy, x);
+        Assert.That(actual.Zip(expected).Max(p => Math.Abs(p.First - p.Second)), Is.LessThan(1e-5));
+
+        using var noBias = nn.Conv2d(3, 4, 3, bias: false);
+        var expectedNoBias = TestModels.Output(nn.Sequential(noBias, bn), x);
+        PostTrainingQuantizationStep.FoldBatchNorm(noBias, bn);
+        Assert.That(TestModels.Output(noBias, x).Zip(expectedNoBias).Max(p => Math.Abs(p.First - p.Second)), Is.LessThan(1e-5));
+    }
+
+    [Test]
+    public void UnsupportedLayers_StayInFloatAndAreListed()
+    {
+        torch.random.manual_seed(6);
+        using var original = nn.Sequential(
+            ("conv", nn.Conv2d(1, 4, 3, padding: 1)),
+            ("depthwise", nn.Conv2d(4, 4, 3, padding: 1, groups: 4)),
+            ("pool", nn.AdaptiveAvgPool2d(1)),
+            ("flat", nn.Flatten()),
+            ("fc", nn.Linear(4, 3)));
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = new TensorDataset(randn(8, 1, 5, 5), zeros(8, dtype: int64));
+        var options = new PostTrainingQuantizationOptions { Layers = LayerSelection.Named("depthwise", "fc") };
+        var context = Context(original, data);
+
+        var result = new PostTrainingQuantizationStep(options).Apply(model, context);
+
+        Assert.That(ModuleTree.GetSubmodule(result, "depthwise"), Is.InstanceOf<Conv2d>());
+        Assert.That(ModuleTree.GetSubmodule(result, "fc"), Is.InstanceOf<QuantizedLinear>());
+        Assert.That(context.Notes, Has.Some.Contains("left in float").And.Contains("depthwise").And.Contains("groups = 4"));
+    }
+
+    [Test]
+    public void NonFiniteWeight_ThrowsNamingTheLayerBeforeAnyChange()
+    {
+        using var original = ModelZoo.LeNet300100();
+        using var model = ModuleCloner.DeepClone(original);
+        using (no_grad())
+        {
+            ((Linear)ModuleTree.GetSubmodule(model, "fc2")).weight![3, 4] = float.PositiveInfinity;
+        }
+
+        string before = TestModels.StateHash(model);
+        using var data = Flat(8, 7);
+        var ex = Assert.Throws<ArgumentException>(() => new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions()).Apply(model, Context(original, data)));
+        Assert.That(ex!.Message, Does.Contain("fc2"));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+        Assert.That(model.modules().OfType<QuantizedLinear>(), Is.Empty);
+    }
+
+    [Test]
+    public void NonFiniteCalibrationActivations_ThrowNamingTheLayerBeforeAnyChange()
+    {
+        using var original = ModelZoo.LeNet300100();
+        using var model = ModuleCloner.DeepClone(original);
+        string before = TestModels.StateHash(model);
+        var x = randn(16, 784);
+        x[3, 10] = float.NaN;
+        var data = new FixedBatches(x);
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.StaticInt8, CalibrationBatches = 1 };
+        var ex = Assert.Throws<ArgumentException>(() => new PostTrainingQuantizationStep(options).Apply(model, Context(original, data)));
+        Assert.That(ex!.Message, Does.Contain("'fc1'").And.Contain("calibration"));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+    }
+
+    [Test]
+    public void StaticWithEmptyCalibrationData_ThrowsBeforeAnyChange()
+    {
+        using var original = ModelZoo.LeNet300100();
+        using var model = ModuleCloner.DeepClone(original);
+        string before = TestModels.StateHash(model);
+        var empty = new FixedBatches();
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.StaticInt8 };
+        Assert.Throws<InvalidOperationException>(() => new PostTrainingQuantizationStep(options).Apply(model, Context(original, empty)));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+    }
+
+    [Test]
+    public void InvalidOptions_AreAllListedBeforeAnything()
+    {
+        var ex = Assert.Throws<OptionsValidationException>(() => new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions
+        {
+            Mode = QuantizationMode.WeightOnlyInt4,
+            WeightGranularity = QuantizationGranularity.PerChannel,
+            Observer = ActivationObserver.Percentile(20),
+            CalibrationBatches = 0,
+            Fallback = new QuantizationFallback { MaxAccuracyDrop = -1 },
+        }));
+        Assert.That(ex!.Errors, Has.Count.EqualTo(4));
+        Assert.That(new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt8, WeightGranularity = QuantizationGranularity.PerGroup(12) }.Validate(), Has.Count.EqualTo(1));
+        Assert.Throws<OptionsValidationException>(() => CompressionPipeline.Create().AddPostTrainingQuantization((QuantizationMode)42));
+        Assert.That(new PostTrainingQuantizationOptions { Mode = QuantizationMode.DynamicInt8, WeightGranularity = QuantizationGranularity.PerGroup(32) }.Validate(), Has.Count.EqualTo(1));
+    }
+
+    [Test]
+    public void Fallback_ReturnsTheLowestSqnrLayersToFloatUntilTheMetricRecovers()
+    {
+        using var original = ModelZoo.LeNet300100();
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = Flat(16, 8);
+        var options = new PostTrainingQuantizationOptions { Fallback = new QuantizationFallback { MaxAccuracyDrop = 0.15 } };
+        var context = Context(original, data, new QuantizedLayerCounter());
+
+        var result = new PostTrainingQuantizationStep(options).Apply(model, context);
+
+        // The metric loses 0.1 per quantized layer: two of the three must return to float, lowest SQNR first.
+        var stillQuantized = result.named_modules().Where(m => m.module is QuantizedLinear).ToList();
+        Assert.That(stillQuantized, Has.Count.EqualTo(1));
+        Assert.That(result.modules().OfType<Linear>().Count(), Is.EqualTo(2));
+        var kept = (QuantizedLinear)stillQuantized[0].module;
+        Assert.That(context.Notes, Has.Some.Contains("kept in float by the fallback"));
+
+        // The two restored layers had lower SQNR than the one kept: re-run without fallback to read every SQNR.
+        using var again = ModuleCloner.DeepClone(original);
+        var all = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions()).Apply(again, Context(original, data));
+        var sqnr = all.named_modules().Where(m => m.module is QuantizedLinear).ToDictionary(m => m.name, m => ((QuantizedLinear)m.module).SqnrDb!.Value);
+        Assert.That(sqnr[stillQuantized[0].name], Is.EqualTo(sqnr.Values.Max()));
+        Assert.That(kept.FusedRelu, Is.EqualTo(stillQuantized[0].name != "fc3"));
+
+        // A restored layer keeps its ReLU module (only a quantized layer fuses it).
+        int relus = result.modules().OfType<ReLU>().Count();
+        Assert.That(relus, Is.EqualTo(stillQuantized[0].name == "fc3" ? 2 : 1));
+    }
+
+    [TestCase(QuantizationMode.Float16, ScalarType.Float16)]
+    [TestCase(QuantizationMode.BFloat16, ScalarType.BFloat16)]
+    public void HalfPrecisionModes_UseTheHalfPrecisionLayer(QuantizationMode mode, ScalarType dtype)
+    {
+        using var original = ModelZoo.LeNet300100();
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = Flat(4, 9);
+        var result = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = mode }).Apply(model, Context(original, data));
+        Assert.That(result.modules().OfType<HalfPrecisionLayer>().Select(l => l.DType), Is.EqualTo(new[] { dtype, dtype, dtype }));
+    }
+
+    [Test]
+    public void QuantizedLayers_GiveIdenticalResultsFromEightThreads()
+    {
+        torch.random.manual_seed(10);
+        using var linear = nn.Linear(200, 70);
+        using var conv = nn.Conv2d(3, 20, 3, padding: 1);
+        using var qLinear = QuantizedLinear.FromLinear(linear);
+        var settings = new ModelCompression.Quantization.Kernels.ActivationSettings(ModelCompression.Quantization.Kernels.ActivationMode.PerTensor, 0, 0, false);
+        using var qConv = QuantizedConv2d.Create(conv, 8, QuantizationGranularity.PerChannel, settings, true, QuantizationMode.DynamicInt8);
+        var xs = Enumerable.Range(0, 8).Select(i => randn(5, 200)).ToArray();
+        var images = Enumerable.Range(0, 8).Select(i => randn(2, 3, 9, 9)).ToArray();
+        var expected = xs.Select(x => TestModels.Output(qLinear, x)).ToArray();
+        var expectedConv = images.Select(x => TestModels.Output(qConv, x)).ToArray();
+        var actual = new float[8][];
+        var actualConv = new float[8][];
+        Parallel.For(0, 8, new ParallelOptions { MaxDegreeOfParallelism = 8 }, i =>
+        {
+            for (int repeat = 0; repeat < 20; repeat++)
+            {
+                using var scope = NewDisposeScope();
+                using var noGrad = no_grad();
+                actual[i] = qLinear.forward(xs[i]).data<float>().ToArray();
+                actualConv[i] = qConv.forward(images[i]).data<float>().ToArray();
+            }
+        });
+        for (int i = 0; i < 8; i++)
+        {
+            Assert.That(actual[i], Is.EqualTo(expected[i]));
+            Assert.That(actualConv[i], Is.EqualTo(expectedConv[i]));
+        }
+
+        Assert.That(actualConv.SelectMany(v => v).Min(), Is.GreaterThanOrEqualTo(0f), "fused ReLU");
+    }
+
+    [Test]
+    public void QuantizedConv2d_MatchesTheFloatConvolutionWithStrideAndPadding()
+    {
+        torch.random.manual_seed(11);
+        using var conv = nn.Conv2d(3, 8, (3, 5), stride: (2, 1), padding: (1, 2), dilation: (1, 2));
+        using var x = randn(2, 3, 11, 13);
+        var expected = TestModels.Output(conv, x);
+        var settings = new ModelCompression.Quantization.Kernels.ActivationSettings(ModelCompression.Quantization.Kernels.ActivationMode.PerRow, 0, 0, false);
+        using var q = QuantizedConv2d.Create(conv, 8, QuantizationGranularity.PerChannel, settings, false, QuantizationMode.DynamicInt8);
+        var actual = TestModels.Output(q, x);
+        Assert.That(actual, Has.Length.EqualTo(expected.Length));
+        Assert.That(RelativeError(actual, expected), Is.LessThan(0.02));
+    }
+
+    [Test]
+    public void SameSeed_GivesTheSameQuantizedModel()
+    {
+        using var original = ModelZoo.Create(ZooModel.LeNet5, 2);
+        using var data = Images(96, 12);
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.StaticInt8, Observer = ActivationObserver.Entropy, CalibrationBatches = 2, CalibrationBatchSize = 32 };
+        string Hash()
+        {
+            using var model = ModuleCloner.DeepClone(original);
+            var result = new PostTrainingQuantizationStep(options).Apply(model, Context(original, data));
+            return TestModels.StateHash(result);
+        }
+
+        Assert.That(Hash(), Is.EqualTo(Hash()));
+    }
+
+    [TestCase(QuantizationMode.StaticInt8)]
+    [TestCase(QuantizationMode.DynamicInt8)]
+    public void Apply_LeavesNoLiveTensorsBeyondTheNewLayers(QuantizationMode mode)
+    {
+        using var original = ModelZoo.Create(ZooModel.LeNet5, 4);
+        using var data = Images(32, 13);
+        var options = new PostTrainingQuantizationOptions { Mode = mode, CalibrationBatches = 1, CalibrationBatchSize = 16 };
+        var step = new PostTrainingQuantizationStep(options);
+        using (var warm = ModuleCloner.DeepClone(original))
+        {
+            step.Apply(warm, Context(original, data)).Dispose();
+        }
+
+        using var model = ModuleCloner.DeepClone(original);
+        int oldState = model.state_dict().Count;
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        long before = Tensor.TotalCount;
+        using var result = step.Apply(model, Context(original, data));
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+
+        // The replaced float layers were disposed and the quantized layers hold their own tensors; nothing else lives.
+        Assert.That(Tensor.TotalCount - before, Is.EqualTo(result.state_dict().Count - oldState));
+    }
+
+    /// <summary>Yields the given input batches as they are (a TensorDataset would refuse NaN or empty data).</summary>
+    private sealed class FixedBatches(params Tensor[] inputs) : IBatchSource
+    {
+        public long Count => inputs.Sum(i => i.shape[0]);
+
+        public IReadOnlyList<long> SampleShape => [784];
+
+        public IEnumerable<(Tensor Input, Tensor Target)> GetBatches(int batchSize, bool shuffle = false, int seed = 0) =>
+            inputs.Select(i => (i.alias(), zeros(i.shape[0], dtype: int64)));
+    }
+
+    /// <summary>A metric of 1 − 0.1 × (number of quantized layers): deterministic, so fallback decisions are exact.</summary>
+    private sealed class QuantizedLayerCounter : IEvaluator
+    {
+        public string MetricName => "accuracy";
+
+        public bool HigherIsBetter => true;
+
+        public EvaluationResult Evaluate(nn.Module<Tensor, Tensor> model, IBatchSource data, CancellationToken cancellationToken = default) =>
+            new(1 - (0.1 * model.modules().Count(m => m is QuantizedLinear)), data.Count);
+    }
+}
