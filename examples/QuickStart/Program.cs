@@ -1,11 +1,12 @@
 // QuickStart: train LeNet-300-100 on the bundled MNIST digits (or reuse a cached copy), compress it with a
-// pipeline that checks accuracy after every step, print the report and write its JSON.
+// pipeline (magnitude pruning, then int8 quantization) that checks accuracy after every step, print the report and write its JSON.
 //
 //   dotnet run -c Release --project examples/QuickStart -- [--report PATH] [--seed N] [--no-cache]
 using System.Diagnostics;
 using ModelCompression;
 using ModelCompression.Examples;
 using ModelCompression.Pruning;
+using ModelCompression.Quantization;
 using ModelCompression.Samples;
 using ModelCompression.Training;
 
@@ -36,6 +37,9 @@ var pipeline = CompressionPipeline.Create()
         Scope = PruningScope.Global,
         FineTuning = new TrainingOptions { Epochs = 5, Optimizer = OptimizerKind.Sgd, LearningRate = 0.02, Momentum = 0.9, Schedule = new CosineLearningRate() },
     })
+    // Then int8 weights (per channel) for the layers still dense, with activations quantized at run time, on this
+    // library's own integer kernel.
+    .AddPostTrainingQuantization(QuantizationMode.DynamicInt8)
     .WithAccuracyCheck(maxDrop: 0.01, AccuracyCheckPolicy.SkipStep)
     .WithModelName(ModelZoo.DisplayName(ZooModel.LeNet300100))
     .WithSeed(seed)

@@ -62,6 +62,9 @@ public static class ScenarioCatalog
         new DistillRecoveryScenario(),
         new DepthwiseSeparableLeNet5Scenario(),
         new SearchResCnnScenario(),
+        new PtqDynamicLeNet300Scenario(),
+        new PtqStaticLeNet5Scenario(),
+        new PtqInt4LeNet300Scenario(),
     ];
 }
 

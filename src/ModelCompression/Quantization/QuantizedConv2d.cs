@@ -118,15 +118,27 @@ public sealed class QuantizedConv2d : nn.Module<Tensor, Tensor>, ICompressedLaye
         long batch = input.shape[0];
         long outH = ((input.shape[2] + (2 * padding[0]) - (dilation[0] * (kernelSize[0] - 1)) - 1) / stride[0]) + 1;
         long outW = ((input.shape[3] + (2 * padding[1]) - (dilation[1] * (kernelSize[1] - 1)) - 1) / stride[1]) + 1;
-        var x = input.detach().to(ScalarType.Float32).cpu();
+        var x = input.detach().to(ScalarType.Float32).cpu().contiguous();
+        if (activations.Mode is ActivationMode.Static or ActivationMode.PerTensor)
+        {
+            // One range for the whole batch: quantize the image once and build im2col rows of bytes.
+            var geometry = new ConvGeometry(
+                checked((int)batch), checked((int)InChannels), checked((int)x.shape[2]), checked((int)x.shape[3]),
+                (int)kernelSize[0], (int)kernelSize[1], (int)stride[0], (int)stride[1], (int)padding[0], (int)padding[1],
+                (int)dilation[0], (int)dilation[1], checked((int)outH), checked((int)outW));
+            return matrix.RunImages(x, geometry, activations, FusedRelu, KernelPath).to(input.dtype).to(input.device).MoveToOuterDisposeScope();
+        }
 
-        // im2col: [batch, C·kh·kw, L] → one row per output pixel, in the weight's (c, kh, kw) order.
+        // Per-row ranges: im2col in float, one row per output pixel in the weight's (c, kh, kw) order.
         var columns = nn.functional.unfold(x, (kernelSize[0], kernelSize[1]), (dilation[0], dilation[1]), (padding[0], padding[1]), (stride[0], stride[1]));
         var rows = columns.transpose(1, 2).reshape(-1, matrix.K).contiguous();
         var y = matrix.Run(rows, activations, FusedRelu, KernelPath);
         var output = y.reshape(batch, outH * outW, matrix.N).transpose(1, 2).reshape(batch, matrix.N, outH, outW).contiguous();
         return output.to(input.dtype).to(input.device).MoveToOuterDisposeScope();
     }
+
+    /// <summary>Runs im2col rows [pixels, C·kh·kw] through the layer's matrix (for tests of the image path).</summary>
+    internal Tensor RunRowsForTest(Tensor rows) => matrix.Run(rows.contiguous(), activations, FusedRelu, KernelPath);
 
     /// <inheritdoc/>
     public override string ToString() =>

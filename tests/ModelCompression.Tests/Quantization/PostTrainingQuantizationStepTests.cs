@@ -301,18 +301,38 @@ public sealed class PostTrainingQuantizationStepTests
         Assert.That(actualConv.SelectMany(v => v).Min(), Is.GreaterThanOrEqualTo(0f), "fused ReLU");
     }
 
-    [Test]
-    public void QuantizedConv2d_MatchesTheFloatConvolutionWithStrideAndPadding()
+    [TestCase(true)]
+    [TestCase(false)]
+    public void QuantizedConv2d_MatchesTheFloatConvolutionWithStrideAndPadding(bool perRow)
     {
+        var mode = perRow ? ModelCompression.Quantization.Kernels.ActivationMode.PerRow : ModelCompression.Quantization.Kernels.ActivationMode.PerTensor;
         torch.random.manual_seed(11);
         using var conv = nn.Conv2d(3, 8, (3, 5), stride: (2, 1), padding: (1, 2), dilation: (1, 2));
         using var x = randn(2, 3, 11, 13);
         var expected = TestModels.Output(conv, x);
-        var settings = new ModelCompression.Quantization.Kernels.ActivationSettings(ModelCompression.Quantization.Kernels.ActivationMode.PerRow, 0, 0, false);
+        var settings = new ModelCompression.Quantization.Kernels.ActivationSettings(mode, 0, 0, false);
         using var q = QuantizedConv2d.Create(conv, 8, QuantizationGranularity.PerChannel, settings, false, QuantizationMode.DynamicInt8);
         var actual = TestModels.Output(q, x);
         Assert.That(actual, Has.Length.EqualTo(expected.Length));
         Assert.That(RelativeError(actual, expected), Is.LessThan(0.02));
+    }
+
+    [Test]
+    public void QuantizedConv2d_ByteIm2col_EqualsTheFloatIm2colPathBitForBit()
+    {
+        torch.random.manual_seed(12);
+        using var conv = nn.Conv2d(4, 20, 3, padding: 1);
+        using var x = randn(3, 4, 9, 7);
+        var (scale, zero) = ModelCompression.Quantization.Kernels.QuantizedActivations.Range(-2.5f, 3f, false);
+        var settings = new ModelCompression.Quantization.Kernels.ActivationSettings(ModelCompression.Quantization.Kernels.ActivationMode.Static, scale, zero, false);
+        using var q = QuantizedConv2d.Create(conv, 8, QuantizationGranularity.PerChannel, settings, false, QuantizationMode.StaticInt8);
+        var actual = TestModels.Output(q, x);
+
+        // The same static quantization through float im2col rows.
+        using var scope = NewDisposeScope();
+        var rows = nn.functional.unfold(x, 3, padding: 1).transpose(1, 2).reshape(-1, 36);
+        var viaRows = q.RunRowsForTest(rows).reshape(3, 63, 20).transpose(1, 2).reshape(3, 20, 9, 7).contiguous().data<float>().ToArray();
+        Assert.That(actual, Is.EqualTo(viaRows));
     }
 
     [Test]

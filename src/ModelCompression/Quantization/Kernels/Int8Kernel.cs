@@ -53,7 +53,7 @@ public static unsafe class Int8Kernel
     internal const int PanelWidth = 16;
 
     /// <summary>Work (multiply-adds) below which one thread is faster than several.</summary>
-    private const long ParallelThreshold = 1L << 20;
+    private const long ParallelThreshold = 1L << 22;
 
     /// <summary>Gets the fastest path this machine supports.</summary>
     public static Int8KernelPath BestPath { get; } = DetectBestPath();
@@ -92,7 +92,11 @@ public static unsafe class Int8Kernel
     /// rows [0, rows), where S is the exact int32 sum of activation × weight over input block b; optionally clamps
     /// at zero. With <paramref name="raw"/>, writes the int32 sums instead (one block only).
     /// </summary>
-    internal static void Multiply(PackedWeights weights, QuantizedActivations activations, int rows, float* y, int ldy, bool relu, Int8KernelPath path, int* raw = null)
+    /// <remarks>
+    /// With <paramref name="outputPlane"/> L &gt; 0, row m is output pixel m mod L of image m / L and y is written in
+    /// [image, N, L] (NCHW) order instead of [rows, N].
+    /// </remarks>
+    internal static void Multiply(PackedWeights weights, QuantizedActivations activations, int rows, float* y, int ldy, bool relu, Int8KernelPath path, int* raw = null, int outputPlane = 0)
     {
         if (!IsSupported(path))
         {
@@ -109,31 +113,59 @@ public static unsafe class Int8Kernel
             return;
         }
 
-        var args = new Args(weights, activations, y, ldy, relu, raw);
+        var args = new Args(weights, activations, y, ldy, relu, raw, outputPlane);
         long work = (long)rows * weights.Kp * weights.Np;
-        int threads = work < ParallelThreshold ? 1 : Math.Min(Environment.ProcessorCount, weights.Panels);
+        int threads = work < ParallelThreshold ? 1 : Environment.ProcessorCount;
+        int panels = weights.Panels;
         if (threads <= 1)
         {
-            RunPanels(args, 0, weights.Panels, rows, path);
+            RunPanels(args, 0, panels, 0, rows, path);
             return;
         }
 
-        // Each thread owns whole panels (output columns), so every output is computed by one thread, in one order.
-        int panels = weights.Panels;
+        // Each thread owns whole panels (output columns) or, when there are few panels (a convolution with few
+        // filters), whole runs of rows: every output is computed by one thread, in one order.
+        bool byPanels = panels >= 2 * threads;
         Parallel.For(0, threads, new ParallelOptions { MaxDegreeOfParallelism = threads }, t =>
         {
-            int start = (int)((long)panels * t / threads);
-            int end = (int)((long)panels * (t + 1) / threads);
-            RunPanels(args, start, end, rows, path);
+            if (byPanels)
+            {
+                RunPanels(args, (int)((long)panels * t / threads), (int)((long)panels * (t + 1) / threads), 0, rows, path);
+            }
+            else
+            {
+                int quads = (rows + 3) / 4;
+                int start = (int)Math.Min(rows, 4L * (quads * (long)t / threads));
+                int end = (int)Math.Min(rows, 4L * (quads * (long)(t + 1) / threads));
+                RunPanels(args, 0, panels, start, end, path);
+            }
         });
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void RunPanels(in Args args, int start, int end, int rows, Int8KernelPath path)
+    private static void RunPanels(in Args args, int start, int end, int firstRow, int rows, Int8KernelPath path)
     {
         for (int p = start; p < end; p++)
         {
-            int m = 0;
+            int m = firstRow;
+            if (path == Int8KernelPath.Avx512BW && rows - firstRow >= 4 && p + 1 < end)
+            {
+                // Two panels at once: each broadcast activation serves 32 columns.
+                for (; m + 4 <= rows; m += 4)
+                {
+                    Rows4Panels2Avx512(args, p, m);
+                }
+
+                for (; m < rows; m++)
+                {
+                    Rows1Avx512(args, p, m);
+                    Rows1Avx512(args, p + 1, m);
+                }
+
+                p++;
+                continue;
+            }
+
             switch (path)
             {
                 case Int8KernelPath.Avx512BW:
@@ -204,9 +236,11 @@ public static unsafe class Int8Kernel
         public readonly int Ldy;
         public readonly bool Relu;
         public readonly nint Raw;
+        public readonly int Plane;
 
-        public Args(PackedWeights w, QuantizedActivations a, float* y, int ldy, bool relu, int* raw)
+        public Args(PackedWeights w, QuantizedActivations a, float* y, int ldy, bool relu, int* raw, int plane)
         {
+            Plane = plane;
             W = (nint)w.DataPointer;
             PairsPerPanel = w.Kp / 8;
             BytesPerPair = w.Bits == 8 ? 128 : 64;
@@ -244,6 +278,19 @@ public static unsafe class Int8Kernel
         public void Store(int m, int p, ReadOnlySpan<float> values)
         {
             int count = Math.Min(PanelWidth, N - (p * PanelWidth));
+            if (Plane > 0)
+            {
+                // NCHW: column n of pixel l of image b goes to y[b, n, l].
+                long image = m / Plane, pixel = m % Plane;
+                float* plane = (float*)Y + (((image * N) + (p * PanelWidth)) * Plane) + pixel;
+                for (int i = 0; i < count; i++)
+                {
+                    plane[(long)i * Plane] = Relu ? MathF.Max(values[i], 0f) : values[i];
+                }
+
+                return;
+            }
+
             float* dst = (float*)Y + ((long)m * Ldy) + (p * PanelWidth);
             for (int i = 0; i < count; i++)
             {
@@ -394,6 +441,68 @@ public static unsafe class Int8Kernel
         Finish512(g, p, m + 1, s1, f1);
         Finish512(g, p, m + 2, s2, f2);
         Finish512(g, p, m + 3, s3, f3);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Rows4Panels2Avx512(in Args g, int p, int m)
+    {
+        byte* panel0 = g.Panel(p);
+        byte* panel1 = g.Panel(p + 1);
+        byte* a0 = g.Row(m), a1 = g.Row(m + 1), a2 = g.Row(m + 2), a3 = g.Row(m + 3);
+        var ones = Vector512.Create((short)1);
+        var bias0 = Vector512.Load((float*)g.Bias + (p * PanelWidth));
+        var bias1 = Vector512.Load((float*)g.Bias + ((p + 1) * PanelWidth));
+        Vector512<float> f00 = bias0, f10 = bias0, f20 = bias0, f30 = bias0, f01 = bias1, f11 = bias1, f21 = bias1, f31 = bias1;
+        Vector512<int> s00 = default, s10 = default, s20 = default, s30 = default, s01 = default, s11 = default, s21 = default, s31 = default;
+        for (int b = 0; b < g.Blocks; b++)
+        {
+            s00 = s10 = s20 = s30 = s01 = s11 = s21 = s31 = Vector512<int>.Zero;
+            int end = (b + 1) * g.PairsPerBlock;
+            for (int q = b * g.PairsPerBlock; q < end; q++)
+            {
+                long offset = (long)q * g.BytesPerPair;
+                Load512(panel0 + offset, g.Int4, out var lo0, out var hi0);
+                Load512(panel1 + offset, g.Int4, out var lo1, out var hi1);
+                int k = q * 8;
+                int x = *(int*)(a0 + k), y = *(int*)(a0 + k + 4);
+                s00 = Dot512(Dot512(s00, x, lo0, ones), y, hi0, ones);
+                s01 = Dot512(Dot512(s01, x, lo1, ones), y, hi1, ones);
+                x = *(int*)(a1 + k);
+                y = *(int*)(a1 + k + 4);
+                s10 = Dot512(Dot512(s10, x, lo0, ones), y, hi0, ones);
+                s11 = Dot512(Dot512(s11, x, lo1, ones), y, hi1, ones);
+                x = *(int*)(a2 + k);
+                y = *(int*)(a2 + k + 4);
+                s20 = Dot512(Dot512(s20, x, lo0, ones), y, hi0, ones);
+                s21 = Dot512(Dot512(s21, x, lo1, ones), y, hi1, ones);
+                x = *(int*)(a3 + k);
+                y = *(int*)(a3 + k + 4);
+                s30 = Dot512(Dot512(s30, x, lo0, ones), y, hi0, ones);
+                s31 = Dot512(Dot512(s31, x, lo1, ones), y, hi1, ones);
+            }
+
+            var scale0 = Vector512.Load(g.BlockScale(b, p));
+            var sum0 = Vector512.Load(g.BlockSum(b, p));
+            var scale1 = Vector512.Load(g.BlockScale(b, p + 1));
+            var sum1 = Vector512.Load(g.BlockSum(b, p + 1));
+            f00 = Epilogue512(g, f00, s00, m, b, scale0, sum0);
+            f10 = Epilogue512(g, f10, s10, m + 1, b, scale0, sum0);
+            f20 = Epilogue512(g, f20, s20, m + 2, b, scale0, sum0);
+            f30 = Epilogue512(g, f30, s30, m + 3, b, scale0, sum0);
+            f01 = Epilogue512(g, f01, s01, m, b, scale1, sum1);
+            f11 = Epilogue512(g, f11, s11, m + 1, b, scale1, sum1);
+            f21 = Epilogue512(g, f21, s21, m + 2, b, scale1, sum1);
+            f31 = Epilogue512(g, f31, s31, m + 3, b, scale1, sum1);
+        }
+
+        Finish512(g, p, m, s00, f00);
+        Finish512(g, p, m + 1, s10, f10);
+        Finish512(g, p, m + 2, s20, f20);
+        Finish512(g, p, m + 3, s30, f30);
+        Finish512(g, p + 1, m, s01, f01);
+        Finish512(g, p + 1, m + 1, s11, f11);
+        Finish512(g, p + 1, m + 2, s21, f21);
+        Finish512(g, p + 1, m + 3, s31, f31);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]

@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 
@@ -18,6 +19,13 @@ internal enum ActivationMode
     /// <summary>One scale and zero point per row and weight group, from that part's range.</summary>
     PerBlock,
 }
+
+/// <summary>The shape of one convolution call: input, kernel, stride, padding, dilation and output sizes.</summary>
+internal readonly record struct ConvGeometry(
+    int Batch, int Channels, int Height, int Width,
+    int KernelHeight, int KernelWidth, int StrideHeight, int StrideWidth,
+    int PadHeight, int PadWidth, int DilationHeight, int DilationWidth,
+    int OutHeight, int OutWidth);
 
 /// <summary>
 /// A batch of activations quantized to 0..127 for <see cref="Int8Kernel"/>, rows padded to the weights' blocks,
@@ -79,6 +87,7 @@ internal sealed unsafe class QuantizedActivations : IDisposable
     }
 
     /// <summary>Quantizes rows of <paramref name="x"/> ([rows, k], row-major) for <paramref name="weights"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static QuantizedActivations Quantize(ReadOnlySpan<float> x, int rows, PackedWeights weights, ActivationMode mode, float staticScale, float staticZero, bool symmetric)
     {
         int k = weights.K;
@@ -127,7 +136,107 @@ internal sealed unsafe class QuantizedActivations : IDisposable
         }
     }
 
+    /// <summary>
+    /// Quantizes an NCHW image batch with one scale and zero point (static, or this call's range) and lays it out as
+    /// im2col rows for a convolution: one row per output pixel, in the weight's (channel, kh, kw) order, padding
+    /// at the zero point (the quantized 0).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static QuantizedActivations FromImages(ReadOnlySpan<float> x, ConvGeometry geometry, PackedWeights weights, ActivationMode mode, float staticScale, float staticZero, bool symmetric)
+    {
+        if (mode is not (ActivationMode.Static or ActivationMode.PerTensor))
+        {
+            throw new ArgumentException($"Image rows are quantized with one range; {mode} needs the float path.", nameof(mode));
+        }
+
+        var (scale, zero) = mode == ActivationMode.Static ? (staticScale, staticZero) : RangeOf(x, symmetric);
+        var g = geometry;
+        int rows = checked(g.Batch * g.OutHeight * g.OutWidth);
+        var result = new QuantizedActivations(rows, weights.Kp, weights.Blocks);
+        byte[]? levels = null;
+        try
+        {
+            levels = System.Buffers.ArrayPool<byte>.Shared.Rent(x.Length);
+            QuantizeSpan(x, 1f / scale, zero, levels.AsSpan(0, x.Length));
+            for (int i = 0; i < (long)rows * weights.Blocks; i++)
+            {
+                result.Scales[i] = scale;
+                result.ZeroPoints[i] = zero;
+            }
+
+            byte pad = (byte)zero;
+            int stride = result.Stride;
+            byte* data = result.Data;
+            var source = levels;
+            void Image(int image)
+            {
+                fixed (byte* q = source)
+                {
+                    byte* input = q + ((long)image * g.Channels * g.Height * g.Width);
+                    for (int oh = 0; oh < g.OutHeight; oh++)
+                    {
+                        for (int ow = 0; ow < g.OutWidth; ow++)
+                        {
+                            byte* row = data + ((((long)image * g.OutHeight * g.OutWidth) + (oh * g.OutWidth) + ow) * stride);
+                            int k = 0;
+                            for (int c = 0; c < g.Channels; c++)
+                            {
+                                byte* channel = input + ((long)c * g.Height * g.Width);
+                                for (int kh = 0; kh < g.KernelHeight; kh++)
+                                {
+                                    int ih = (oh * g.StrideHeight) - g.PadHeight + (kh * g.DilationHeight);
+                                    if ((uint)ih >= (uint)g.Height)
+                                    {
+                                        new Span<byte>(row + k, g.KernelWidth).Fill(pad);
+                                        k += g.KernelWidth;
+                                        continue;
+                                    }
+
+                                    byte* line = channel + ((long)ih * g.Width);
+                                    for (int kw = 0; kw < g.KernelWidth; kw++)
+                                    {
+                                        int iw = (ow * g.StrideWidth) - g.PadWidth + (kw * g.DilationWidth);
+                                        row[k++] = (uint)iw < (uint)g.Width ? line[iw] : pad;
+                                    }
+                                }
+                            }
+
+                            new Span<byte>(row + k, stride - k).Clear();
+                        }
+                    }
+                }
+            }
+
+            if ((long)rows * stride < 1 << 18 || g.Batch == 1)
+            {
+                for (int image = 0; image < g.Batch; image++)
+                {
+                    Image(image);
+                }
+            }
+            else
+            {
+                Parallel.For(0, g.Batch, Image);
+            }
+
+            return result;
+        }
+        catch
+        {
+            result.Dispose();
+            throw;
+        }
+        finally
+        {
+            if (levels is not null)
+            {
+                System.Buffers.ArrayPool<byte>.Shared.Return(levels);
+            }
+        }
+    }
+
     /// <summary>q = clamp(round(x / scale + zero), 0, 127), rounding half to even, identically in every lane.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void QuantizeSpan(ReadOnlySpan<float> x, float inverseScale, float zero, Span<byte> q)
     {
         int i = 0;
@@ -156,6 +265,7 @@ internal sealed unsafe class QuantizedActivations : IDisposable
     private static Vector256<int> Level(ReadOnlySpan<float> x, Vector256<float> inverseScale, Vector256<float> zero, Vector256<float> max) =>
         Vector256.ConvertToInt32(Vector256.Round(Vector256.Min(Vector256.Max((Vector256.Create(x) * inverseScale) + zero, Vector256<float>.Zero), max)));
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static (float Scale, float ZeroPoint) RangeOf(ReadOnlySpan<float> x, bool symmetric)
     {
         if (x.IsEmpty)

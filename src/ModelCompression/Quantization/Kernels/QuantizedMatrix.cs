@@ -124,6 +124,20 @@ internal sealed unsafe class QuantizedMatrix
         return y;
     }
 
+    /// <summary>Runs a convolution on an NCHW float32 CPU batch through byte im2col, returning a new [batch, N, OH, OW] tensor.</summary>
+    public Tensor RunImages(Tensor x, ConvGeometry geometry, ActivationSettings activations, bool relu, Int8KernelPath path)
+    {
+        var y = empty([geometry.Batch, N, geometry.OutHeight, geometry.OutWidth], dtype: ScalarType.Float32);
+        var xs = MemoryMarshal.Cast<byte, float>(x.bytes);
+        using var quantized = QuantizedActivations.FromImages(xs, geometry, Packed, activations.Mode, activations.Scale, activations.ZeroPoint, activations.Symmetric);
+        fixed (byte* py = y.bytes)
+        {
+            Int8Kernel.Multiply(Packed, quantized, quantized.Rows, (float*)py, N, relu, path, outputPlane: geometry.OutHeight * geometry.OutWidth);
+        }
+
+        return y;
+    }
+
     /// <summary>Packs the nibbles of 4-bit weights two per byte (low nibble first), row by row.</summary>
     public byte[] PackNibbles()
     {
