@@ -257,19 +257,48 @@ internal sealed class EntropyActivationObserver : ActivationObserver
                 return (min, max);
             }
 
-            // A few extreme outliers would leave the bulk of the values in the first bins; the histogram stops at
-            // 8 × the 99.99th percentile of |x| (values beyond it fold into the last bin like any clipped tail).
-            var magnitudes = sample.Subsample(int.MaxValue).Select(MathF.Abs).ToArray();
-            Array.Sort(magnitudes);
-            float robust = magnitudes[(int)Math.Min(magnitudes.Length - 1, Math.Floor(0.9999 * magnitudes.Length))];
-            reach = MathF.Min(reach, MathF.Max(robust * 8, float.Epsilon));
+            // A one-sided input (e.g. after a ReLU) gets all 128 levels; a two-sided one splits them between its
+            // sides in proportion to their reach, and each side's threshold is chosen on its own.
+            var values = sample.Subsample(int.MaxValue);
+            var positive = values.Where(v => v > 0).ToArray();
+            var negative = values.Where(v => v < 0).Select(v => -v).ToArray();
+            Array.Sort(positive);
+            Array.Sort(negative);
+            int levels = QuantizedActivations.MaxLevel + 1;
+            float positiveReach = Robust(positive), negativeReach = Robust(negative);
+            int positiveLevels = negativeReach == 0 ? levels : positiveReach == 0 ? 0
+                : Math.Clamp((int)MathF.Round(levels * positiveReach / (positiveReach + negativeReach)), 2, levels - 2);
+            float hi = positiveLevels == 0 ? max : Threshold(positive, positiveLevels);
+            float lo = positiveLevels == levels ? min : -Threshold(negative, levels - positiveLevels);
+            return (lo, hi);
+        }
 
-            // Histogram of magnitudes; a one-sided (e.g. post-ReLU) input gets all 128 levels, a two-sided one 64 a side.
-            var histogram = sample.Histogram(Bins, 0, reach, absolute: true).Counts;
-            int levels = min >= 0 || max <= 0 ? QuantizedActivations.MaxLevel + 1 : (QuantizedActivations.MaxLevel + 1) / 2;
+        /// <summary>The 99.99th percentile of sorted magnitudes (0 when empty): a reach that a few outliers do not set.</summary>
+        private static float Robust(float[] sorted) =>
+            sorted.Length == 0 ? 0 : sorted[(int)Math.Min(sorted.Length - 1, Math.Floor(0.9999 * sorted.Length))];
+
+        /// <summary>The clipping threshold for sorted positive <paramref name="magnitudes"/> quantized to <paramref name="levels"/> levels.</summary>
+        private static float Threshold(float[] magnitudes, int levels)
+        {
+            if (magnitudes.Length == 0)
+            {
+                return 0;
+            }
+
+            // A few extreme outliers would leave the bulk of the values in the first bins: the histogram stops at
+            // 8 × the 99.99th percentile (values beyond it fold into the last bin like any clipped tail).
+            float reach = MathF.Min(magnitudes[^1], MathF.Max(Robust(magnitudes) * 8, float.Epsilon));
+            var histogram = new long[Bins];
+            float width = reach / Bins;
+            foreach (float v in magnitudes)
+            {
+                histogram[Math.Clamp((int)(v / width), 0, Bins - 1)]++;
+            }
+
+            int start = Math.Min(levels, Bins);
             int bestBins = Bins;
             double bestDivergence = double.PositiveInfinity;
-            for (int i = levels; i <= Bins; i++)
+            for (int i = start; i <= Bins; i++)
             {
                 double divergence = Divergence(histogram, i, levels);
                 if (divergence < bestDivergence)
@@ -279,8 +308,7 @@ internal sealed class EntropyActivationObserver : ActivationObserver
                 }
             }
 
-            float threshold = reach * bestBins / Bins;
-            return (MathF.Max(min, -threshold), MathF.Min(max, threshold));
+            return MathF.Min(magnitudes[^1], reach * bestBins / Bins);
         }
 
         /// <summary>KL(P ‖ Q) of the first <paramref name="bins"/> bins (tail folded into the last) against their <paramref name="levels"/>-level quantization.</summary>

@@ -148,24 +148,6 @@ public static unsafe class Int8Kernel
         for (int p = start; p < end; p++)
         {
             int m = firstRow;
-            if (path == Int8KernelPath.Avx512BW && rows - firstRow >= 4 && p + 1 < end)
-            {
-                // Two panels at once: each broadcast activation serves 32 columns.
-                for (; m + 4 <= rows; m += 4)
-                {
-                    Rows4Panels2Avx512(args, p, m);
-                }
-
-                for (; m < rows; m++)
-                {
-                    Rows1Avx512(args, p, m);
-                    Rows1Avx512(args, p + 1, m);
-                }
-
-                p++;
-                continue;
-            }
-
             switch (path)
             {
                 case Int8KernelPath.Avx512BW:
@@ -275,6 +257,7 @@ public static unsafe class Int8Kernel
         public float* BlockSum(int b, int p) => (float*)ScaledSum + ((long)b * Np) + (p * PanelWidth);
 
         /// <summary>Writes 16 results of row m, panel p (fewer in the last panel), applying ReLU.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Store(int m, int p, ReadOnlySpan<float> values)
         {
             int count = Math.Min(PanelWidth, N - (p * PanelWidth));
@@ -298,6 +281,7 @@ public static unsafe class Int8Kernel
             }
         }
 
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void StoreRaw(int m, int p, ReadOnlySpan<int> values)
         {
             int count = Math.Min(PanelWidth, N - (p * PanelWidth));
@@ -350,6 +334,7 @@ public static unsafe class Int8Kernel
         Finish(g, p, m, sums, acc);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Epilogue(in Args g, int p, int m, int b, ReadOnlySpan<int> sums, Span<float> acc)
     {
         float sa = g.RowScale(m)[b];
@@ -362,6 +347,7 @@ public static unsafe class Int8Kernel
         }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Finish(in Args g, int p, int m, ReadOnlySpan<int> sums, ReadOnlySpan<float> acc)
     {
         if (g.Raw != 0)
@@ -444,68 +430,6 @@ public static unsafe class Int8Kernel
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Rows4Panels2Avx512(in Args g, int p, int m)
-    {
-        byte* panel0 = g.Panel(p);
-        byte* panel1 = g.Panel(p + 1);
-        byte* a0 = g.Row(m), a1 = g.Row(m + 1), a2 = g.Row(m + 2), a3 = g.Row(m + 3);
-        var ones = Vector512.Create((short)1);
-        var bias0 = Vector512.Load((float*)g.Bias + (p * PanelWidth));
-        var bias1 = Vector512.Load((float*)g.Bias + ((p + 1) * PanelWidth));
-        Vector512<float> f00 = bias0, f10 = bias0, f20 = bias0, f30 = bias0, f01 = bias1, f11 = bias1, f21 = bias1, f31 = bias1;
-        Vector512<int> s00 = default, s10 = default, s20 = default, s30 = default, s01 = default, s11 = default, s21 = default, s31 = default;
-        for (int b = 0; b < g.Blocks; b++)
-        {
-            s00 = s10 = s20 = s30 = s01 = s11 = s21 = s31 = Vector512<int>.Zero;
-            int end = (b + 1) * g.PairsPerBlock;
-            for (int q = b * g.PairsPerBlock; q < end; q++)
-            {
-                long offset = (long)q * g.BytesPerPair;
-                Load512(panel0 + offset, g.Int4, out var lo0, out var hi0);
-                Load512(panel1 + offset, g.Int4, out var lo1, out var hi1);
-                int k = q * 8;
-                int x = *(int*)(a0 + k), y = *(int*)(a0 + k + 4);
-                s00 = Dot512(Dot512(s00, x, lo0, ones), y, hi0, ones);
-                s01 = Dot512(Dot512(s01, x, lo1, ones), y, hi1, ones);
-                x = *(int*)(a1 + k);
-                y = *(int*)(a1 + k + 4);
-                s10 = Dot512(Dot512(s10, x, lo0, ones), y, hi0, ones);
-                s11 = Dot512(Dot512(s11, x, lo1, ones), y, hi1, ones);
-                x = *(int*)(a2 + k);
-                y = *(int*)(a2 + k + 4);
-                s20 = Dot512(Dot512(s20, x, lo0, ones), y, hi0, ones);
-                s21 = Dot512(Dot512(s21, x, lo1, ones), y, hi1, ones);
-                x = *(int*)(a3 + k);
-                y = *(int*)(a3 + k + 4);
-                s30 = Dot512(Dot512(s30, x, lo0, ones), y, hi0, ones);
-                s31 = Dot512(Dot512(s31, x, lo1, ones), y, hi1, ones);
-            }
-
-            var scale0 = Vector512.Load(g.BlockScale(b, p));
-            var sum0 = Vector512.Load(g.BlockSum(b, p));
-            var scale1 = Vector512.Load(g.BlockScale(b, p + 1));
-            var sum1 = Vector512.Load(g.BlockSum(b, p + 1));
-            f00 = Epilogue512(g, f00, s00, m, b, scale0, sum0);
-            f10 = Epilogue512(g, f10, s10, m + 1, b, scale0, sum0);
-            f20 = Epilogue512(g, f20, s20, m + 2, b, scale0, sum0);
-            f30 = Epilogue512(g, f30, s30, m + 3, b, scale0, sum0);
-            f01 = Epilogue512(g, f01, s01, m, b, scale1, sum1);
-            f11 = Epilogue512(g, f11, s11, m + 1, b, scale1, sum1);
-            f21 = Epilogue512(g, f21, s21, m + 2, b, scale1, sum1);
-            f31 = Epilogue512(g, f31, s31, m + 3, b, scale1, sum1);
-        }
-
-        Finish512(g, p, m, s00, f00);
-        Finish512(g, p, m + 1, s10, f10);
-        Finish512(g, p, m + 2, s20, f20);
-        Finish512(g, p, m + 3, s30, f30);
-        Finish512(g, p + 1, m, s01, f01);
-        Finish512(g, p + 1, m + 1, s11, f11);
-        Finish512(g, p + 1, m + 2, s21, f21);
-        Finish512(g, p + 1, m + 3, s31, f31);
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Rows1Avx512(in Args g, int p, int m)
     {
         byte* panel = g.Panel(p);
@@ -533,8 +457,16 @@ public static unsafe class Int8Kernel
         Finish512(g, p, m, s, f);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Finish512(in Args g, int p, int m, Vector512<int> sums, Vector512<float> acc)
     {
+        if (g.Raw == 0 && g.Plane == 0 && (p + 1) * PanelWidth <= g.N)
+        {
+            // A whole panel of a row-major output: one vector store.
+            (g.Relu ? Vector512.Max(acc, Vector512<float>.Zero) : acc).Store((float*)g.Y + ((long)m * g.Ldy) + (p * PanelWidth));
+            return;
+        }
+
         Span<int> s = stackalloc int[PanelWidth];
         Span<float> f = stackalloc float[PanelWidth];
         sums.CopyTo(s);
@@ -675,6 +607,7 @@ public static unsafe class Int8Kernel
         Finish256(g, p, m, s0, s1, f0, f1);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Finish256(in Args g, int p, int m, Vector256<int> s0, Vector256<int> s1, Vector256<float> f0, Vector256<float> f1)
     {
         Span<int> s = stackalloc int[PanelWidth];

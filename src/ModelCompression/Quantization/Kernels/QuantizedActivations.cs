@@ -156,7 +156,8 @@ internal sealed unsafe class QuantizedActivations : IDisposable
         byte[]? levels = null;
         try
         {
-            levels = System.Buffers.ArrayPool<byte>.Shared.Rent(x.Length);
+            // 8 spare bytes: the word copies below may read past the last pixel.
+            levels = System.Buffers.ArrayPool<byte>.Shared.Rent(x.Length + 8);
             QuantizeSpan(x, 1f / scale, zero, levels.AsSpan(0, x.Length));
             for (int i = 0; i < (long)rows * weights.Blocks; i++)
             {
@@ -193,9 +194,31 @@ internal sealed unsafe class QuantizedActivations : IDisposable
                                     }
 
                                     byte* line = channel + ((long)ih * g.Width);
+                                    int iw0 = (ow * g.StrideWidth) - g.PadWidth;
+                                    if (g.DilationWidth == 1 && iw0 >= 0 && iw0 + g.KernelWidth <= g.Width)
+                                    {
+                                        // Inside the image: one contiguous run, no bounds checks; runs of up to 8 bytes
+                                        // move as one 8-byte word when the row has room (the excess is overwritten next).
+                                        byte* from = line + iw0;
+                                        if (g.KernelWidth <= 8 && k + 8 <= stride)
+                                        {
+                                            *(ulong*)(row + k) = *(ulong*)from;
+                                        }
+                                        else
+                                        {
+                                            for (int kw = 0; kw < g.KernelWidth; kw++)
+                                            {
+                                                row[k + kw] = from[kw];
+                                            }
+                                        }
+
+                                        k += g.KernelWidth;
+                                        continue;
+                                    }
+
                                     for (int kw = 0; kw < g.KernelWidth; kw++)
                                     {
-                                        int iw = (ow * g.StrideWidth) - g.PadWidth + (kw * g.DilationWidth);
+                                        int iw = iw0 + (kw * g.DilationWidth);
                                         row[k++] = (uint)iw < (uint)g.Width ? line[iw] : pad;
                                     }
                                 }
