@@ -140,7 +140,12 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
                 root = ModuleTree.Replace(root, target.Name, layer);
             }
 
-            var restored = _options.Fallback is { } fallback ? FallBack(ref root, quantized, baselineMetric!.Value, fallback, context) : [];
+            HashSet<string> fallbackRestored = _options.Fallback is { } fallback ? FallBack(ref root, quantized, baselineMetric!.Value, fallback, context) : [];
+            var restored = new HashSet<string>(fallbackRestored, StringComparer.Ordinal);
+            if (_options.KeepFloatWhenSlower)
+            {
+                restored.UnionWith(KeepFasterLayers(ref root, quantized, restored, calibration, context));
+            }
 
             // A fused ReLU's own module is now redundant: the kernel clamps.
             foreach (var (target, layer, info) in quantized)
@@ -169,9 +174,9 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             context.AddNote(
                 $"{kept.Count} layer(s) quantized on the {Int8Kernel.BestPath} kernel path " +
                 $"({string.Join(", ", kept.Select(q => $"{q.Target.Name} {(q.Info.SqnrDb is { } s ? $"{s:0.0} dB" : "int")}"))})");
-            if (restored.Count > 0)
+            if (fallbackRestored.Count > 0)
             {
-                context.AddNote($"kept in float by the fallback: {string.Join(", ", restored)}");
+                context.AddNote($"kept in float by the fallback: {string.Join(", ", fallbackRestored)}");
             }
 
             if (leftInFloat.Count > 0)
@@ -489,6 +494,49 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
     {
         var result = context.Evaluator.Evaluate(model, context.CalibrationData, context.CancellationToken);
         return result.Value * (context.Evaluator.HigherIsBetter ? 1 : -1);
+    }
+
+    /// <summary>
+    /// Times each quantized layer against its float original on the layer's own input shape (paired, batch 1 and 64)
+    /// and returns to float those not faster at either batch size. Returns the names restored.
+    /// </summary>
+    private static List<string> KeepFasterLayers(
+        ref nn.Module<Tensor, Tensor> root,
+        IReadOnlyList<(Target Target, nn.Module<Tensor, Tensor> Layer, IQuantizedLayer Info)> quantized,
+        HashSet<string> restored,
+        Calibration calibration,
+        CompressionContext context)
+    {
+        var slower = new List<string>();
+        foreach (var (target, layer, info) in quantized)
+        {
+            if (restored.Contains(target.Name) || !calibration.Inputs.TryGetValue(target.Name, out var input))
+            {
+                continue;
+            }
+
+            context.CancellationToken.ThrowIfCancellationRequested();
+            var shape = input.shape[1..];
+            nn.Module<Tensor, Tensor> reference = info.FusedRelu ? nn.Sequential(target.Module, nn.ReLU()) : target.Module;
+            var (floatTime, quantizedTime) = ModelMetrics.MeasureLatencyPaired(reference, layer, shape, new LatencyOptions { Warmup = 5, Repeats = 21 });
+            // A 10% margin keeps the choice stable where timing noise would decide it.
+            bool faster = quantizedTime.Batch1 < floatTime.Batch1 * 0.9 || quantizedTime.Batch64 < floatTime.Batch64 * 0.9;
+            context.Logger.LogInformation(
+                "{Layer}: float {Float1:0.###}/{Float64:0.###} ms, int {Int1:0.###}/{Int64:0.###} ms at batch 1/64 → {Choice}",
+                target.Name, floatTime.Batch1, floatTime.Batch64, quantizedTime.Batch1, quantizedTime.Batch64, faster ? "quantized" : "float");
+            if (!faster)
+            {
+                root = ModuleTree.Replace(root, target.Name, target.Module);
+                slower.Add(target.Name);
+            }
+        }
+
+        if (slower.Count > 0)
+        {
+            context.AddNote($"kept in float because the quantized layer was not faster: {string.Join(", ", slower)}");
+        }
+
+        return slower;
     }
 
     /// <summary>Returns the lowest-SQNR quantized layers to float while the calibration metric has dropped too far.</summary>

@@ -126,6 +126,12 @@ public sealed class QuantizedLinear : nn.Module<Tensor, Tensor>, ICompressedLaye
             throw new ArgumentException($"QuantizedLinear expects inputs with {matrix.K} features in the last dimension; got [{string.Join(", ", input.shape)}].", nameof(input));
         }
 
+        if (input.dim() == 2 && input.dtype == ScalarType.Float32 && input.device_type == DeviceType.CPU && input.is_contiguous() && !input.requires_grad)
+        {
+            // The common case needs no conversion: every extra tensor op costs a native call per layer.
+            return matrix.Run(input, activations, FusedRelu, KernelPath);
+        }
+
         using var scope = NewDisposeScope();
         var leading = input.shape[..^1];
         long rows = leading.Aggregate(1L, (a, b) => a * b);

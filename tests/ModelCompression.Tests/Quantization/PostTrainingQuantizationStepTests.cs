@@ -256,6 +256,33 @@ public sealed class PostTrainingQuantizationStepTests
         Assert.That(relus, Is.EqualTo(stillQuantized[0].name == "fc3" ? 2 : 1));
     }
 
+    [Test]
+    public void KeepFloatWhenSlower_EveryLayerEndsQuantizedAndNotedOrFloat()
+    {
+        using var original = ModelZoo.Create(ZooModel.LeNet5, 14);
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = Images(32, 14);
+        var options = new PostTrainingQuantizationOptions { KeepFloatWhenSlower = true };
+        var context = Context(original, data);
+
+        var result = new PostTrainingQuantizationStep(options).Apply(model, context);
+
+        // Timing decides which way each layer goes; either way the model is whole and each float layer is explained.
+        var names = new[] { "conv1", "conv2", "fc1", "fc2", "fc3" };
+        var floatLayers = names.Where(n => ModuleTree.GetSubmodule(result, n) is Conv2d or Linear).ToList();
+        Assert.That(names.All(n => ModuleTree.GetSubmodule(result, n) is Conv2d or Linear or IQuantizedLayer), Is.True);
+        if (floatLayers.Count > 0)
+        {
+            Assert.That(context.Notes, Has.Some.Contains("not faster").And.Contains(floatLayers[0]));
+        }
+
+        using var input = randn(4, 1, 28, 28);
+        var expected = TestModels.Output(original, input);
+        Assert.That(RelativeError(TestModels.Output(result, input), expected), Is.LessThan(0.05));
+        int relus = result.modules().OfType<ReLU>().Count();
+        Assert.That(relus, Is.EqualTo(floatLayers.Count(n => n != "fc3")), "a layer kept in float keeps its ReLU");
+    }
+
     [TestCase(QuantizationMode.Float16, ScalarType.Float16)]
     [TestCase(QuantizationMode.BFloat16, ScalarType.BFloat16)]
     public void HalfPrecisionModes_UseTheHalfPrecisionLayer(QuantizationMode mode, ScalarType dtype)
