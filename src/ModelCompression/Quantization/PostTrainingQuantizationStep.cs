@@ -61,7 +61,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             return new HalfPrecisionStep(new HalfPrecisionOptions { Format = format, Layers = _options.Layers }).Apply(model, context);
         }
 
-        var (targets, leftInFloat) = SelectTargets(model);
+        var (targets, leftInFloat) = QuantizationTargets.Select(model, _options.Layers);
         if (targets.Count == 0)
         {
             if (_options.Layers.Include.Count > 0)
@@ -76,11 +76,11 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         // Every check that can fail runs before the first change.
         foreach (var target in targets)
         {
-            ThrowIfNotFinite(target);
+            QuantizationTargets.ThrowIfNotFinite(target);
         }
 
         using var scope = NewDisposeScope();
-        var structure = _options.FoldBatchNorm || _options.FuseRelu ? FollowingLayers(model, targets) : [];
+        var structure = _options.FoldBatchNorm || _options.FuseRelu ? QuantizationTargets.FollowingLayers(model, targets) : [];
         var calibration = Calibrate(model, targets, context);
         try
         {
@@ -188,104 +188,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         return root;
     }
 
-    private sealed record Target(string Name, nn.Module<Tensor, Tensor> Module);
-
-    private sealed record Following(string? BatchNorm, string? Relu);
-
     private sealed record Calibration(Dictionary<string, (float Min, float Max)> Ranges, Dictionary<string, Tensor> Inputs);
-
-    private (List<Target> Targets, List<string> LeftInFloat) SelectTargets(nn.Module<Tensor, Tensor> model)
-    {
-        _options.Layers.ThrowIfUnknownNames(model);
-        var targets = new List<Target>();
-        var left = new List<string>();
-        foreach (var (name, module) in _options.Layers.Select(model))
-        {
-            if (ModuleTree.HasAncestor<ICompressedLayer>(model, name) || module is ICompressedLayer)
-            {
-                continue;
-            }
-
-            string? why = module switch
-            {
-                Linear => null,
-                Conv2d conv => QuantizedConv2d.WhyUnsupported(conv),
-                _ => $"{module.GetType().Name} has no quantized kernel",
-            };
-            why ??= ModuleTree.WhyCannotReplace(model, name, typeof(QuantizedLinear));
-            if (why is null)
-            {
-                targets.Add(new Target(name, (nn.Module<Tensor, Tensor>)module));
-            }
-            else
-            {
-                left.Add($"{name} ({why})");
-            }
-        }
-
-        return (targets, left);
-    }
-
-    private static void ThrowIfNotFinite(Target target)
-    {
-        using var scope = NewDisposeScope();
-        foreach (var (name, parameter) in target.Module.named_parameters())
-        {
-            if (!isfinite(parameter).all().item<bool>())
-            {
-                throw new ArgumentException($"Layer '{target.Name}' has NaN or infinite values in its {name}; nothing was quantized.", "model");
-            }
-        }
-    }
-
-    /// <summary>For each target directly inside a Sequential: the BatchNorm and ReLU that follow it there.</summary>
-    private static Dictionary<string, Following> FollowingLayers(nn.Module<Tensor, Tensor> model, IReadOnlyList<Target> targets)
-    {
-        var result = new Dictionary<string, Following>(StringComparer.Ordinal);
-        var containers = new List<(string Prefix, nn.Module Module)> { (string.Empty, model) };
-        containers.AddRange(model.named_modules().Select(m => ($"{m.name}.", m.module)));
-        var wanted = targets.ToDictionary(t => t.Name, t => t.Module, StringComparer.Ordinal);
-        foreach (var (prefix, container) in containers)
-        {
-            if (container is not Sequential)
-            {
-                continue;
-            }
-
-            var children = container.named_children().Select(c => (Name: prefix + c.name, c.module)).ToList();
-            for (int i = 0; i < children.Count; i++)
-            {
-                if (!wanted.TryGetValue(children[i].Name, out var layer))
-                {
-                    continue;
-                }
-
-                string? bn = null, relu = null;
-                int j = i + 1;
-                if (j < children.Count && IsMatchingBatchNorm(layer, children[j].module))
-                {
-                    bn = children[j].Name;
-                    j++;
-                }
-
-                if (j < children.Count && children[j].module is ReLU)
-                {
-                    relu = children[j].Name;
-                }
-
-                result[children[i].Name] = new Following(bn, relu);
-            }
-        }
-
-        return result;
-    }
-
-    private static bool IsMatchingBatchNorm(nn.Module layer, nn.Module next) => (layer, next) switch
-    {
-        (Conv2d conv, BatchNorm2d bn) => bn.running_mean is not null && bn.running_mean.shape[0] == conv.out_channels,
-        (Linear linear, BatchNorm1d bn) => bn.running_mean is not null && bn.running_mean.shape[0] == linear.out_features,
-        _ => false,
-    };
 
     /// <summary>w' = w · γ/√(σ²+ε) per output channel; b' = (b − μ) · γ/√(σ²+ε) + β. Eval-mode BatchNorm, exactly.</summary>
     internal static void FoldBatchNorm(nn.Module<Tensor, Tensor> layer, nn.Module batchNorm)

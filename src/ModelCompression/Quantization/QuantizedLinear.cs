@@ -197,9 +197,10 @@ internal static class QuantizedTensors
     public static (Tensor Weight, Tensor Scale, Tensor? Bias, Tensor? InputScale, Tensor? InputZeroPoint) Create(QuantizedMatrix matrix, ActivationSettings activations, long[] weightShape)
     {
         using var scope = NewDisposeScope();
+        // 8 bits: int8 in the layer's shape; fewer: bit-packed rows (two int4 per byte, eight signs per byte, ...).
         var weight = matrix.Bits == 8
             ? tensor(matrix.Q, weightShape)
-            : tensor(matrix.PackNibbles(), [matrix.N, (matrix.K + 1) / 2]);
+            : tensor(matrix.PackBits(), [matrix.N, ((matrix.K * matrix.Bits) + 7) / 8]);
         long[] scaleShape = matrix.Scales.Length == 1 ? [1] : [matrix.N, matrix.GroupsPerRow];
         var scale = tensor(matrix.Scales, scaleShape);
         if (matrix.Bits == 4)

@@ -64,16 +64,34 @@ public sealed class QuantizationMathTests
         Assert.That(Error(QuantizationGranularity.PerGroup(16), 8), Is.LessThan(Error(QuantizationGranularity.PerGroup(16), 4)));
     }
 
-    [Test]
-    public void Int4Packing_RoundTripsEveryValueIncludingOddWidths()
+    [TestCase(1)]
+    [TestCase(2)]
+    [TestCase(3)]
+    [TestCase(4)]
+    [TestCase(5)]
+    [TestCase(7)]
+    public void BitPacking_RoundTripsEveryValueIncludingOddWidths(int bits)
     {
         int n = 5, k = 15;
         var w = Weights(n, k, 3);
-        var matrix = QuantizedMatrix.FromFloat(w, n, k, 4, QuantizationGranularity.PerGroup(8), [], false);
-        var packed = matrix.PackNibbles();
-        Assert.That(packed, Has.Length.EqualTo(n * 8));
-        Assert.That(QuantizedMatrix.UnpackNibbles(packed, n, k), Is.EqualTo(matrix.Q));
-        Assert.That(matrix.Q.Distinct().Count(), Is.GreaterThan(10));
+        var granularity = bits == 4 ? QuantizationGranularity.PerGroup(8) : QuantizationGranularity.PerChannel;
+        var matrix = QuantizedMatrix.FromFloat(w, n, k, bits, granularity, [], false);
+        var packed = matrix.PackBits();
+        Assert.That(packed, Has.Length.EqualTo(n * (((k * bits) + 7) / 8)));
+        Assert.That(QuantizedMatrix.UnpackBits(packed, n, k, bits), Is.EqualTo(matrix.Q));
+        int levels = bits == 1 ? 2 : (2 * QuantizedMatrix.MaxLevel(bits)) + 1;
+        Assert.That(matrix.Q.Distinct().Count(), Is.EqualTo(levels).Or.GreaterThan(Math.Min(levels, 12)));
+        Assert.That(matrix.Q.All(q => Math.Abs((int)q) <= QuantizedMatrix.MaxLevel(bits) && (bits > 1 || q != 0)), Is.True);
+    }
+
+    [Test]
+    public void BinaryWeights_AreSignTimesTheMeanMagnitude()
+    {
+        float[] w = [0.5f, -1.5f, 2f, -0f, 3f, -1f, 1f, 1f];
+        var matrix = QuantizedMatrix.FromFloat(w, 2, 4, 1, QuantizationGranularity.PerChannel, [], false);
+        Assert.That(matrix.Q, Is.EqualTo(new sbyte[] { 1, -1, 1, 1, 1, -1, 1, 1 }));
+        Assert.That(matrix.Scales, Is.EqualTo(new[] { 1f, 1.5f }));
+        Assert.That(matrix.Dequantize(), Is.EqualTo(new[] { 1f, -1f, 1f, 1f, 1.5f, -1.5f, 1.5f, 1.5f }));
     }
 
     [Test]

@@ -22,7 +22,8 @@ internal sealed unsafe class QuantizedMatrix
         Q = q;
         Scales = scales;
         Bias = bias;
-        Packed = PackedWeights.Create(q, n, k, bits, groupSize, ExpandScales(), bias ?? []);
+        // The kernel runs 4-bit weights from nibbles and every other width (1–8 bits) from bytes.
+        Packed = PackedWeights.Create(q, n, k, bits == 4 ? 4 : 8, groupSize, ExpandScales(), bias ?? []);
     }
 
     public int N { get; }
@@ -49,17 +50,22 @@ internal sealed unsafe class QuantizedMatrix
     /// <summary>Gets the number of scales per row.</summary>
     public int GroupsPerRow => GroupSize == 0 ? 1 : (K + GroupSize - 1) / GroupSize;
 
-    /// <summary>Quantizes a float weight, rounding to nearest. 4-bit scales are rounded to float16 first, as stored.</summary>
+    /// <summary>The largest integer magnitude of a <paramref name="bits"/>-bit symmetric weight (1 for binary ±1 weights).</summary>
+    public static int MaxLevel(int bits) => bits == 1 ? 1 : (1 << (bits - 1)) - 1;
+
+    /// <summary>
+    /// Quantizes a float weight with scales from each group's largest magnitude, rounding to nearest (1 bit: the
+    /// sign times the mean magnitude, as XNOR-Net). 4-bit scales are rounded to float16 first, as stored.
+    /// </summary>
     public static QuantizedMatrix FromFloat(ReadOnlySpan<float> weight, int n, int k, int bits, QuantizationGranularity granularity, ReadOnlySpan<float> bias, bool hasBias)
     {
-        int qmax = bits == 8 ? 127 : 7;
+        int qmax = MaxLevel(bits);
         int groupSize = granularity is PerGroupGranularity g ? g.Size : 0;
         int groups = groupSize == 0 ? 1 : (k + groupSize - 1) / groupSize;
         var scales = new float[granularity is PerTensorGranularity ? 1 : n * groups];
-        var q = new sbyte[n * k];
         if (granularity is PerTensorGranularity)
         {
-            scales[0] = ScaleFor(MaxAbs(weight), qmax, bits);
+            scales[0] = ScaleFor(weight, qmax, bits);
         }
         else
         {
@@ -69,18 +75,34 @@ internal sealed unsafe class QuantizedMatrix
                 {
                     int start = groupSize == 0 ? 0 : b * groupSize;
                     int end = groupSize == 0 ? k : Math.Min(k, start + groupSize);
-                    scales[(row * groups) + b] = ScaleFor(MaxAbs(weight.Slice((row * k) + start, end - start)), qmax, bits);
+                    scales[(row * groups) + b] = ScaleFor(weight.Slice((row * k) + start, end - start), qmax, bits);
                 }
             }
         }
 
-        var matrix = new float[scales.Length];
+        return FromScales(weight, n, k, bits, granularity, scales, bias, hasBias);
+    }
+
+    /// <summary>Quantizes a float weight with the given scales (one, N, or N × groups), rounding to nearest.</summary>
+    public static QuantizedMatrix FromScales(ReadOnlySpan<float> weight, int n, int k, int bits, QuantizationGranularity granularity, float[] scales, ReadOnlySpan<float> bias, bool hasBias)
+    {
+        int qmax = MaxLevel(bits);
+        int groupSize = granularity is PerGroupGranularity g ? g.Size : 0;
+        int groups = groupSize == 0 ? 1 : (k + groupSize - 1) / groupSize;
+        var q = new sbyte[n * k];
         for (int row = 0; row < n; row++)
         {
             for (int i = 0; i < k; i++)
             {
+                float w = weight[(row * k) + i];
+                if (bits == 1)
+                {
+                    q[(row * k) + i] = (sbyte)(w >= 0 ? 1 : -1);
+                    continue;
+                }
+
                 float s = scales.Length == 1 ? scales[0] : scales[(row * groups) + (groupSize == 0 ? 0 : i / groupSize)];
-                q[(row * k) + i] = (sbyte)Math.Clamp(MathF.Round(weight[(row * k) + i] / s, MidpointRounding.ToEven), -qmax, qmax);
+                q[(row * k) + i] = (sbyte)Math.Clamp(MathF.Round(w / s, MidpointRounding.ToEven), -qmax, qmax);
             }
         }
 
@@ -138,41 +160,6 @@ internal sealed unsafe class QuantizedMatrix
         return y;
     }
 
-    /// <summary>Packs the nibbles of 4-bit weights two per byte (low nibble first), row by row.</summary>
-    public byte[] PackNibbles()
-    {
-        int perRow = (K + 1) / 2;
-        var packed = new byte[N * perRow];
-        for (int row = 0; row < N; row++)
-        {
-            for (int i = 0; i < K; i++)
-            {
-                int nibble = Q[(row * K) + i] & 0x0F;
-                packed[(row * perRow) + (i / 2)] |= (byte)(i % 2 == 0 ? nibble : nibble << 4);
-            }
-        }
-
-        return packed;
-    }
-
-    /// <summary>Inverts <see cref="PackNibbles"/>.</summary>
-    public static sbyte[] UnpackNibbles(ReadOnlySpan<byte> packed, int n, int k)
-    {
-        int perRow = (k + 1) / 2;
-        var q = new sbyte[n * k];
-        for (int row = 0; row < n; row++)
-        {
-            for (int i = 0; i < k; i++)
-            {
-                int b = packed[(row * perRow) + (i / 2)];
-                int nibble = i % 2 == 0 ? b & 0x0F : b >> 4;
-                q[(row * k) + i] = (sbyte)(nibble >= 8 ? nibble - 16 : nibble);
-            }
-        }
-
-        return q;
-    }
-
     private float[] ExpandScales()
     {
         int groups = GroupsPerRow;
@@ -186,6 +173,56 @@ internal sealed unsafe class QuantizedMatrix
         return expanded;
     }
 
+    /// <summary>
+    /// Packs b-bit weights LSB first, row by row, each row starting on a byte: two's complement fields for 2–7 bits
+    /// (4 bits: low nibble first), one sign bit for 1 bit (1 = +1, 0 = −1).
+    /// </summary>
+    public byte[] PackBits()
+    {
+        int perRow = ((K * Bits) + 7) / 8;
+        var packed = new byte[N * perRow];
+        int mask = (1 << Bits) - 1;
+        for (int row = 0; row < N; row++)
+        {
+            for (int i = 0; i < K; i++)
+            {
+                int value = Q[(row * K) + i];
+                int field = Bits == 1 ? (value > 0 ? 1 : 0) : value & mask;
+                int bit = i * Bits;
+                int index = (row * perRow) + (bit / 8);
+                int shifted = field << (bit % 8);
+                packed[index] |= (byte)shifted;
+                if ((bit % 8) + Bits > 8)
+                {
+                    packed[index + 1] |= (byte)(shifted >> 8);
+                }
+            }
+        }
+
+        return packed;
+    }
+
+    /// <summary>Inverts <see cref="PackBits"/>.</summary>
+    public static sbyte[] UnpackBits(ReadOnlySpan<byte> packed, int n, int k, int bits)
+    {
+        int perRow = ((k * bits) + 7) / 8;
+        var q = new sbyte[n * k];
+        int mask = (1 << bits) - 1;
+        for (int row = 0; row < n; row++)
+        {
+            for (int i = 0; i < k; i++)
+            {
+                int bit = i * bits;
+                int index = (row * perRow) + (bit / 8);
+                int word = packed[index] | (index + 1 < packed.Length ? packed[index + 1] << 8 : 0);
+                int field = (word >> (bit % 8)) & mask;
+                q[(row * k) + i] = (sbyte)(bits == 1 ? (field == 1 ? 1 : -1) : (field << (32 - bits)) >> (32 - bits));
+            }
+        }
+
+        return q;
+    }
+
     private static float MaxAbs(ReadOnlySpan<float> values)
     {
         float max = 0;
@@ -197,8 +234,21 @@ internal sealed unsafe class QuantizedMatrix
         return max;
     }
 
-    private static float ScaleFor(float maxAbs, int qmax, int bits)
+    private static float ScaleFor(ReadOnlySpan<float> values, int qmax, int bits)
     {
+        if (bits == 1)
+        {
+            // Binary weights: the mean magnitude minimises the squared error of sign(w)·α (XNOR-Net).
+            double sum = 0;
+            foreach (float v in values)
+            {
+                sum += Math.Abs(v);
+            }
+
+            return values.Length == 0 || sum == 0 ? 1f : (float)(sum / values.Length);
+        }
+
+        float maxAbs = MaxAbs(values);
         float s = maxAbs == 0 ? 1f : maxAbs / qmax;
         // 4-bit layers store their scales as float16: quantize with the scale that will be stored.
         return bits == 4 ? (float)(Half)Math.Max(s, 1e-4f) : s;

@@ -1,0 +1,79 @@
+using static TorchSharp.torch;
+
+namespace ModelCompression.Quantization;
+
+/// <summary>
+/// Differentiable fake quantization for quantization-aware training: the forward pass rounds to the integer grid
+/// the kernel will use; the backward pass is the straight-through estimator (gradient 1 inside the clamping range,
+/// 0 outside). Built from TorchSharp ops with the <c>x + (q − x).detach()</c> construction, since the C# API's
+/// <c>fake_quantize_*</c> functions cannot be called.
+/// </summary>
+public static class FakeQuantization
+{
+    /// <summary>
+    /// Fake-quantizes <paramref name="x"/> to levels [<paramref name="qmin"/>, <paramref name="qmax"/>] with a fixed
+    /// scale and zero point: out = (clamp(round(x / s) + z, qmin, qmax) − z) · s.
+    /// </summary>
+    /// <param name="x">The values.</param>
+    /// <param name="scale">The scale: a scalar tensor or one broadcastable against <paramref name="x"/> (per channel).</param>
+    /// <param name="zeroPoint">The zero point (a level).</param>
+    /// <param name="qmin">The lowest level.</param>
+    /// <param name="qmax">The highest level.</param>
+    /// <returns>The fake-quantized values; gradient 1 where x is inside the range, 0 outside; none to the scale.</returns>
+    public static Tensor WithFixedScale(Tensor x, Tensor scale, double zeroPoint, int qmin, int qmax)
+    {
+        ArgumentNullException.ThrowIfNull(x);
+        ArgumentNullException.ThrowIfNull(scale);
+        using var scope = NewDisposeScope();
+        var s = scale.detach();
+        var low = (qmin - zeroPoint) * s;
+        var high = (qmax - zeroPoint) * s;
+        var clipped = x.clamp(low, high);
+        var levels = (clipped / s).round() + zeroPoint;
+        var quantized = (levels.clamp(qmin, qmax) - zeroPoint) * s;
+        return (clipped + (quantized - clipped).detach()).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Learned step size quantization (Esser et al. 2020): like <see cref="WithFixedScale"/>, but the scale is a
+    /// trained parameter whose gradient is scaled by <paramref name="gradientScale"/> (the paper uses
+    /// 1 / √(elements · qmax)).
+    /// </summary>
+    /// <param name="x">The values.</param>
+    /// <param name="scale">The trained scale (positive), scalar or broadcastable per channel.</param>
+    /// <param name="zeroPoint">The zero point (a level).</param>
+    /// <param name="qmin">The lowest level.</param>
+    /// <param name="qmax">The highest level.</param>
+    /// <param name="gradientScale">The factor applied to the scale's gradient.</param>
+    /// <returns>The fake-quantized values; gradients flow to <paramref name="x"/> (inside the range) and to the scale.</returns>
+    public static Tensor WithLearnedScale(Tensor x, Tensor scale, double zeroPoint, int qmin, int qmax, double gradientScale)
+    {
+        ArgumentNullException.ThrowIfNull(x);
+        ArgumentNullException.ThrowIfNull(scale);
+        using var scope = NewDisposeScope();
+
+        // Same value as the scale, gradient multiplied by gradientScale.
+        var scaled = scale * gradientScale;
+        var s = (scale - scaled).detach() + scaled;
+        var v = ((x / s) + zeroPoint).clamp(qmin, qmax);
+        var rounded = v + (v.round() - v).detach();
+        return ((rounded - zeroPoint) * s).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Binary weights (BinaryConnect / XNOR-Net): sign(w) · α with α the mean magnitude per output channel (dim 0);
+    /// the gradient passes where |w| ≤ 1 and is 0 elsewhere.
+    /// </summary>
+    /// <param name="weight">The weight, output channels first.</param>
+    /// <returns>The binarized weight.</returns>
+    public static Tensor Binary(Tensor weight)
+    {
+        ArgumentNullException.ThrowIfNull(weight);
+        using var scope = NewDisposeScope();
+        var dims = Enumerable.Range(1, (int)weight.dim() - 1).Select(d => (long)d).ToArray();
+        var alpha = (dims.Length == 0 ? weight.abs() : weight.abs().mean(dims, keepdim: true)).detach();
+        var sign = where(weight >= 0, ones_like(weight), -ones_like(weight));
+        var clipped = weight.clamp(-1, 1);
+        return (clipped + ((sign * alpha) - clipped).detach()).MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,113 @@
+using ModelCompression.Metrics;
+using ModelCompression.Modules;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Quantization;
+
+/// <summary>A layer a quantization step converts.</summary>
+internal sealed record Target(string Name, nn.Module<Tensor, Tensor> Module);
+
+/// <summary>The BatchNorm and ReLU that directly follow a layer in a Sequential, by dotted name.</summary>
+internal sealed record Following(string? BatchNorm, string? Relu);
+
+/// <summary>Which layers the quantization steps convert, checked the same way by both.</summary>
+internal static class QuantizationTargets
+{
+    /// <summary>The selected Linear and Conv2d layers the kernel can run, and the selected layers it cannot (with why).</summary>
+    public static (List<Target> Targets, List<string> LeftInFloat) Select(nn.Module<Tensor, Tensor> model, LayerSelection selection)
+    {
+        selection.ThrowIfUnknownNames(model);
+        var targets = new List<Target>();
+        var left = new List<string>();
+        foreach (var (name, module) in selection.Select(model))
+        {
+            if (ModuleTree.HasAncestor<ICompressedLayer>(model, name) || module is ICompressedLayer)
+            {
+                continue;
+            }
+
+            string? why = module switch
+            {
+                Linear => null,
+                Conv2d conv => QuantizedConv2d.WhyUnsupported(conv),
+                _ => $"{module.GetType().Name} has no quantized kernel",
+            };
+            why ??= ModuleTree.WhyCannotReplace(model, name, typeof(QuantizedLinear));
+            if (why is null)
+            {
+                targets.Add(new Target(name, (nn.Module<Tensor, Tensor>)module));
+            }
+            else
+            {
+                left.Add($"{name} ({why})");
+            }
+        }
+
+        return (targets, left);
+    }
+
+    /// <summary>Throws, naming the layer, when any of its parameters holds NaN or infinity.</summary>
+    public static void ThrowIfNotFinite(Target target)
+    {
+        using var scope = NewDisposeScope();
+        foreach (var (name, parameter) in target.Module.named_parameters())
+        {
+            if (!isfinite(parameter).all().item<bool>())
+            {
+                throw new ArgumentException($"Layer '{target.Name}' has NaN or infinite values in its {name}; nothing was quantized.", "model");
+            }
+        }
+    }
+
+    /// <summary>For each target directly inside a Sequential: the BatchNorm and ReLU that follow it there.</summary>
+    public static Dictionary<string, Following> FollowingLayers(nn.Module<Tensor, Tensor> model, IReadOnlyList<Target> targets)
+    {
+        var result = new Dictionary<string, Following>(StringComparer.Ordinal);
+        var containers = new List<(string Prefix, nn.Module Module)> { (string.Empty, model) };
+        containers.AddRange(model.named_modules().Select(m => ($"{m.name}.", m.module)));
+        var wanted = targets.ToDictionary(t => t.Name, t => t.Module, StringComparer.Ordinal);
+        foreach (var (prefix, container) in containers)
+        {
+            if (container is not Sequential)
+            {
+                continue;
+            }
+
+            var children = container.named_children().Select(c => (Name: prefix + c.name, c.module)).ToList();
+            for (int i = 0; i < children.Count; i++)
+            {
+                if (!wanted.TryGetValue(children[i].Name, out var layer))
+                {
+                    continue;
+                }
+
+                string? bn = null, relu = null;
+                int j = i + 1;
+                if (j < children.Count && IsMatchingBatchNorm(layer, children[j].module))
+                {
+                    bn = children[j].Name;
+                    j++;
+                }
+
+                if (j < children.Count && children[j].module is ReLU)
+                {
+                    relu = children[j].Name;
+                }
+
+                result[children[i].Name] = new Following(bn, relu);
+            }
+        }
+
+        return result;
+    }
+
+    public static bool IsMatchingBatchNorm(nn.Module layer, nn.Module next) => (layer, next) switch
+    {
+        (Conv2d conv, BatchNorm2d bn) => bn.running_mean is not null && bn.running_mean.shape[0] == conv.out_channels,
+        (Linear linear, BatchNorm1d bn) => bn.running_mean is not null && bn.running_mean.shape[0] == linear.out_features,
+        _ => false,
+    };
+
+}
