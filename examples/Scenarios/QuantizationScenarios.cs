@@ -110,3 +110,152 @@ public sealed class PtqInt4LeNet300Scenario : IScenario
         });
     }
 }
+
+/// <summary>Shared parts of the quantization-aware training scenarios.</summary>
+internal static class QuantizationAware
+{
+    /// <summary>
+    /// Runs quantization-aware training on a zoo baseline, and the same bit widths with zero epochs (post-training,
+    /// ranges from the calibration pass) for <c>reference.ptqAccuracy</c>; adds the conversion check.
+    /// </summary>
+    public static CompressionReport Run(ScenarioBaseline baseline, ScenarioContext context, QuantizationAwareTrainingOptions options)
+    {
+        var step = new QuantizationAwareTrainingStep(options);
+        using var result = CompressionPipeline.Create()
+            .AddStep(step)
+            .WithModelName(baseline.Name)
+            .WithSeed(context.Seed)
+            .Build()
+            .Run(baseline.Model, baseline.Data);
+        var report = result.Report;
+        report.Reference = baseline.Reference();
+        report.Reference["sizeRatio"] = (double)report.Final.SizeBytes / report.Baseline.SizeBytes;
+        report.Reference["agreement"] = step.LastConversion!.Agreement;
+        report.Reference["maxLogitDifference"] = step.LastConversion.MaxLogitDifference;
+
+        var postTraining = Copy(options);
+        postTraining.Training.Epochs = 0;
+        postTraining.ObserverEpochs = 0;
+        using var ptq = CompressionPipeline.Create()
+            .AddQuantizationAwareTraining(postTraining)
+            .WithModelName(baseline.Name)
+            .WithSeed(context.Seed)
+            .WithLatencyMeasurement(new ModelCompression.Metrics.LatencyOptions { Enabled = false })
+            .Build()
+            .Run(baseline.Model, baseline.Data);
+        report.Reference["ptqAccuracy"] = ptq.Report.Final.Accuracy;
+        context.Log.WriteLine($"Same bits after training only (post-training): accuracy {ptq.Report.Final.Accuracy:P2}; after QAT: {report.Final.Accuracy:P2}");
+        context.Log.WriteLine($"Converted vs fake-quantized: {step.LastConversion.Agreement:P2} same predictions, max output difference {step.LastConversion.MaxLogitDifference:0.#####}");
+        return report;
+    }
+
+    public static ScenarioTarget Agreement() =>
+        global::Scenarios.Targets.ReferenceAtLeast("agreement", 0.999, "converted model agrees with the fake-quantized one on ≥ 99.9% of test digits");
+
+    /// <summary>Fine-tuning at a small learning rate: the weights start trained.</summary>
+    public static ModelCompression.Training.TrainingOptions Training(int epochs, double learningRate)
+    {
+        var training = Pruning.FineTuning(epochs);
+        training.LearningRate = learningRate;
+        return training;
+    }
+
+    private static QuantizationAwareTrainingOptions Copy(QuantizationAwareTrainingOptions options)
+    {
+        var copy = new QuantizationAwareTrainingOptions
+        {
+            WeightBits = options.WeightBits,
+            WeightGranularity = options.WeightGranularity,
+            QuantizeActivations = options.QuantizeActivations,
+            LearnedStepSize = options.LearnedStepSize,
+            ObserverEpochs = options.ObserverEpochs,
+            FreezeBatchNormAfterEpoch = options.FreezeBatchNormAfterEpoch,
+            Training = options.Training.Clone(),
+        };
+        foreach (var (layer, bits) in options.LayerWeightBits)
+        {
+            copy.LayerWeightBits[layer] = bits;
+        }
+
+        return copy;
+    }
+}
+
+/// <summary>LeNet-5 trained with int8 weights and 7-bit activations in the loop, converted to static int8 layers.</summary>
+public sealed class QatInt8LeNet5Scenario : IScenario
+{
+    public string Name => "qat-int8-lenet5";
+
+    public string Description => "LeNet-5: quantization-aware training, int8 weights, 7-bit activations";
+
+    public IReadOnlyList<ScenarioTarget> Targets { get; } =
+    [
+        global::Scenarios.Targets.DropAtMost(0.1),
+        QuantizationAware.Agreement(),
+    ];
+
+    public CompressionReport Run(ScenarioContext context)
+    {
+        using var baseline = ScenarioBaseline.Load(ZooModel.LeNet5, context);
+        return QuantizationAware.Run(baseline, context, new QuantizationAwareTrainingOptions
+        {
+            WeightBits = 8,
+            Training = QuantizationAware.Training(3, 0.002),
+        });
+    }
+}
+
+/// <summary>LeNet-300-100 with 4-bit weights per channel and 7-bit activations: post-training against QAT.</summary>
+public sealed class QatInt4LeNet300Scenario : IScenario
+{
+    public string Name => "qat-int4-lenet300";
+
+    public string Description => "LeNet-300-100: 4-bit weights (per channel), 7-bit activations; post-training vs QAT";
+
+    public IReadOnlyList<ScenarioTarget> Targets { get; } =
+    [
+        global::Scenarios.Targets.DropAtMost(0.5),
+        QuantizationAware.Agreement(),
+    ];
+
+    public CompressionReport Run(ScenarioContext context)
+    {
+        using var baseline = ScenarioBaseline.Load(ZooModel.LeNet300100, context);
+        return QuantizationAware.Run(baseline, context, new QuantizationAwareTrainingOptions
+        {
+            WeightBits = 4,
+            WeightGranularity = QuantizationGranularity.PerChannel,
+            Training = QuantizationAware.Training(5, 0.005),
+        });
+    }
+}
+
+/// <summary>
+/// LeNet-300-100 with binary (1-bit) weights in both hidden layers (fc1, fc2) and 8-bit weights in the output layer
+/// (fc3), 7-bit activations; weights stored as bits.
+/// </summary>
+public sealed class QatBinaryLeNet300Scenario : IScenario
+{
+    public string Name => "qat-binary-lenet300";
+
+    public string Description => "LeNet-300-100: 1-bit weights in fc1 and fc2 (fc3 8-bit), quantization-aware training";
+
+    public IReadOnlyList<ScenarioTarget> Targets { get; } =
+    [
+        global::Scenarios.Targets.DropAtMost(3.0),
+        Quantization.SizeRatioAtMost(1.0 / 20, "size ≤ 1/20 of fp32"),
+        QuantizationAware.Agreement(),
+    ];
+
+    public CompressionReport Run(ScenarioContext context)
+    {
+        using var baseline = ScenarioBaseline.Load(ZooModel.LeNet300100, context);
+        var options = new QuantizationAwareTrainingOptions
+        {
+            WeightBits = 1,
+            Training = QuantizationAware.Training(15, 0.01),
+        };
+        options.LayerWeightBits["fc3"] = 8;
+        return QuantizationAware.Run(baseline, context, options);
+    }
+}

@@ -65,6 +65,9 @@ public static class ScenarioCatalog
         new PtqDynamicLeNet300Scenario(),
         new PtqStaticLeNet5Scenario(),
         new PtqInt4LeNet300Scenario(),
+        new QatInt8LeNet5Scenario(),
+        new QatInt4LeNet300Scenario(),
+        new QatBinaryLeNet300Scenario(),
     ];
 }
 

@@ -73,6 +73,9 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
     /// <summary>Gets or sets whether the activation observer still updates its range (in training mode).</summary>
     public bool ObserverEnabled { get; set; } = true;
 
+    /// <summary>Gets or sets whether the observer updates in evaluation mode too (the calibration pass before training).</summary>
+    public bool Calibrating { get; set; }
+
     /// <summary>Gets or sets whether the folded BatchNorm's running statistics are frozen.</summary>
     public bool BatchNormFrozen { get; set; }
 
@@ -133,11 +136,7 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
         var x = input;
         if (QuantizesActivations)
         {
-            if (training && ObserverEnabled)
-            {
-                Observe(input);
-            }
-            else if (float.IsNaN(observedMin))
+            if ((training && ObserverEnabled) || Calibrating || float.IsNaN(observedMin))
             {
                 Observe(input);
             }

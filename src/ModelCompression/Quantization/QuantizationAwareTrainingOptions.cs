@@ -29,8 +29,11 @@ public sealed class QuantizationAwareTrainingOptions : IValidatableOptions
     /// <value>The default is <see langword="false"/>. Binary weights keep their mean-magnitude scale either way.</value>
     public bool LearnedStepSize { get; set; }
 
-    /// <summary>Gets or sets the training epochs during which activation observers update; they are frozen after.</summary>
-    /// <value>The default is 1; at least 1 when activations are quantized.</value>
+    /// <summary>
+    /// Gets or sets the training epochs during which activation observers go on updating (a moving average) after
+    /// the calibration pass that sets them before training; they are frozen after.
+    /// </summary>
+    /// <value>The default is 1; 0 keeps the calibrated ranges.</value>
     public int ObserverEpochs { get; set; } = 1;
 
     /// <summary>Gets or sets the epoch after which folded BatchNorms stop updating their running statistics, or <see langword="null"/> for never.</summary>
@@ -41,7 +44,7 @@ public sealed class QuantizationAwareTrainingOptions : IValidatableOptions
     /// <value>The default is <see langword="true"/>.</value>
     public bool FoldBatchNorm { get; set; } = true;
 
-    /// <summary>Gets or sets the training (required).</summary>
+    /// <summary>Gets or sets the training (required). Zero epochs gives post-training quantization at the same bit widths (ranges from the calibration pass).</summary>
     /// <value>The default is 3 epochs of SGD with momentum at a learning rate of 0.01.</value>
     public TrainingOptions Training { get; set; } = new() { Epochs = 3, Optimizer = OptimizerKind.Sgd, LearningRate = 0.01, Momentum = 0.9 };
 
@@ -85,9 +88,9 @@ public sealed class QuantizationAwareTrainingOptions : IValidatableOptions
             errors.Add($"{Owner}.{nameof(WeightGranularity)}: per-group scales need {nameof(QuantizeActivations)} = false (static int8 layers use per-tensor or per-channel weights).");
         }
 
-        if (QuantizeActivations && ObserverEpochs < 1)
+        if (ObserverEpochs < 0)
         {
-            errors.Add($"{Owner}.{nameof(ObserverEpochs)} must be at least 1 when activations are quantized (was {ObserverEpochs}).");
+            errors.Add($"{Owner}.{nameof(ObserverEpochs)} must be 0 or more (was {ObserverEpochs}).");
         }
 
         if (FreezeBatchNormAfterEpoch is < 0)
@@ -102,7 +105,7 @@ public sealed class QuantizationAwareTrainingOptions : IValidatableOptions
         else
         {
             OptionsValidationException.AddNested(errors, Owner, nameof(Training), Training.Validate());
-            if (QuantizeActivations && ObserverEpochs > Training.Epochs)
+            if (QuantizeActivations && ObserverEpochs > Math.Max(1, Training.Epochs))
             {
                 errors.Add($"{Owner}.{nameof(ObserverEpochs)} ({ObserverEpochs}) exceeds the training epochs ({Training.Epochs}).");
             }

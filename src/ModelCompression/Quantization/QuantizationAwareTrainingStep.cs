@@ -27,6 +27,9 @@ public sealed class QuantizationAwareTrainingStep : ICompressionStep, ICompressi
     /// <summary>The base name of the step in reports.</summary>
     public const string StepName = "QuantizationAwareTraining";
 
+    private const int CalibrationBatches = 8;
+    private const int CalibrationBatchSize = 128;
+
     private readonly QuantizationAwareTrainingOptions _options;
 
     /// <summary>Initializes a new instance of the <see cref="QuantizationAwareTrainingStep"/> class.</summary>
@@ -85,6 +88,7 @@ public sealed class QuantizationAwareTrainingStep : ICompressionStep, ICompressi
 
         var root = Prepare(model, targets, context);
         var fake = root.modules().OfType<FakeQuantLayer>().ToList();
+        Calibrate(root, fake, context);
         var callbacks = new TrainingCallbacks
         {
             AfterEpoch = (epoch, _) =>
@@ -152,11 +156,52 @@ public sealed class QuantizationAwareTrainingStep : ICompressionStep, ICompressi
             int bits = _options.BitsFor(target.Name);
             var layer = new FakeQuantLayer(target.Module, batchNorm, bits, _options.GranularityFor(bits), _options.QuantizeActivations, _options.LearnedStepSize);
             layer.BatchNormFrozen = _options.FreezeBatchNormAfterEpoch == 0;
+            layer.ObserverEnabled = _options.ObserverEpochs > 0;
             root = ModuleTree.Replace(root, target.Name, layer);
             context.Logger.LogDebug("{Layer}: {Fake}", target.Name, layer);
         }
 
         return root;
+    }
+
+    /// <summary>
+    /// Sets every activation range (and learned step size) from a few training batches before training starts, so
+    /// training begins from calibrated ranges — and with zero epochs the step is post-training quantization at
+    /// the same bit widths.
+    /// </summary>
+    private static void Calibrate(nn.Module<Tensor, Tensor> root, IReadOnlyList<FakeQuantLayer> fake, CompressionContext context)
+    {
+        bool wasTraining = root.training;
+        root.eval();
+        foreach (var layer in fake)
+        {
+            layer.Calibrating = true;
+        }
+
+        try
+        {
+            using var noGrad = no_grad();
+            int seen = 0;
+            foreach (var (input, _) in context.TrainingData!.ScopedBatches(CalibrationBatchSize, shuffle: true, seed: context.StepSeed))
+            {
+                if (seen++ == CalibrationBatches)
+                {
+                    break;
+                }
+
+                context.CancellationToken.ThrowIfCancellationRequested();
+                root.call(input.to(context.Device));
+            }
+        }
+        finally
+        {
+            foreach (var layer in fake)
+            {
+                layer.Calibrating = false;
+            }
+
+            root.train(wasTraining);
+        }
     }
 
     /// <summary>The model's outputs on the evaluation data, [samples, outputs], on the CPU.</summary>

@@ -192,12 +192,33 @@ public sealed class QuantizationAwareTrainingTests
     }
 
     [Test]
+    public void ZeroEpochs_IsPostTrainingQuantizationFromTheCalibrationPass()
+    {
+        var (model, train, test) = TestModels.TrainedMlp(12);
+        using var _ = model;
+        using var __ = train;
+        using var ___ = test;
+        using var copy = ModuleCloner.DeepClone(model);
+        var step = new QuantizationAwareTrainingStep(new QuantizationAwareTrainingOptions { Training = new TrainingOptions { Epochs = 0 }, ObserverEpochs = 0 });
+
+        var result = step.Apply(copy, Context(model, train, test));
+
+        // The weights are the trained ones, quantized: the dequantized weight is within half a step of the original.
+        var fc1 = (QuantizedLinear)ModuleTree.GetSubmodule(result, "fc1");
+        using var original = ((Linear)ModuleTree.GetSubmodule(model, "fc1")).weight!.detach().clone();
+        using var restored = fc1.DequantizedWeight();
+        using var step127 = original.abs().amax([1L], keepdim: true) / 127;
+        Assert.That((restored - original).abs().le(step127 / 2 + 1e-7).all().item<bool>(), Is.True);
+        Assert.That(step.LastConversion!.Agreement, Is.GreaterThanOrEqualTo(0.99));
+    }
+
+    [Test]
     public void InvalidOptions_AreAllListed()
     {
         var options = new QuantizationAwareTrainingOptions
         {
             WeightBits = 9,
-            ObserverEpochs = 0,
+            ObserverEpochs = -1,
             FreezeBatchNormAfterEpoch = -1,
             WeightGranularity = QuantizationGranularity.PerGroup(32),
         };
