@@ -167,6 +167,30 @@ public sealed class QuantizationAwareTrainingTests
     }
 
     [Test]
+    public void Step_WithLearnedStepSizeAndDistillation_TrainsTheScalesAndConverts()
+    {
+        var (model, train, test) = TestModels.TrainedMlp(13);
+        using var _ = model;
+        using var __ = train;
+        using var ___ = test;
+        using var copy = ModuleCloner.DeepClone(model);
+        var step = new QuantizationAwareTrainingStep(new QuantizationAwareTrainingOptions
+        {
+            WeightBits = 4,
+            LearnedStepSize = true,
+            Distillation = new ModelCompression.Distillation.RecoveryDistillation { Alpha = 0.5, Temperature = 2 },
+            Training = new TrainingOptions { Epochs = 2, BatchSize = 32, LearningRate = 0.01 },
+        });
+
+        var result = step.Apply(copy, Context(model, train, test));
+
+        var layers = result.modules().OfType<QuantizedLinear>().ToList();
+        Assert.That(layers.Select(l => l.WeightBits), Is.EqualTo(new[] { 4, 4 }));
+        Assert.That(step.LastConversion!.Agreement, Is.GreaterThanOrEqualTo(0.99));
+        Assert.That(new AccuracyEvaluator().Evaluate(result, test).Value, Is.GreaterThan(new AccuracyEvaluator().Evaluate(model, test).Value - 0.1));
+    }
+
+    [Test]
     public void Step_BinaryHiddenLayersAreStoredAsBits()
     {
         var (model, train, test) = TestModels.TrainedMlp(8);
