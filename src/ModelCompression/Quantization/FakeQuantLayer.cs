@@ -98,14 +98,9 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
         }
     }
 
-    private Tensor Weight => layer switch
-    {
-        Linear l => l.weight!,
-        Conv2d c => c.weight!,
-        _ => throw new InvalidOperationException($"Unsupported layer {layer.GetType().Name}."),
-    };
+    private Tensor Weight => BatchNormFolding.WeightAndBias(layer).Weight;
 
-    private Tensor? Bias => layer is Linear l ? l.bias : ((Conv2d)layer).bias;
+    private Tensor? Bias => BatchNormFolding.WeightAndBias(layer).Bias;
 
     /// <inheritdoc/>
     public long CountMacs(Tensor input, Tensor output) => ModelMetrics.LayerMacs(layer, input, output);
@@ -158,19 +153,10 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
     /// <summary>The weight and bias with the BatchNorm folded in (running statistics; updated first while training and not frozen).</summary>
     internal (Tensor Weight, Tensor? Bias) FoldedWeightAndBias(Tensor? input)
     {
-        var weight = Weight;
-        var bias = Bias;
         if (batch_norm is null)
         {
-            return (weight, bias);
+            return (Weight, Bias);
         }
-
-        var (mean, variance, gamma, beta, eps) = batch_norm switch
-        {
-            BatchNorm2d b => (b.running_mean!, b.running_var!, b.weight, b.bias, b.eps),
-            BatchNorm1d b => (b.running_mean!, b.running_var!, b.weight, b.bias, b.eps),
-            _ => throw new InvalidOperationException(),
-        };
 
         if (training && !BatchNormFrozen && input is not null)
         {
@@ -182,12 +168,7 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
             batch_norm.eval();
         }
 
-        var factor = (gamma ?? ones_like(variance)) / (variance + eps).sqrt();
-        var shape = Enumerable.Repeat(1L, (int)weight.dim()).ToArray();
-        shape[0] = -1;
-        var foldedWeight = weight * factor.reshape(shape);
-        var foldedBias = (((bias ?? zeros_like(mean)) - mean) * factor) + (beta ?? zeros_like(mean));
-        return (foldedWeight, foldedBias);
+        return BatchNormFolding.Folded(layer, batch_norm);
     }
 
     private void Observe(Tensor input)

@@ -85,10 +85,7 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
             errors.Add($"{Owner}.{nameof(DynamicActivations)} is not a known granularity (was {(int)DynamicActivations}).");
         }
 
-        if (WeightGranularity is PerGroupGranularity group && (group.Size <= 0 || group.Size % 8 != 0))
-        {
-            errors.Add($"{Owner}.{nameof(WeightGranularity)}: the group size must be a positive multiple of 8 (was {group.Size}).");
-        }
+        errors.AddRange(WeightGranularity?.Errors(Owner, nameof(WeightGranularity)) ?? []);
 
         if (Mode == QuantizationMode.WeightOnlyInt4 && WeightGranularity is not (null or PerGroupGranularity))
         {

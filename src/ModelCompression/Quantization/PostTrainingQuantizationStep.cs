@@ -113,7 +113,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
                     if (structure.TryGetValue(target.Name, out var next) && next.BatchNorm is { } bn)
                     {
                         var batchNorm = ModuleTree.GetSubmodule(root, bn);
-                        FoldBatchNorm(target.Module, batchNorm);
+                        BatchNormFolding.FoldInto(target.Module, batchNorm);
                         root = ModuleTree.Replace(root, bn, nn.Identity());
                         batchNorm.Dispose();
                     }
@@ -129,7 +129,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
                 var layer = Quantize(target.Module, settings, relu);
                 var info = (IQuantizedLayer)layer;
                 double sqnr = calibration.Inputs.TryGetValue(target.Name, out var input) ? Sqnr(target.Module, layer, input, relu) : double.NaN;
-                SetSqnr(layer, double.IsNaN(sqnr) ? null : sqnr);
+                ((QuantizedLayer)layer).SqnrDb = double.IsNaN(sqnr) ? null : sqnr;
                 quantized.Add((target, layer, info));
                 context.Logger.LogDebug("Quantized {Layer}: {Kind}, SQNR {Sqnr:0.0} dB", target.Name, layer, sqnr);
             }
@@ -189,47 +189,6 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
     }
 
     private sealed record Calibration(Dictionary<string, (float Min, float Max)> Ranges, Dictionary<string, Tensor> Inputs);
-
-    /// <summary>w' = w · γ/√(σ²+ε) per output channel; b' = (b − μ) · γ/√(σ²+ε) + β. Eval-mode BatchNorm, exactly.</summary>
-    internal static void FoldBatchNorm(nn.Module<Tensor, Tensor> layer, nn.Module batchNorm)
-    {
-        using var scope = NewDisposeScope();
-        using var noGrad = no_grad();
-        var (mean, variance, gamma, beta, eps) = batchNorm switch
-        {
-            BatchNorm2d b => (b.running_mean!, b.running_var!, b.weight, b.bias, b.eps),
-            BatchNorm1d b => (b.running_mean!, b.running_var!, b.weight, b.bias, b.eps),
-            _ => throw new ArgumentException($"Cannot fold a {batchNorm.GetType().Name}.", nameof(batchNorm)),
-        };
-
-        var weight = layer switch
-        {
-            Conv2d c => c.weight!,
-            Linear l => l.weight!,
-            _ => throw new ArgumentException($"Cannot fold a BatchNorm into a {layer.GetType().Name}.", nameof(layer)),
-        };
-        var bias = layer is Conv2d cb ? cb.bias : ((Linear)layer).bias;
-        var factor = (gamma is null ? ones_like(variance) : gamma.detach()) / (variance + eps).sqrt();
-        var shape = new long[weight.dim()];
-        Array.Fill(shape, 1L);
-        shape[0] = -1;
-        var newWeight = weight.detach() * factor.reshape(shape).to(weight.dtype);
-        var oldBias = bias is null ? zeros_like(mean) : bias.detach();
-        var newBias = ((oldBias - mean) * factor) + (beta is null ? zeros_like(mean) : beta.detach());
-        weight.copy_(newWeight);
-        if (bias is not null)
-        {
-            bias.copy_(newBias);
-        }
-        else if (layer is Conv2d conv)
-        {
-            conv.bias = new Parameter(newBias.to(weight.dtype).DetachFromDisposeScope(), requires_grad: false);
-        }
-        else
-        {
-            ((Linear)layer).bias = new Parameter(newBias.to(weight.dtype).DetachFromDisposeScope(), requires_grad: false);
-        }
-    }
 
     /// <summary>
     /// Static mode: observes each target's input over the calibration batches (and keeps the first batch's input for
@@ -359,19 +318,6 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         Conv2d conv => QuantizedConv2d.Create(conv, _options.Bits, _options.EffectiveGranularity, settings, relu, _options.Mode),
         _ => throw new ArgumentException($"Cannot quantize a {module.GetType().Name}.", nameof(module)),
     };
-
-    private static void SetSqnr(nn.Module layer, double? sqnr)
-    {
-        switch (layer)
-        {
-            case QuantizedLinear l:
-                l.SqnrDb = sqnr;
-                break;
-            case QuantizedConv2d c:
-                c.SqnrDb = sqnr;
-                break;
-        }
-    }
 
     /// <summary>10·log10(Σ y² / Σ (y − ŷ)²) of the layer's float output y against the quantized ŷ on one batch.</summary>
     internal static double Sqnr(nn.Module<Tensor, Tensor> floatLayer, nn.Module<Tensor, Tensor> quantized, Tensor input, bool relu)

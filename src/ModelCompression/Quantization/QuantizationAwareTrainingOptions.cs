@@ -78,10 +78,7 @@ public sealed class QuantizationAwareTrainingOptions : IValidatableOptions
             }
         }
 
-        if (WeightGranularity is PerGroupGranularity group && (group.Size <= 0 || group.Size % 8 != 0))
-        {
-            errors.Add($"{Owner}.{nameof(WeightGranularity)}: the group size must be a positive multiple of 8 (was {group.Size}).");
-        }
+        errors.AddRange(WeightGranularity?.Errors(Owner, nameof(WeightGranularity)) ?? []);
 
         if (QuantizeActivations && WeightGranularity is PerGroupGranularity)
         {

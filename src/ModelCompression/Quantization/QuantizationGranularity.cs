@@ -20,6 +20,9 @@ public abstract class QuantizationGranularity
     /// <param name="size">The inputs per group: a positive multiple of 8.</param>
     /// <returns>The granularity (validated by the options that use it).</returns>
     public static QuantizationGranularity PerGroup(int size) => new PerGroupGranularity(size);
+
+    /// <summary>Lists what is invalid about this granularity, as the options property <paramref name="property"/> of <paramref name="owner"/>.</summary>
+    internal virtual IEnumerable<string> Errors(string owner, string property) => [];
 }
 
 /// <summary>One scale for the whole tensor.</summary>
@@ -51,6 +54,15 @@ public sealed class PerGroupGranularity : QuantizationGranularity
 
     /// <summary>Gets the inputs per group.</summary>
     public int Size { get; }
+
+    /// <inheritdoc/>
+    internal override IEnumerable<string> Errors(string owner, string property)
+    {
+        if (Size <= 0 || Size % 8 != 0)
+        {
+            yield return $"{owner}.{property}: the group size must be a positive multiple of 8 (was {Size}).";
+        }
+    }
 
     /// <inheritdoc/>
     public override string ToString() => $"per-group({Size})";

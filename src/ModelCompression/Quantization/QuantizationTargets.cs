@@ -111,3 +111,58 @@ internal static class QuantizationTargets
     };
 
 }
+
+/// <summary>Folding an evaluation-mode BatchNorm into the Conv2d or Linear before it, shared by both quantization steps.</summary>
+internal static class BatchNormFolding
+{
+    /// <summary>
+    /// w' = w · γ/√(σ²+ε) per output channel and b' = (b − μ) · γ/√(σ²+ε) + β, from the running statistics: the
+    /// layer followed by the BatchNorm in evaluation mode, exactly. Differentiable in w, b, γ and β.
+    /// </summary>
+    public static (Tensor Weight, Tensor Bias) Folded(nn.Module layer, nn.Module batchNorm)
+    {
+        var (mean, variance, gamma, beta, eps) = batchNorm switch
+        {
+            BatchNorm2d b => (b.running_mean!, b.running_var!, b.weight, b.bias, b.eps),
+            BatchNorm1d b => (b.running_mean!, b.running_var!, b.weight, b.bias, b.eps),
+            _ => throw new ArgumentException($"Cannot fold a {batchNorm.GetType().Name}.", nameof(batchNorm)),
+        };
+        var (weight, bias) = WeightAndBias(layer);
+        var factor = (gamma ?? ones_like(variance)) / (variance + eps).sqrt();
+        var shape = Enumerable.Repeat(1L, (int)weight.dim()).ToArray();
+        shape[0] = -1;
+        var foldedWeight = weight * factor.reshape(shape).to(weight.dtype);
+        var foldedBias = (((bias ?? zeros_like(mean)) - mean) * factor) + (beta ?? zeros_like(mean));
+        return (foldedWeight, foldedBias.to(weight.dtype));
+    }
+
+    /// <summary>Folds <paramref name="batchNorm"/> into <paramref name="layer"/>'s parameters in place (adding a bias if it had none).</summary>
+    public static void FoldInto(nn.Module<Tensor, Tensor> layer, nn.Module batchNorm)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var (weight, bias) = WeightAndBias(layer);
+        var (foldedWeight, foldedBias) = Folded(layer, batchNorm);
+        weight.copy_(foldedWeight);
+        if (bias is not null)
+        {
+            bias.copy_(foldedBias);
+        }
+        else if (layer is Conv2d conv)
+        {
+            conv.bias = new Parameter(foldedBias.DetachFromDisposeScope(), requires_grad: false);
+        }
+        else
+        {
+            ((Linear)layer).bias = new Parameter(foldedBias.DetachFromDisposeScope(), requires_grad: false);
+        }
+    }
+
+    /// <summary>The weight and bias of a Conv2d or Linear.</summary>
+    public static (Tensor Weight, Tensor? Bias) WeightAndBias(nn.Module layer) => layer switch
+    {
+        Conv2d c => (c.weight!, c.bias),
+        Linear l => (l.weight!, l.bias),
+        _ => throw new ArgumentException($"Cannot fold a BatchNorm into a {layer.GetType().Name}.", nameof(layer)),
+    };
+}

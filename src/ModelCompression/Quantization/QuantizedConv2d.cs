@@ -1,4 +1,3 @@
-using ModelCompression.Metrics;
 using ModelCompression.Quantization.Kernels;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -11,32 +10,26 @@ namespace ModelCompression.Quantization;
 /// (<see cref="Int8Kernel"/>). Like <see cref="QuantizedLinear"/>, its input is quantized statically (calibrated
 /// range), dynamically, or per weight group; a BatchNorm that followed it may be folded in, and a ReLU fused.
 /// </summary>
-public sealed class QuantizedConv2d : nn.Module<Tensor, Tensor>, ICompressedLayer, IQuantizedLayer
+public sealed class QuantizedConv2d : QuantizedLayer
 {
     private readonly Tensor weight;
     private readonly Tensor weight_scale;
     private readonly Tensor? bias;
     private readonly Tensor? input_scale;
     private readonly Tensor? input_zero_point;
-    private readonly QuantizedMatrix matrix;
-    private readonly ActivationSettings activations;
     private readonly long[] kernelSize;
     private readonly long[] stride;
     private readonly long[] padding;
     private readonly long[] dilation;
 
     internal QuantizedConv2d(Conv2d conv, QuantizedMatrix matrix, ActivationSettings activations, bool fusedRelu, QuantizationMode mode)
-        : base(nameof(QuantizedConv2d))
+        : base(nameof(QuantizedConv2d), matrix, activations, fusedRelu, mode)
     {
-        this.matrix = matrix;
-        this.activations = activations;
         kernelSize = [conv.kernel_size[0], conv.kernel_size[1]];
         stride = [conv.stride[0], conv.stride[1]];
         padding = [conv.padding![0], conv.padding![1]];
         dilation = [conv.dilation[0], conv.dilation[1]];
         InChannels = conv.in_channels;
-        FusedRelu = fusedRelu;
-        Mode = mode;
         (weight, weight_scale, bias, input_scale, input_zero_point) =
             QuantizedTensors.Create(matrix, activations, [matrix.N, InChannels, kernelSize[0], kernelSize[1]]);
         RegisterComponents();
@@ -46,37 +39,13 @@ public sealed class QuantizedConv2d : nn.Module<Tensor, Tensor>, ICompressedLaye
     public long InChannels { get; }
 
     /// <summary>Gets the output channels.</summary>
-    public long OutChannels => matrix.N;
+    public long OutChannels => Matrix.N;
 
     /// <inheritdoc/>
-    public QuantizationMode Mode { get; }
+    public override long CountMacs(Tensor input, Tensor output) => output.numel() * Matrix.K;
 
     /// <inheritdoc/>
-    public QuantizationGranularity WeightGranularity => matrix.Granularity;
-
-    /// <inheritdoc/>
-    public bool FusedRelu { get; }
-
-    /// <inheritdoc/>
-    public double? SqnrDb { get; internal set; }
-
-    /// <summary>Gets or sets the kernel path. The default is <see cref="Int8Kernel.BestPath"/>.</summary>
-    public Int8KernelPath KernelPath { get; set; } = Int8Kernel.BestPath;
-
-    /// <inheritdoc/>
-    public int WeightBits => matrix.Bits;
-
-    /// <inheritdoc/>
-    public int? Rank => null;
-
-    /// <inheritdoc/>
-    public long ParameterCount => ((long)matrix.N * matrix.K) + (matrix.Bias?.Length ?? 0);
-
-    /// <inheritdoc/>
-    public long NonzeroParameterCount => matrix.Q.LongCount(v => v != 0) + (matrix.Bias?.LongCount(v => v != 0) ?? 0);
-
-    /// <inheritdoc/>
-    public long CountMacs(Tensor input, Tensor output) => output.numel() * matrix.K;
+    private protected override long[] WeightShape => [Matrix.N, InChannels, kernelSize[0], kernelSize[1]];
 
     /// <summary>Gets why a convolution cannot be quantized by this layer, or <see langword="null"/> when it can.</summary>
     /// <param name="conv">The layer.</param>
@@ -101,10 +70,6 @@ public sealed class QuantizedConv2d : nn.Module<Tensor, Tensor>, ICompressedLaye
         return new QuantizedConv2d(conv, matrix, activations, fusedRelu, mode);
     }
 
-    /// <summary>Returns the float weight [out, in, kh, kw] that the stored integers and scales stand for.</summary>
-    /// <returns>A new tensor the caller owns.</returns>
-    public Tensor DequantizedWeight() => tensor(matrix.Dequantize(), [matrix.N, InChannels, kernelSize[0], kernelSize[1]]);
-
     /// <inheritdoc/>
     public override Tensor forward(Tensor input)
     {
@@ -115,6 +80,8 @@ public sealed class QuantizedConv2d : nn.Module<Tensor, Tensor>, ICompressedLaye
         }
 
         using var scope = NewDisposeScope();
+        var matrix = Matrix;
+        var activations = Activations;
         long batch = input.shape[0];
         long outH = ((input.shape[2] + (2 * padding[0]) - (dilation[0] * (kernelSize[0] - 1)) - 1) / stride[0]) + 1;
         long outW = ((input.shape[3] + (2 * padding[1]) - (dilation[1] * (kernelSize[1] - 1)) - 1) / stride[1]) + 1;
@@ -138,9 +105,9 @@ public sealed class QuantizedConv2d : nn.Module<Tensor, Tensor>, ICompressedLaye
     }
 
     /// <summary>Runs im2col rows [pixels, C·kh·kw] through the layer's matrix (for tests of the image path).</summary>
-    internal Tensor RunRowsForTest(Tensor rows) => matrix.Run(rows.contiguous(), activations, FusedRelu, KernelPath);
+    internal Tensor RunRowsForTest(Tensor rows) => Matrix.Run(rows.contiguous(), Activations, FusedRelu, KernelPath);
 
     /// <inheritdoc/>
     public override string ToString() =>
-        $"QuantizedConv2d({InChannels}→{matrix.N}, k={kernelSize[0]}x{kernelSize[1]}, {Mode}, int{matrix.Bits} {matrix.Granularity}{(FusedRelu ? ", relu" : string.Empty)})";
+        $"QuantizedConv2d({InChannels}→{Matrix.N}, k={kernelSize[0]}x{kernelSize[1]}, {Mode}, int{Matrix.Bits} {Matrix.Granularity}{(FusedRelu ? ", relu" : string.Empty)})";
 }

@@ -132,13 +132,13 @@ public sealed class PostTrainingQuantizationStepTests
         using var x = randn(2, 3, 6, 6);
         var expected = TestModels.Output(nn.Sequential(conv, bn), x);
         using var copy = ModuleCloner.DeepClone(conv);
-        PostTrainingQuantizationStep.FoldBatchNorm(copy, bn);
+        BatchNormFolding.FoldInto(copy, bn);
         var actual = TestModels.Output(copy, x);
         Assert.That(actual.Zip(expected).Max(p => Math.Abs(p.First - p.Second)), Is.LessThan(1e-5));
 
         using var noBias = nn.Conv2d(3, 4, 3, bias: false);
         var expectedNoBias = TestModels.Output(nn.Sequential(noBias, bn), x);
-        PostTrainingQuantizationStep.FoldBatchNorm(noBias, bn);
+        BatchNormFolding.FoldInto(noBias, bn);
         Assert.That(TestModels.Output(noBias, x).Zip(expectedNoBias).Max(p => Math.Abs(p.First - p.Second)), Is.LessThan(1e-5));
     }
 
