@@ -8,15 +8,16 @@ using static TorchSharp.torch;
 namespace ModelCompression.Quantization;
 
 /// <summary>
-/// A Linear layer with 8-bit or 4-bit integer weights (never a float copy) run on the library's own integer kernel
+/// A Linear layer with 1- to 8-bit integer weights (never a float copy) run on the library's own integer kernel
 /// (<see cref="Int8Kernel"/>). Its input is quantized to 7-bit activations per call (dynamic), with a range fixed by
 /// calibration (static), or per weight group (weight-only); the output is float32. An inference layer: calls are
 /// thread-safe and do not train.
 /// </summary>
 /// <remarks>
-/// Stored tensors: <c>weight</c> (int8 [out, in], or uint8 [out, ⌈in/2⌉] holding two 4-bit weights per byte, low
-/// nibble first), <c>weight_scale</c> (float32, float16 for 4-bit), <c>bias</c> (float32) and, for static
-/// quantization, <c>input_scale</c> and <c>input_zero_point</c>.
+/// Stored tensors: <c>weight</c> (int8 [out, in] at 8 bits; below that uint8 [out, ⌈in·bits/8⌉] packed LSB first —
+/// two 4-bit weights per byte, low nibble first; eight binary weights per byte, 1 = +1), <c>weight_scale</c>
+/// (float32, float16 for 4-bit), <c>bias</c> (float32) and, for static quantization, <c>input_scale</c> and
+/// <c>input_zero_point</c>.
 /// </remarks>
 public sealed class QuantizedLinear : QuantizedLayer
 {

@@ -66,9 +66,6 @@ internal sealed unsafe class PackedWeights
 
     public float* BiasPointer => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(bias));
 
-    /// <summary>Gets the bytes the packed copy occupies in memory.</summary>
-    public long MemoryBytes => data.LongLength + (4L * (scale.Length + scaledSum.Length + bias.Length));
-
     /// <summary>Packs quantized weights.</summary>
     /// <param name="q">The integer weights, row-major [n, k]: −127..127 for 8 bits, −8..7 for 4 bits.</param>
     /// <param name="n">Output features.</param>

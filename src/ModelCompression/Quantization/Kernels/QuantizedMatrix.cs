@@ -7,7 +7,7 @@ namespace ModelCompression.Quantization.Kernels;
 internal readonly record struct ActivationSettings(ActivationMode Mode, float Scale, float ZeroPoint, bool Symmetric);
 
 /// <summary>
-/// A weight matrix [N, K] quantized to 8 or 4 bits with symmetric scales (per tensor, channel or group), its bias,
+/// A weight matrix [N, K] quantized to 1–8 bits with symmetric scales (per tensor, channel or group), its bias,
 /// and the packed copy the kernel reads. Immutable; shared by a layer and its copies.
 /// </summary>
 internal sealed unsafe class QuantizedMatrix
@@ -108,10 +108,6 @@ internal sealed unsafe class QuantizedMatrix
 
         return new QuantizedMatrix(n, k, bits, granularity, groupSize, q, scales, hasBias ? bias.ToArray() : null);
     }
-
-    /// <summary>Rebuilds a matrix from stored integers and scales.</summary>
-    public static QuantizedMatrix FromStored(sbyte[] q, int n, int k, int bits, QuantizationGranularity granularity, float[] scales, float[]? bias) =>
-        new(n, k, bits, granularity, granularity is PerGroupGranularity g ? g.Size : 0, q, scales, bias);
 
     /// <summary>Returns the float weight the integers stand for, row-major [N, K].</summary>
     public float[] Dequantize()
