@@ -344,22 +344,30 @@ public sealed class PostTrainingQuantizationStepTests
         Assert.That(RelativeError(actual, expected), Is.LessThan(0.02));
     }
 
-    [Test]
-    public void QuantizedConv2d_ByteIm2col_EqualsTheFloatIm2colPathBitForBit()
+    [TestCase(3, 3, 1, 1, 1, 1, 1, 1)]
+    [TestCase(3, 5, 2, 1, 1, 2, 1, 2)]
+    [TestCase(5, 5, 1, 3, 0, 0, 1, 1)]
+    [TestCase(2, 4, 3, 2, 2, 3, 2, 1)]
+    public void QuantizedConv2d_ByteIm2col_EqualsTheFloatIm2colPathBitForBit(int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw)
     {
         torch.random.manual_seed(12);
-        using var conv = nn.Conv2d(4, 20, 3, padding: 1);
-        using var x = randn(3, 4, 9, 7);
+        using var conv = nn.Conv2d(4, 20, (kh, kw), stride: (sh, sw), padding: (ph, pw), dilation: (dh, dw));
+        using var x = randn(3, 4, 11, 9);
         var (scale, zero) = ModelCompression.Quantization.Kernels.QuantizedActivations.Range(-2.5f, 3f, false);
         var settings = new ModelCompression.Quantization.Kernels.ActivationSettings(ModelCompression.Quantization.Kernels.ActivationMode.Static, scale, zero, false);
         using var q = QuantizedConv2d.Create(conv, 8, QuantizationGranularity.PerChannel, settings, false, QuantizationMode.StaticInt8);
         var actual = TestModels.Output(q, x);
 
         // The same static quantization through float im2col rows.
+        int floatOutputs = TestModels.Output(conv, x).Length;
         using var scope = NewDisposeScope();
-        var rows = nn.functional.unfold(x, 3, padding: 1).transpose(1, 2).reshape(-1, 36);
-        var viaRows = q.RunRowsForTest(rows).reshape(3, 63, 20).transpose(1, 2).reshape(3, 20, 9, 7).contiguous().data<float>().ToArray();
+        var columns = nn.functional.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw));
+        long pixels = columns.shape[2];
+        var rows = columns.transpose(1, 2).reshape(-1, 4 * kh * kw);
+        var viaRows = q.RunRowsForTest(rows).reshape(3, pixels, 20).transpose(1, 2).contiguous().data<float>().ToArray();
+        Assert.That(actual, Has.Length.EqualTo(viaRows.Length));
         Assert.That(actual, Is.EqualTo(viaRows));
+        Assert.That(actual, Has.Length.EqualTo(floatOutputs));
     }
 
     [Test]

@@ -149,11 +149,12 @@ internal sealed unsafe class QuantizedActivations : IDisposable
         var (scale, zero) = mode == ActivationMode.Static ? (staticScale, staticZero) : RangeOf(x, symmetric);
         var g = geometry;
         int rows = checked(g.Batch * g.OutHeight * g.OutWidth);
-        var result = new QuantizedActivations(rows, weights.Kp, weights.Blocks);
+        // 8 spare bytes per row: the 8-byte copies below may spill past the last kernel column of a row.
+        var result = new QuantizedActivations(rows, weights.Kp + 8, weights.Blocks);
         byte[]? levels = null;
         try
         {
-            // 8 spare bytes: the word copies below may read past the last pixel.
+            // 8 spare bytes: the 8-byte copies below may read past the last pixel.
             levels = System.Buffers.ArrayPool<byte>.Shared.Rent(x.Length + 8);
             QuantizeSpan(x, 1f / scale, zero, levels.AsSpan(0, x.Length));
             for (int i = 0; i < (long)rows * weights.Blocks; i++)
@@ -168,63 +169,57 @@ internal sealed unsafe class QuantizedActivations : IDisposable
             var source = levels;
 
             // The im2col loop itself: fully optimized from the first call (a short latency measurement never tiers up).
+            // For each (channel, kernel row), each output pixel takes the kernel width's run of input bytes: inside
+            // the image one 8-byte copy (whatever it carries past the run is overwritten by the next run, or lands in
+            // the row's spare bytes), at the border byte by byte with the zero point as padding. Every run is
+            // written, padding included. Bytes past K in a row multiply zero weights, so their value does not matter.
             [MethodImpl(MethodImplOptions.AggressiveOptimization)]
             void Image(int image)
             {
                 fixed (byte* q = source)
                 {
                     byte* input = q + ((long)image * g.Channels * g.Height * g.Width);
-                    for (int oh = 0; oh < g.OutHeight; oh++)
+                    byte* rowsOfImage = data + ((long)image * g.OutHeight * g.OutWidth * stride);
+                    int kernelWidth = g.KernelWidth, strideWidth = g.StrideWidth, padWidth = g.PadWidth, width = g.Width;
+                    bool wordCopies = g.DilationWidth == 1 && kernelWidth <= 8;
+                    for (int c = 0; c < g.Channels; c++)
                     {
-                        for (int ow = 0; ow < g.OutWidth; ow++)
+                        byte* channel = input + ((long)c * g.Height * width);
+                        for (int kh = 0; kh < g.KernelHeight; kh++)
                         {
-                            byte* row = data + ((((long)image * g.OutHeight * g.OutWidth) + (oh * g.OutWidth) + ow) * stride);
-                            int k = 0;
-                            for (int c = 0; c < g.Channels; c++)
+                            int k = ((c * g.KernelHeight) + kh) * kernelWidth;
+                            for (int oh = 0; oh < g.OutHeight; oh++)
                             {
-                                byte* channel = input + ((long)c * g.Height * g.Width);
-                                for (int kh = 0; kh < g.KernelHeight; kh++)
+                                int ih = (oh * g.StrideHeight) - g.PadHeight + (kh * g.DilationHeight);
+                                byte* dst = rowsOfImage + ((long)oh * g.OutWidth * stride) + k;
+                                if ((uint)ih >= (uint)g.Height)
                                 {
-                                    int ih = (oh * g.StrideHeight) - g.PadHeight + (kh * g.DilationHeight);
-                                    if ((uint)ih >= (uint)g.Height)
+                                    // Padding rows are written too: an earlier run's spare bytes may have landed here.
+                                    for (int ow = 0; ow < g.OutWidth; ow++, dst += stride)
                                     {
-                                        new Span<byte>(row + k, g.KernelWidth).Fill(pad);
-                                        k += g.KernelWidth;
+                                        new Span<byte>(dst, kernelWidth).Fill(pad);
+                                    }
+
+                                    continue;
+                                }
+
+                                byte* line = channel + ((long)ih * width);
+                                for (int ow = 0; ow < g.OutWidth; ow++, dst += stride)
+                                {
+                                    int iw0 = (ow * strideWidth) - padWidth;
+                                    if (wordCopies && iw0 >= 0 && iw0 + kernelWidth <= width)
+                                    {
+                                        *(ulong*)dst = *(ulong*)(line + iw0);
                                         continue;
                                     }
 
-                                    byte* line = channel + ((long)ih * g.Width);
-                                    int iw0 = (ow * g.StrideWidth) - g.PadWidth;
-                                    if (g.DilationWidth == 1 && iw0 >= 0 && iw0 + g.KernelWidth <= g.Width)
-                                    {
-                                        // Inside the image: one contiguous run, no bounds checks; runs of up to 8 bytes
-                                        // move as one 8-byte word when the row has room (the excess is overwritten next).
-                                        byte* from = line + iw0;
-                                        if (g.KernelWidth <= 8 && k + 8 <= stride)
-                                        {
-                                            *(ulong*)(row + k) = *(ulong*)from;
-                                        }
-                                        else
-                                        {
-                                            for (int kw = 0; kw < g.KernelWidth; kw++)
-                                            {
-                                                row[k + kw] = from[kw];
-                                            }
-                                        }
-
-                                        k += g.KernelWidth;
-                                        continue;
-                                    }
-
-                                    for (int kw = 0; kw < g.KernelWidth; kw++)
+                                    for (int kw = 0; kw < kernelWidth; kw++)
                                     {
                                         int iw = iw0 + (kw * g.DilationWidth);
-                                        row[k++] = (uint)iw < (uint)g.Width ? line[iw] : pad;
+                                        dst[kw] = (uint)iw < (uint)width ? line[iw] : pad;
                                     }
                                 }
                             }
-
-                            new Span<byte>(row + k, stride - k).Clear();
                         }
                     }
                 }
