@@ -103,13 +103,12 @@ internal static class QuantizationTargets
         return result;
     }
 
-    public static bool IsMatchingBatchNorm(nn.Module layer, nn.Module next) => (layer, next) switch
+    private static bool IsMatchingBatchNorm(nn.Module layer, nn.Module next) => (layer, next) switch
     {
         (Conv2d conv, BatchNorm2d bn) => bn.running_mean is not null && bn.running_mean.shape[0] == conv.out_channels,
         (Linear linear, BatchNorm1d bn) => bn.running_mean is not null && bn.running_mean.shape[0] == linear.out_features,
         _ => false,
     };
-
 }
 
 /// <summary>Folding an evaluation-mode BatchNorm into the Conv2d or Linear before it, shared by both quantization steps.</summary>
