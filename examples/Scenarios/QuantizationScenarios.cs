@@ -118,9 +118,9 @@ internal static class QuantizationAware
     /// Runs quantization-aware training on a zoo baseline, and the same bit widths with zero epochs (post-training,
     /// ranges from the calibration pass) for <c>reference.ptqAccuracy</c>; adds the conversion check.
     /// </summary>
-    public static CompressionReport Run(ScenarioBaseline baseline, ScenarioContext context, QuantizationAwareTrainingOptions options)
+    public static CompressionReport Run(ScenarioBaseline baseline, ScenarioContext context, Func<QuantizationAwareTrainingOptions> options)
     {
-        var step = new QuantizationAwareTrainingStep(options);
+        var step = new QuantizationAwareTrainingStep(options());
         using var result = CompressionPipeline.Create()
             .AddStep(step)
             .WithModelName(baseline.Name)
@@ -133,7 +133,7 @@ internal static class QuantizationAware
         report.Reference["agreement"] = step.LastConversion!.Agreement;
         report.Reference["maxLogitDifference"] = step.LastConversion.MaxLogitDifference;
 
-        var postTraining = Copy(options);
+        var postTraining = options();
         postTraining.Training.Epochs = 0;
         postTraining.ObserverEpochs = 0;
         using var ptq = CompressionPipeline.Create()
@@ -159,26 +159,6 @@ internal static class QuantizationAware
         training.LearningRate = learningRate;
         return training;
     }
-
-    private static QuantizationAwareTrainingOptions Copy(QuantizationAwareTrainingOptions options)
-    {
-        var copy = new QuantizationAwareTrainingOptions
-        {
-            WeightBits = options.WeightBits,
-            WeightGranularity = options.WeightGranularity,
-            QuantizeActivations = options.QuantizeActivations,
-            LearnedStepSize = options.LearnedStepSize,
-            ObserverEpochs = options.ObserverEpochs,
-            FreezeBatchNormAfterEpoch = options.FreezeBatchNormAfterEpoch,
-            Training = options.Training.Clone(),
-        };
-        foreach (var (layer, bits) in options.LayerWeightBits)
-        {
-            copy.LayerWeightBits[layer] = bits;
-        }
-
-        return copy;
-    }
 }
 
 /// <summary>LeNet-5 trained with int8 weights and 7-bit activations in the loop, converted to static int8 layers.</summary>
@@ -197,7 +177,7 @@ public sealed class QatInt8LeNet5Scenario : IScenario
     public CompressionReport Run(ScenarioContext context)
     {
         using var baseline = ScenarioBaseline.Load(ZooModel.LeNet5, context);
-        return QuantizationAware.Run(baseline, context, new QuantizationAwareTrainingOptions
+        return QuantizationAware.Run(baseline, context, () => new QuantizationAwareTrainingOptions
         {
             WeightBits = 8,
             Training = QuantizationAware.Training(3, 0.002),
@@ -221,7 +201,7 @@ public sealed class QatInt4LeNet300Scenario : IScenario
     public CompressionReport Run(ScenarioContext context)
     {
         using var baseline = ScenarioBaseline.Load(ZooModel.LeNet300100, context);
-        return QuantizationAware.Run(baseline, context, new QuantizationAwareTrainingOptions
+        return QuantizationAware.Run(baseline, context, () => new QuantizationAwareTrainingOptions
         {
             WeightBits = 4,
             WeightGranularity = QuantizationGranularity.PerChannel,
@@ -250,12 +230,15 @@ public sealed class QatBinaryLeNet300Scenario : IScenario
     public CompressionReport Run(ScenarioContext context)
     {
         using var baseline = ScenarioBaseline.Load(ZooModel.LeNet300100, context);
-        var options = new QuantizationAwareTrainingOptions
+        return QuantizationAware.Run(baseline, context, () =>
         {
-            WeightBits = 1,
-            Training = QuantizationAware.Training(15, 0.01),
-        };
-        options.LayerWeightBits["fc3"] = 8;
-        return QuantizationAware.Run(baseline, context, options);
+            var options = new QuantizationAwareTrainingOptions
+            {
+                WeightBits = 1,
+                Training = QuantizationAware.Training(15, 0.01),
+            };
+            options.LayerWeightBits["fc3"] = 8;
+            return options;
+        });
     }
 }

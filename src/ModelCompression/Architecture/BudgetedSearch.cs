@@ -194,7 +194,7 @@ public sealed class BudgetedSearchStep : ICompressionStep, ICompressionStepRequi
                     }
 
                     quiet.Train(candidate, _options.ShortFineTuning, ((TrainingCallbacks?)null).WithDistillation(_options.Distillation, context.OriginalModel));
-                    double accuracy = Score(candidate, context);
+                    double accuracy = context.CalibrationScore(candidate);
                     var entry = new SearchCandidate(iteration, operation, layers, setting, cost, cost / start, accuracy, false);
                     if (best is null || accuracy > best.Value.Entry.Accuracy)
                     {
@@ -258,12 +258,6 @@ public sealed class BudgetedSearchStep : ICompressionStep, ICompressionStepRequi
                     return ModelMetrics.CountMacs(model, sample.to(context.Device));
                 }
         }
-    }
-
-    private double Score(nn.Module<Tensor, Tensor> model, CompressionContext context)
-    {
-        using var scope = NewDisposeScope();
-        return context.Evaluator.Evaluate(model, context.CalibrationData, context.CancellationToken).Value * (context.Evaluator.HigherIsBetter ? 1 : -1);
     }
 
     /// <summary>For each group of coupled channels and each factorizable layer, the smallest reduction reaching the goal.</summary>

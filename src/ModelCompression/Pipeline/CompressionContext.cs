@@ -102,6 +102,13 @@ public sealed class CompressionContext
 
     internal void ClearNotes() => _notes.Clear();
 
+    /// <summary>The evaluator's metric on the calibration data, signed so that higher is always better (for steps comparing candidates).</summary>
+    internal double CalibrationScore(nn.Module<Tensor, Tensor> model)
+    {
+        using var scope = NewDisposeScope();
+        return Evaluator.Evaluate(model, CalibrationData, CancellationToken).Value * (Evaluator.HigherIsBetter ? 1 : -1);
+    }
+
     /// <summary>Reports progress of the running step.</summary>
     /// <param name="phase">The phase.</param>
     /// <param name="fraction">The fraction done, 0 to 1.</param>

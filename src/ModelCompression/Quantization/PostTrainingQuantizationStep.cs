@@ -4,6 +4,7 @@ using ModelCompression.Data;
 using ModelCompression.Metrics;
 using ModelCompression.Modules;
 using ModelCompression.Quantization.Kernels;
+using ModelCompression.Training;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -134,7 +135,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
                 context.Logger.LogDebug("Quantized {Layer}: {Kind}, SQNR {Sqnr:0.0} dB", target.Name, layer, sqnr);
             }
 
-            var baselineMetric = _options.Fallback is null ? null : (double?)Evaluate(root, context);
+            var baselineMetric = _options.Fallback is null ? null : (double?)context.CalibrationScore(root);
             foreach (var (target, layer, _) in quantized)
             {
                 root = ModuleTree.Replace(root, target.Name, layer);
@@ -212,7 +213,6 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         var inputs = new Dictionary<string, Tensor>(StringComparer.Ordinal);
         var removers = new List<Action>();
         int batches = isStatic ? _options.CalibrationBatches : 1;
-        bool wasTraining = model.training;
         string? failed = null;
         try
         {
@@ -243,24 +243,14 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
                 removers.Add(remover.remove);
             }
 
-            model.eval();
-            int seen = 0;
-            using var noGrad = no_grad();
-            foreach (var (input, _) in data.ScopedBatches(_options.CalibrationBatchSize, shuffle: true, seed: context.StepSeed))
+            QuantizationTargets.RunCalibrationBatches(model, data, batches, _options.CalibrationBatchSize, context, seen =>
             {
-                if (seen++ == batches)
-                {
-                    break;
-                }
-
-                context.CancellationToken.ThrowIfCancellationRequested();
                 context.ReportProgress(CompressionPhase.Applying, 0.5 * seen / batches);
-                model.call(input.to(context.Device));
                 if (failed is not null)
                 {
                     throw new ArgumentException($"Layer '{failed}' received NaN or infinite activations during calibration; nothing was quantized.", "model");
                 }
-            }
+            });
         }
         catch
         {
@@ -277,8 +267,6 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             {
                 remove();
             }
-
-            model.train(wasTraining);
         }
 
         var ranges = new Dictionary<string, (float, float)>(StringComparer.Ordinal);
@@ -324,7 +312,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        var reference = floatLayer.call(input.to(ModelDevice(floatLayer))).to(ScalarType.Float32).cpu();
+        var reference = floatLayer.call(input.to(EvaluationLoop.ModelDevice(floatLayer))).to(ScalarType.Float32).cpu();
         if (relu)
         {
             reference = nn.functional.relu(reference);
@@ -334,15 +322,6 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         double signal = reference.square().sum().item<float>();
         double noise = (reference - output).square().sum().item<float>();
         return noise == 0 ? double.PositiveInfinity : 10 * Math.Log10(signal / noise);
-    }
-
-    private static Device ModelDevice(nn.Module module) =>
-        module.parameters().FirstOrDefault()?.device ?? CPU;
-
-    private static double Evaluate(nn.Module<Tensor, Tensor> model, CompressionContext context)
-    {
-        var result = context.Evaluator.Evaluate(model, context.CalibrationData, context.CancellationToken);
-        return result.Value * (context.Evaluator.HigherIsBetter ? 1 : -1);
     }
 
     /// <summary>
@@ -400,7 +379,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         var restored = new HashSet<string>(StringComparer.Ordinal);
         var order = quantized.OrderBy(q => q.Info.SqnrDb ?? double.PositiveInfinity).ToList();
         int limit = fallback.MaxFloatLayers ?? order.Count;
-        double current = Evaluate(root, context);
+        double current = context.CalibrationScore(root);
         foreach (var (target, _, info) in order)
         {
             if (baseline - current <= fallback.MaxAccuracyDrop || restored.Count >= limit)
@@ -412,7 +391,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             root = ModuleTree.Replace(root, target.Name, target.Module);
             restored.Add(target.Name);
             double before = current;
-            current = Evaluate(root, context);
+            current = context.CalibrationScore(root);
             context.Logger.LogInformation(
                 "Fallback: {Layer} (SQNR {Sqnr:0.0} dB) back to float; calibration {Metric} {Before:0.####} → {After:0.####} (float {Baseline:0.####})",
                 target.Name, info.SqnrDb, context.Evaluator.MetricName, before, current, baseline);

@@ -171,8 +171,6 @@ public sealed class QuantizationAwareTrainingStep : ICompressionStep, ICompressi
     /// </summary>
     private static void Calibrate(nn.Module<Tensor, Tensor> root, IReadOnlyList<FakeQuantLayer> fake, CompressionContext context)
     {
-        bool wasTraining = root.training;
-        root.eval();
         foreach (var layer in fake)
         {
             layer.Calibrating = true;
@@ -180,18 +178,7 @@ public sealed class QuantizationAwareTrainingStep : ICompressionStep, ICompressi
 
         try
         {
-            using var noGrad = no_grad();
-            int seen = 0;
-            foreach (var (input, _) in context.TrainingData!.ScopedBatches(CalibrationBatchSize, shuffle: true, seed: context.StepSeed))
-            {
-                if (seen++ == CalibrationBatches)
-                {
-                    break;
-                }
-
-                context.CancellationToken.ThrowIfCancellationRequested();
-                root.call(input.to(context.Device));
-            }
+            QuantizationTargets.RunCalibrationBatches(root, context.TrainingData!, CalibrationBatches, CalibrationBatchSize, context);
         }
         finally
         {
@@ -199,25 +186,17 @@ public sealed class QuantizationAwareTrainingStep : ICompressionStep, ICompressi
             {
                 layer.Calibrating = false;
             }
-
-            root.train(wasTraining);
         }
     }
 
     /// <summary>The model's outputs on the evaluation data, [samples, outputs], on the CPU.</summary>
     private static Tensor Outputs(nn.Module<Tensor, Tensor> model, CompressionContext context)
     {
-        using var noGrad = no_grad();
         var outputs = new List<Tensor>();
         try
         {
-            foreach (var (input, _) in context.EvaluationData.ScopedBatches(256))
-            {
-                context.CancellationToken.ThrowIfCancellationRequested();
-                var output = model.call(input.to(context.Device));
-                outputs.Add(output.to(ScalarType.Float32).cpu().reshape(output.shape[0], -1).DetachFromDisposeScope());
-            }
-
+            EvaluationLoop.Run(model, context.EvaluationData, 256, context.CancellationToken, (_, output, _) =>
+                outputs.Add(output.to(ScalarType.Float32).cpu().reshape(output.shape[0], -1).DetachFromDisposeScope()));
             return cat(outputs, 0);
         }
         finally
@@ -233,11 +212,6 @@ public sealed class QuantizationAwareTrainingStep : ICompressionStep, ICompressi
     {
         using var scope = NewDisposeScope();
         long samples = before.shape[0];
-        if (samples == 0)
-        {
-            return new QuantizationConversionCheck(0, 1, 0);
-        }
-
         double agreement = (before.argmax(1) == after.argmax(1)).to(ScalarType.Float64).mean().item<double>();
         double difference = (before - after).abs().max().item<float>();
         return new QuantizationConversionCheck(samples, agreement, difference);

@@ -1,3 +1,4 @@
+using ModelCompression.Data;
 using ModelCompression.Metrics;
 using ModelCompression.Modules;
 using TorchSharp;
@@ -101,6 +102,38 @@ internal static class QuantizationTargets
         }
 
         return result;
+    }
+
+    /// <summary>
+    /// Runs up to <paramref name="batches"/> shuffled batches (the step's seed) of <paramref name="data"/> through the
+    /// model in evaluation mode without gradients, its mode restored after; <paramref name="afterBatch"/> gets the
+    /// number of batches run so far.
+    /// </summary>
+    public static void RunCalibrationBatches(nn.Module<Tensor, Tensor> model, IBatchSource data, int batches, int batchSize, CompressionContext context, Action<int>? afterBatch = null)
+    {
+        bool wasTraining = model.training;
+        model.eval();
+        try
+        {
+            using var noGrad = no_grad();
+            int seen = 0;
+            foreach (var (input, _) in data.ScopedBatches(batchSize, shuffle: true, seed: context.StepSeed))
+            {
+                if (seen == batches)
+                {
+                    break;
+                }
+
+                context.CancellationToken.ThrowIfCancellationRequested();
+                model.call(input.to(context.Device));
+                seen++;
+                afterBatch?.Invoke(seen);
+            }
+        }
+        finally
+        {
+            model.train(wasTraining);
+        }
     }
 
     private static bool IsMatchingBatchNorm(nn.Module layer, nn.Module next) => (layer, next) switch

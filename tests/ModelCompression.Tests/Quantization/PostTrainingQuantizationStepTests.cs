@@ -119,16 +119,7 @@ public sealed class PostTrainingQuantizationStepTests
     {
         torch.random.manual_seed(5);
         using var conv = nn.Conv2d(3, 4, 3, padding: 1);
-        using var bn = nn.BatchNorm2d(4);
-        using (no_grad())
-        {
-            bn.running_mean!.copy_(randn(4));
-            bn.running_var!.copy_(rand(4) + 0.5);
-            bn.weight!.copy_(randn(4));
-            bn.bias!.copy_(randn(4));
-        }
-
-        bn.eval();
+        using var bn = TestModels.RandomBatchNorm2d(4);
         using var x = randn(2, 3, 6, 6);
         var expected = TestModels.Output(nn.Sequential(conv, bn), x);
         using var copy = ModuleCloner.DeepClone(conv);
@@ -281,6 +272,30 @@ public sealed class PostTrainingQuantizationStepTests
         Assert.That(RelativeError(TestModels.Output(result, input), expected), Is.LessThan(0.05));
         int relus = result.modules().OfType<ReLU>().Count();
         Assert.That(relus, Is.EqualTo(floatLayers.Count(n => n != "fc3")), "a layer kept in float keeps its ReLU");
+    }
+
+    [TestCase(true)]
+    [TestCase(false)]
+    public void CalibrationBatches_RunExactlyTheAskedNumberAndRestoreTheMode(bool withCallback)
+    {
+        using var model = TestModels.Mlp(15);
+        model.train();
+        using var data = TestModels.Classification(100, 15);
+        int calls = 0;
+        var hook = ((nn.Module<Tensor, Tensor>)ModuleTree.GetSubmodule(model, "fc1")).register_forward_hook((m, x, y) =>
+        {
+            calls++;
+            Assert.That(m.training, Is.False);
+            return y;
+        });
+        var seen = new List<int>();
+
+        QuantizationTargets.RunCalibrationBatches(model, data, 3, 10, Context(model, data), withCallback ? seen.Add : null);
+        hook.remove();
+
+        Assert.That(calls, Is.EqualTo(3), "3 of the 10 batches");
+        Assert.That(seen, Is.EqualTo(withCallback ? new[] { 1, 2, 3 } : Array.Empty<int>()));
+        Assert.That(model.training, Is.True);
     }
 
     [TestCase(QuantizationMode.Float16, ScalarType.Float16)]

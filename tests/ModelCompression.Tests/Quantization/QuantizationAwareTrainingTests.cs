@@ -69,16 +69,7 @@ public sealed class QuantizationAwareTrainingTests
     {
         torch.random.manual_seed(4);
         using var conv = nn.Conv2d(3, 5, 3, padding: 1);
-        using var bn = nn.BatchNorm2d(5);
-        using (no_grad())
-        {
-            bn.running_mean!.copy_(randn(5));
-            bn.running_var!.copy_(rand(5) + 0.5);
-            bn.weight!.copy_(randn(5));
-            bn.bias!.copy_(randn(5));
-        }
-
-        bn.eval();
+        using var bn = TestModels.RandomBatchNorm2d(5);
         using var x = randn(2, 3, 7, 7);
         var expected = TestModels.Output(nn.Sequential(conv, bn), x);
         using var layer = new FakeQuantLayer(conv, bn, 8, QuantizationGranularity.PerChannel, quantizeActivations: false, learnedStepSize: false);

@@ -40,6 +40,22 @@ internal static class TestModels
         return (model, train, test);
     }
 
+    /// <summary>A BatchNorm2d in evaluation mode with random running statistics, scale and shift (folding tests).</summary>
+    public static TorchSharp.Modules.BatchNorm2d RandomBatchNorm2d(int channels)
+    {
+        var bn = nn.BatchNorm2d(channels);
+        using (no_grad())
+        {
+            bn.running_mean!.copy_(randn(channels));
+            bn.running_var!.copy_(rand(channels) + 0.5);
+            bn.weight!.copy_(randn(channels));
+            bn.bias!.copy_(randn(channels));
+        }
+
+        bn.eval();
+        return bn;
+    }
+
     /// <summary>SHA-256 of every state_dict entry's name, dtype, shape and bytes, in order.</summary>
     public static string StateHash(nn.Module module)
     {
