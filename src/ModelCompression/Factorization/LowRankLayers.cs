@@ -45,10 +45,10 @@ public abstract class LowRankLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
     }
 
     /// <summary>Gets the first factor.</summary>
-    protected nn.Module<Tensor, Tensor> First => first;
+    protected internal nn.Module<Tensor, Tensor> First => first;
 
     /// <summary>Gets the second factor.</summary>
-    protected nn.Module<Tensor, Tensor> Second => second;
+    protected internal nn.Module<Tensor, Tensor> Second => second;
 
     private int RankValue { get; }
 

@@ -41,6 +41,9 @@ public sealed class SparseLinear : nn.Module<Tensor, Tensor>, ICompressedLayer
     /// <summary>Gets the number of output features.</summary>
     public long OutFeatures { get; }
 
+    /// <summary>Gets the bias, or <see langword="null"/> (for the file format).</summary>
+    internal Tensor? Bias => bias;
+
     /// <summary>Gets the number of stored (non-zero) weights.</summary>
     public long StoredWeights => values.numel();
 

@@ -23,17 +23,25 @@ public sealed class QuantizedConv2d : QuantizedLayer
     private readonly long[] dilation;
 
     internal QuantizedConv2d(Conv2d conv, QuantizedMatrix matrix, ActivationSettings activations, bool fusedRelu, QuantizationMode mode)
+        : this(new ConvShape(conv.in_channels, [conv.kernel_size[0], conv.kernel_size[1]], [conv.stride[0], conv.stride[1]], [conv.padding![0], conv.padding![1]], [conv.dilation[0], conv.dilation[1]]), matrix, activations, fusedRelu, mode)
+    {
+    }
+
+    internal QuantizedConv2d(ConvShape shape, QuantizedMatrix matrix, ActivationSettings activations, bool fusedRelu, QuantizationMode mode)
         : base(nameof(QuantizedConv2d), matrix, activations, fusedRelu, mode)
     {
-        kernelSize = [conv.kernel_size[0], conv.kernel_size[1]];
-        stride = [conv.stride[0], conv.stride[1]];
-        padding = [conv.padding![0], conv.padding![1]];
-        dilation = [conv.dilation[0], conv.dilation[1]];
-        InChannels = conv.in_channels;
+        kernelSize = shape.KernelSize;
+        stride = shape.Stride;
+        padding = shape.Padding;
+        dilation = shape.Dilation;
+        InChannels = shape.InChannels;
         (weight, weight_scale, bias, input_scale, input_zero_point) =
             QuantizedTensors.Create(matrix, activations, [matrix.N, InChannels, kernelSize[0], kernelSize[1]]);
         RegisterComponents();
     }
+
+    /// <summary>Gets the geometry of the convolution (for the file format).</summary>
+    internal ConvShape Shape => new(InChannels, kernelSize, stride, padding, dilation);
 
     /// <summary>Gets the input channels.</summary>
     public long InChannels { get; }
@@ -111,3 +119,6 @@ public sealed class QuantizedConv2d : QuantizedLayer
     public override string ToString() =>
         $"QuantizedConv2d({InChannels}→{Matrix.N}, k={kernelSize[0]}x{kernelSize[1]}, {Mode}, int{Matrix.Bits} {Matrix.Granularity}{(FusedRelu ? ", relu" : string.Empty)})";
 }
+
+/// <summary>The geometry of a 2-D convolution: input channels and (height, width) pairs.</summary>
+internal sealed record ConvShape(long InChannels, long[] KernelSize, long[] Stride, long[] Padding, long[] Dilation);

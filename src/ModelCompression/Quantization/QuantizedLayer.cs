@@ -49,9 +49,9 @@ public abstract class QuantizedLayer : nn.Module<Tensor, Tensor>, IQuantizedLaye
     /// <inheritdoc/>
     public long NonzeroParameterCount => Matrix.Q.LongCount(v => v != 0) + (Matrix.Bias?.LongCount(v => v != 0) ?? 0);
 
-    private protected QuantizedMatrix Matrix { get; }
+    internal QuantizedMatrix Matrix { get; }
 
-    private protected ActivationSettings Activations { get; }
+    internal ActivationSettings Activations { get; }
 
     private protected abstract long[] WeightShape { get; }
 

@@ -109,6 +109,10 @@ internal sealed unsafe class QuantizedMatrix
         return new QuantizedMatrix(n, k, bits, granularity, groupSize, q, scales, hasBias ? bias.ToArray() : null);
     }
 
+    /// <summary>Rebuilds a matrix from stored integer weights and scales (the file format's reader; counts already checked).</summary>
+    public static QuantizedMatrix FromLevels(int n, int k, int bits, QuantizationGranularity granularity, sbyte[] q, float[] scales, float[]? bias) =>
+        new(n, k, bits, granularity, granularity is PerGroupGranularity g ? g.Size : 0, q, scales, bias);
+
     /// <summary>Returns the float weight the integers stand for, row-major [N, K].</summary>
     public float[] Dequantize()
     {

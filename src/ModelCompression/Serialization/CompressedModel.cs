@@ -1,0 +1,445 @@
+using System.Buffers.Binary;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Serialization;
+
+/// <summary>Options of <see cref="CompressedModel.Load(string, CompressedModelLoadOptions?)"/>.</summary>
+public sealed class CompressedModelLoadOptions
+{
+    /// <summary>Gets or sets the largest file accepted, in bytes.</summary>
+    /// <value>The default is 2,147,483,591 (the largest array .NET holds). Must be between 24 and that.</value>
+    public long MaxFileBytes { get; set; } = Array.MaxLength;
+
+    /// <summary>
+    /// Gets or sets the most bytes the decoded tensors of one file may take. Whatever this says, a file may not
+    /// decode to more than 4,096 times its own length, so a small corrupt or hostile file cannot ask for a large allocation.
+    /// </summary>
+    /// <value>The default is 8 GiB. Must be positive.</value>
+    public long MaxDecodedBytes { get; set; } = 8L << 30;
+
+    /// <summary>
+    /// Gets the factories of the custom (non-library) modules a file may hold, by the module type's full name as the
+    /// file records it. A custom module is built only from a factory given here (or from the architecture passed to
+    /// <see cref="CompressedModel.Load(string, nn.Module{Tensor, Tensor}, CompressedModelLoadOptions?)"/>): the file's
+    /// type names are looked up, never instantiated. The factory's children and own tensors are replaced by the file's.
+    /// </summary>
+    public IDictionary<string, Func<nn.Module<Tensor, Tensor>>> ModuleFactories { get; } = new Dictionary<string, Func<nn.Module<Tensor, Tensor>>>(StringComparer.Ordinal);
+
+    /// <summary>Gets or sets the device the loaded model is moved to; <see langword="null"/> leaves it on the CPU.</summary>
+    public Device? Device { get; set; }
+
+    /// <summary>Lists every invalid value.</summary>
+    /// <returns>One message per invalid value.</returns>
+    public IReadOnlyList<string> Validate()
+    {
+        var errors = new List<string>();
+        if (MaxFileBytes < ModelFile.HeaderBytes || MaxFileBytes > Array.MaxLength)
+        {
+            errors.Add($"{nameof(CompressedModelLoadOptions)}.{nameof(MaxFileBytes)} must be between {ModelFile.HeaderBytes} and {Array.MaxLength} (was {MaxFileBytes}).");
+        }
+
+        if (MaxDecodedBytes <= 0)
+        {
+            errors.Add($"{nameof(CompressedModelLoadOptions)}.{nameof(MaxDecodedBytes)} must be positive (was {MaxDecodedBytes}).");
+        }
+
+        return errors;
+    }
+}
+
+/// <summary>What one module takes in the compressed file.</summary>
+/// <param name="Name">The dotted name, as <c>named_modules()</c> gives it (empty for the root).</param>
+/// <param name="Type">The module type name.</param>
+/// <param name="Bytes">The bytes of its data section (its tensors), 0 for modules without tensors.</param>
+/// <param name="Encodings">How each tensor was stored, e.g. <c>weight: sparse (gaps &lt; 16, Huffman), codebook of 32 (float32), Huffman, 2311 B</c>.</param>
+public sealed record StoredLayer(string Name, string Type, long Bytes, IReadOnlyList<string> Encodings);
+
+/// <summary>The size of a model's compressed file and where the bytes go.</summary>
+/// <param name="TotalBytes">The length of the file.</param>
+/// <param name="ArchitectureBytes">The bytes of the header, the architecture description and the section framing.</param>
+/// <param name="Layers">Every module, in file order.</param>
+public sealed record CompressedModelSize(long TotalBytes, long ArchitectureBytes, IReadOnlyList<StoredLayer> Layers);
+
+/// <summary>
+/// The library's compressed model file: one file holding the architecture and every tensor of every layer kind the
+/// library produces (dense float32/16, sparse, int8 to binary with scales and zero points, low-rank factors, clustered
+/// codebooks), each array stored in the layout and coding that measures smallest, with a versioned header and a
+/// CRC-32 per section, little-endian throughout. The format is described in <c>docs/file-format.md</c>.
+/// </summary>
+/// <remarks>
+/// <para>Saving is atomic: the file is written beside the target under a temporary name, flushed to disk, then renamed
+/// over it, so an interrupted save leaves the previous file as it was.</para>
+/// <para>Loading trusts nothing in the file: every count, length and shape is checked against the file's length and
+/// fixed limits before anything is allocated, only the library's own module kinds are built (custom modules come
+/// from the caller), and anything wrong raises an <see cref="InvalidDataException"/> saying what.</para>
+/// </remarks>
+public static class CompressedModel
+{
+    /// <summary>Saves a model to a file, atomically (see the remarks of <see cref="CompressedModel"/>).</summary>
+    /// <param name="model">The model; it is not changed.</param>
+    /// <param name="path">The file to write; an existing file is replaced only once the new one is complete.</param>
+    /// <returns>The size of the file and where its bytes go.</returns>
+    /// <exception cref="NotSupportedException">A module cannot be stored (for example a training-time fake-quantization layer); nothing is written.</exception>
+    /// <exception cref="ArgumentException">A weight is NaN or infinite; nothing is written.</exception>
+    public static CompressedModelSize Save(nn.Module<Tensor, Tensor> model, string path) => SaveCore(model, path, null);
+
+    /// <summary>Writes a model's compressed file to a stream.</summary>
+    /// <param name="model">The model; it is not changed.</param>
+    /// <param name="stream">A writable stream; the file is encoded completely before the first byte is written.</param>
+    /// <returns>The size of the file and where its bytes go.</returns>
+    public static CompressedModelSize Save(nn.Module<Tensor, Tensor> model, Stream stream)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        var (bytes, size) = Encode(model);
+        stream.Write(bytes);
+        return size;
+    }
+
+    /// <summary>Encodes a model without writing it anywhere: the size every report's <c>sizeBytes</c> gives.</summary>
+    /// <param name="model">The model; it is not changed.</param>
+    /// <returns>The size of the file the model would be saved as, and where its bytes go.</returns>
+    public static CompressedModelSize Measure(nn.Module<Tensor, Tensor> model) => Encode(model).Size;
+
+    /// <summary>Loads a model from a file. Every module must be of a kind the library builds, or have a factory in <paramref name="options"/>.</summary>
+    /// <param name="path">The file.</param>
+    /// <param name="options">Limits and custom module factories; the defaults when <see langword="null"/>.</param>
+    /// <returns>The model, in evaluation mode.</returns>
+    /// <exception cref="InvalidDataException">The file is corrupt, truncated or not a compressed model, or it holds a custom module with no factory.</exception>
+    public static nn.Module<Tensor, Tensor> Load(string path, CompressedModelLoadOptions? options = null) => Decode(ReadFile(path, options), null, options);
+
+    /// <summary>
+    /// Loads a model from a file into an architecture the caller built: modules of the library's kinds are built from
+    /// the file, and every custom module (one the library cannot build, such as a residual block of your own) is a copy of
+    /// the module at the same dotted name in <paramref name="architecture"/>, with its children and tensors from the file.
+    /// </summary>
+    /// <param name="path">The file.</param>
+    /// <param name="architecture">A model built the way the saved one was; it is not changed.</param>
+    /// <param name="options">Limits; the defaults when <see langword="null"/>.</param>
+    /// <returns>The model, in evaluation mode.</returns>
+    /// <exception cref="InvalidDataException">The file is corrupt, or does not fit <paramref name="architecture"/> (the message lists the differences).</exception>
+    public static nn.Module<Tensor, Tensor> Load(string path, nn.Module<Tensor, Tensor> architecture, CompressedModelLoadOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(architecture);
+        return Decode(ReadFile(path, options), architecture, options);
+    }
+
+    /// <summary>Loads a model from a stream holding a compressed file.</summary>
+    /// <param name="stream">The stream, read to its end.</param>
+    /// <param name="architecture">A model supplying custom modules, or <see langword="null"/>.</param>
+    /// <param name="options">Limits and custom module factories; the defaults when <see langword="null"/>.</param>
+    /// <returns>The model, in evaluation mode.</returns>
+    /// <exception cref="InvalidDataException">The data is corrupt, truncated, too large, or does not fit.</exception>
+    public static nn.Module<Tensor, Tensor> Load(Stream stream, nn.Module<Tensor, Tensor>? architecture = null, CompressedModelLoadOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        long limit = Validated(options).MaxFileBytes;
+        using var buffer = new MemoryStream();
+        var chunk = new byte[81920];
+        int read;
+        while ((read = stream.Read(chunk, 0, chunk.Length)) > 0)
+        {
+            if (buffer.Length + read > limit)
+            {
+                throw new InvalidDataException($"The compressed model is larger than the {limit} bytes allowed.");
+            }
+
+            buffer.Write(chunk, 0, read);
+        }
+
+        return Decode(buffer.ToArray(), architecture, options);
+    }
+
+    /// <summary>Saves, with a hook that wraps the temporary file's stream (tests use it to fail a save midway).</summary>
+    internal static CompressedModelSize SaveCore(nn.Module<Tensor, Tensor> model, string path, Func<Stream, Stream>? wrap)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(path);
+        var (bytes, size) = Encode(model);
+        string full = Path.GetFullPath(path);
+        string directory = Path.GetDirectoryName(full) ?? throw new ArgumentException($"'{path}' has no directory.", nameof(path));
+        string temporary = Path.Combine(directory, $".{Path.GetFileName(full)}.{Guid.NewGuid():N}.tmp");
+        try
+        {
+            using (var file = new FileStream(temporary, FileMode.CreateNew, FileAccess.Write, FileShare.None))
+            {
+                var stream = wrap?.Invoke(file) ?? file;
+                stream.Write(bytes);
+                stream.Flush();
+                file.Flush(flushToDisk: true);
+            }
+
+            File.Move(temporary, full, overwrite: true);
+        }
+        catch
+        {
+            File.Delete(temporary);
+            throw;
+        }
+
+        return size;
+    }
+
+    private static (byte[] Bytes, CompressedModelSize Size) Encode(nn.Module<Tensor, Tensor> model)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        var architecture = new FormatWriter();
+        var data = new List<byte[]>();
+        var written = new List<ModuleCodec.Written>();
+        ModuleCodec.WriteTree(model, architecture, data, written);
+        var bytes = ModelFile.Write(architecture.ToArray(), data);
+        long dataBytes = written.Sum(w => (long)w.DataBytes);
+        var layers = written.Select(w => new StoredLayer(w.Path, w.TypeName, w.DataBytes, w.Encodings)).ToList();
+        return (bytes, new CompressedModelSize(bytes.Length, bytes.Length - dataBytes, layers));
+    }
+
+    private static CompressedModelLoadOptions Validated(CompressedModelLoadOptions? options)
+    {
+        options ??= new CompressedModelLoadOptions();
+        OptionsValidationException.ThrowIfInvalid(typeof(CompressedModelLoadOptions), options.Validate());
+        return options;
+    }
+
+    private static byte[] ReadFile(string path, CompressedModelLoadOptions? options)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(path);
+        long limit = Validated(options).MaxFileBytes;
+        using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read);
+        if (file.Length > limit)
+        {
+            throw new InvalidDataException($"'{path}' is {file.Length} bytes, more than the {limit} allowed.");
+        }
+
+        var bytes = new byte[file.Length];
+        file.ReadExactly(bytes);
+        return bytes;
+    }
+
+    private static nn.Module<Tensor, Tensor> Decode(byte[] file, nn.Module<Tensor, Tensor>? architecture, CompressedModelLoadOptions? options)
+    {
+        options = Validated(options);
+        var sections = ModelFile.Read(file);
+        var budget = new DecodeBudget(Math.Min(options.MaxDecodedBytes, file.LongLength * DecodeBudget.ExpansionLimit));
+        var archReader = new FormatReader(file.AsSpan(sections[0].Offset, sections[0].Length), "the architecture section");
+        var root = ModuleCodec.ReadTree(ref archReader);
+        var withData = new List<NodeSpec>();
+        Collect(root, withData);
+        if (withData.Count != sections.Count - 1)
+        {
+            throw new InvalidDataException(
+                $"The compressed model file is not valid: its architecture has {withData.Count} modules with tensors but the file has {sections.Count - 1} data sections.");
+        }
+
+        for (int i = 0; i < withData.Count; i++)
+        {
+            var (offset, length) = sections[i + 1];
+            var reader = new FormatReader(file.AsSpan(offset, length), $"data section {i + 1}");
+            long index = reader.VarUInt();
+            if (index != withData[i].Index)
+            {
+                throw reader.Fail($"it belongs to module #{index}, but {withData[i].Describe} (#{withData[i].Index}) comes next: sections are out of order");
+            }
+
+            ModuleCodec.ReadTensors(withData[i], ref reader, budget);
+            reader.ExpectEnd();
+        }
+
+        // Every byte is checked and decoded; only now are modules built (no random initialisation leaks into the caller's RNG).
+        using var rng = torch.random.get_rng_state();
+        try
+        {
+            var model = ModuleCodec.Build(root, node => CustomModule(node, architecture, options));
+            model.eval();
+            if (options.Device is not null)
+            {
+                model.to(options.Device);
+            }
+
+            return model;
+        }
+        catch (Exception ex) when (ex is ArgumentException or InvalidOperationException or OverflowException)
+        {
+            throw new InvalidDataException($"The compressed model file is not valid: a module could not be built from it ({ex.Message}).", ex);
+        }
+        finally
+        {
+            torch.random.set_rng_state(rng);
+        }
+    }
+
+    private static void Collect(NodeSpec node, List<NodeSpec> withData)
+    {
+        if (node.HasData)
+        {
+            withData.Add(node);
+        }
+
+        foreach (var child in node.Children)
+        {
+            Collect(child, withData);
+        }
+    }
+
+    private static nn.Module<Tensor, Tensor> CustomModule(NodeSpec node, nn.Module<Tensor, Tensor>? architecture, CompressedModelLoadOptions options)
+    {
+        if (architecture is not null)
+        {
+            nn.Module? found;
+            try
+            {
+                found = node.Path.Length == 0 ? architecture : Modules.ModuleTree.GetSubmodule(architecture, node.Path);
+            }
+            catch (ArgumentException)
+            {
+                found = null;
+            }
+
+            if (found is not nn.Module<Tensor, Tensor> module)
+            {
+                throw new InvalidDataException($"The file holds a custom module {node.TypeName} at {node.Describe}, but the architecture given has no module there.");
+            }
+
+            string name = module.GetType().FullName ?? module.GetType().Name;
+            if (name != node.TypeName)
+            {
+                throw new InvalidDataException($"The file holds a {node.TypeName} at {node.Describe}, but the architecture given has a {name} there.");
+            }
+
+            return Modules.ModuleCloner.DeepClone(module);
+        }
+
+        if (options.ModuleFactories.TryGetValue(node.TypeName, out var factory))
+        {
+            return factory() ?? throw new InvalidOperationException($"The factory for {node.TypeName} returned null.");
+        }
+
+        throw new InvalidDataException(
+            $"The file holds a custom module {node.TypeName} at {node.Describe}, which the library does not build: load it with " +
+            $"{nameof(CompressedModel)}.{nameof(Load)}(path, architecture) or add a factory to {nameof(CompressedModelLoadOptions)}.{nameof(CompressedModelLoadOptions.ModuleFactories)}.");
+    }
+}
+
+/// <summary>The file's framing: the header and the checksummed sections.</summary>
+internal static class ModelFile
+{
+    public const int HeaderBytes = 24;
+    public const ushort Version = 1;
+    private const uint Magic = 0x464D434D; // "MCMF" little-endian
+    private const uint ArchitectureTag = 0x48435241; // "ARCH"
+    private const uint DataTag = 0x41544144; // "DATA"
+    private const int SectionOverhead = 16;
+
+    public static byte[] Write(byte[] architecture, List<byte[]> data)
+    {
+        long total = HeaderBytes + SectionOverhead + architecture.Length + data.Sum(d => (long)SectionOverhead + d.Length);
+        if (total > Array.MaxLength)
+        {
+            throw new NotSupportedException($"The model's file would be {total} bytes, more than one file of this format holds ({Array.MaxLength}).");
+        }
+
+        var file = new byte[total];
+        var span = file.AsSpan();
+        BinaryPrimitives.WriteUInt32LittleEndian(span, Magic);
+        BinaryPrimitives.WriteUInt16LittleEndian(span[4..], Version);
+        BinaryPrimitives.WriteUInt16LittleEndian(span[6..], 0);
+        BinaryPrimitives.WriteUInt32LittleEndian(span[8..], (uint)(data.Count + 1));
+        BinaryPrimitives.WriteUInt64LittleEndian(span[12..], (ulong)total);
+        BinaryPrimitives.WriteUInt32LittleEndian(span[20..], Crc32.Compute(span[..20]));
+        int at = HeaderBytes;
+        at = WriteSection(span, at, ArchitectureTag, architecture);
+        foreach (var d in data)
+        {
+            at = WriteSection(span, at, DataTag, d);
+        }
+
+        return file;
+    }
+
+    /// <summary>Checks the framing and every checksum; returns each section's payload (offset, length), the architecture first.</summary>
+    public static List<(int Offset, int Length)> Read(byte[] file)
+    {
+        var span = file.AsSpan();
+        if (file.Length < HeaderBytes)
+        {
+            throw Invalid($"it is {file.Length} bytes long, shorter than the {HeaderBytes}-byte header");
+        }
+
+        if (BinaryPrimitives.ReadUInt32LittleEndian(span) != Magic)
+        {
+            throw Invalid("it does not start with the format's signature 'MCMF' (not a compressed model file)");
+        }
+
+        ushort version = BinaryPrimitives.ReadUInt16LittleEndian(span[4..]);
+        if (version != Version)
+        {
+            throw Invalid($"it is format version {version}; this library reads version {Version}");
+        }
+
+        if (BinaryPrimitives.ReadUInt32LittleEndian(span[20..]) != Crc32.Compute(span[..20]))
+        {
+            throw Invalid("the header's checksum does not match (the header is corrupt)");
+        }
+
+        ulong declared = BinaryPrimitives.ReadUInt64LittleEndian(span[12..]);
+        if (declared != (ulong)file.Length)
+        {
+            throw Invalid($"the header gives its length as {declared} bytes but it is {file.Length} ({(declared > (ulong)file.Length ? "truncated" : "has extra bytes")})");
+        }
+
+        uint count = BinaryPrimitives.ReadUInt32LittleEndian(span[8..]);
+        if (count < 1 || count > (file.Length - HeaderBytes) / SectionOverhead)
+        {
+            throw Invalid($"the header declares {count} sections, which a file of {file.Length} bytes cannot hold");
+        }
+
+        var sections = new List<(int, int)>((int)count);
+        int at = HeaderBytes;
+        for (int i = 0; i < count; i++)
+        {
+            if (file.Length - at < SectionOverhead)
+            {
+                throw Invalid($"it ends before section {i} of {count}");
+            }
+
+            uint tag = BinaryPrimitives.ReadUInt32LittleEndian(span[at..]);
+            ulong length = BinaryPrimitives.ReadUInt64LittleEndian(span[(at + 4)..]);
+            uint expectedTag = i == 0 ? ArchitectureTag : DataTag;
+            if (tag != expectedTag)
+            {
+                throw Invalid($"section {i} at byte {at} has tag 0x{tag:X8}, not the {(i == 0 ? "architecture" : "data")} tag");
+            }
+
+            if (length > (ulong)(file.Length - at - SectionOverhead))
+            {
+                throw Invalid($"section {i} at byte {at} declares {length} bytes, more than the {file.Length - at - SectionOverhead} left");
+            }
+
+            int payload = (int)length;
+            var checksummed = span.Slice(at, 12 + payload);
+            if (BinaryPrimitives.ReadUInt32LittleEndian(span[(at + 12 + payload)..]) != Crc32.Compute(checksummed))
+            {
+                throw Invalid($"section {i} at byte {at} fails its checksum (the data is corrupt)");
+            }
+
+            sections.Add((at + 12, payload));
+            at += SectionOverhead + payload;
+        }
+
+        if (at != file.Length)
+        {
+            throw Invalid($"{file.Length - at} bytes follow the last section");
+        }
+
+        return sections;
+    }
+
+    private static int WriteSection(Span<byte> file, int at, uint tag, byte[] payload)
+    {
+        BinaryPrimitives.WriteUInt32LittleEndian(file[at..], tag);
+        BinaryPrimitives.WriteUInt64LittleEndian(file[(at + 4)..], (ulong)payload.Length);
+        payload.CopyTo(file[(at + 12)..]);
+        BinaryPrimitives.WriteUInt32LittleEndian(file[(at + 12 + payload.Length)..], Crc32.Compute(file.Slice(at, 12 + payload.Length)));
+        return at + SectionOverhead + payload.Length;
+    }
+
+    private static InvalidDataException Invalid(string message) => new($"The compressed model file is not valid: {message}.");
+}
