@@ -68,6 +68,8 @@ public static class ScenarioCatalog
         new QatInt8LeNet5Scenario(),
         new QatInt4LeNet300Scenario(),
         new QatBinaryLeNet300Scenario(),
+        new DeepCompressionLeNet300Scenario(),
+        new DeepCompressionLeNet5Scenario(),
     ];
 }
 

@@ -24,7 +24,7 @@ public sealed record LayerMeasurement(string Name, string Type, long Parameters,
 /// <summary>What the metrics measured of one model.</summary>
 /// <param name="Parameters">The number of parameters.</param>
 /// <param name="NonzeroParameters">The number of parameters that are not zero.</param>
-/// <param name="SizeBytes">The bytes of every parameter and persistent buffer at its stored element size.</param>
+/// <param name="SizeBytes">The length of the model's compressed file (<see cref="ModelMetrics.SizeInBytes"/>).</param>
 /// <param name="Macs">The multiply-accumulates of one sample.</param>
 /// <param name="Latency">The measured latency, or <see langword="null"/> when not measured.</param>
 /// <param name="Layers">The per-layer breakdown (layers that hold parameters or count MACs).</param>
@@ -134,16 +134,28 @@ public static class ModelMetrics
     }
 
     /// <summary>
-    /// Returns the bytes of every parameter and persistent buffer at its stored element size (4 for fp32, 2 for
-    /// fp16/bf16, 1 for int8, ...). Layers whose storage is packed (for example two int4 per byte) are counted by
-    /// the tensors they really hold.
+    /// Returns the size of the model as the library's compressed file stores it (<see cref="Serialization.CompressedModel"/>):
+    /// the architecture and every tensor, each in the layout and coding that measures smallest. This is what every
+    /// report's <c>sizeBytes</c> gives; a dense float32 model takes its parameter bytes plus a few hundred bytes.
     /// </summary>
-    /// <param name="model">The model.</param>
-    /// <returns>The size in bytes.</returns>
-    public static long SizeInBytes(nn.Module model)
+    /// <param name="model">The model; it is not changed.</param>
+    /// <returns>The file's length in bytes.</returns>
+    /// <exception cref="NotSupportedException">The model holds a module the file cannot store (a training-time layer).</exception>
+    public static long SizeInBytes(nn.Module<Tensor, Tensor> model)
     {
         ArgumentNullException.ThrowIfNull(model);
-        // Tied tensors appear under several keys but are stored once.
+        return Serialization.CompressedModel.Measure(model).TotalBytes;
+    }
+
+    /// <summary>
+    /// Returns the bytes of every parameter and persistent buffer in memory, at its element size (4 for fp32, 2 for
+    /// fp16/bf16, 1 for int8, ...; bit-packed layers by the tensors they hold). Tied tensors count once.
+    /// </summary>
+    /// <param name="model">The model.</param>
+    /// <returns>The bytes of the model's tensors.</returns>
+    public static long TensorBytes(nn.Module model)
+    {
+        ArgumentNullException.ThrowIfNull(model);
         return model.state_dict().Values.DistinctBy(t => t.Handle).Sum(t => t.numel() * t.ElementSize);
     }
 
