@@ -19,7 +19,8 @@ public sealed record LatencyMeasurement(double Batch1, double Batch64);
 /// <param name="Bits">The bits per stored weight.</param>
 /// <param name="Rank">The rank, for low-rank layers.</param>
 /// <param name="SqnrDb">A quantized layer's signal-to-quantization-noise ratio in dB, when measured.</param>
-public sealed record LayerMeasurement(string Name, string Type, long Parameters, long NonzeroParameters, long Macs, int Bits, int? Rank, double? SqnrDb = null);
+/// <param name="SizeBytes">The bytes the layer's tensors (its children's included) take in the compressed file.</param>
+public sealed record LayerMeasurement(string Name, string Type, long Parameters, long NonzeroParameters, long Macs, int Bits, int? Rank, double? SqnrDb = null, long? SizeBytes = null);
 
 /// <summary>What the metrics measured of one model.</summary>
 /// <param name="Parameters">The number of parameters.</param>
@@ -285,6 +286,10 @@ public static class ModelMetrics
             macs = CountMacsPerLayer(model, sample);
         }
 
+        var stored = Serialization.CompressedModel.Measure(model);
+        long StoredBytes(string name) => stored.Layers
+            .Where(l => l.Name == name || l.Name.StartsWith(name + ".", StringComparison.Ordinal))
+            .Sum(l => l.Bytes);
         var layers = new List<LayerMeasurement>();
         using (NewDisposeScope())
         using (no_grad())
@@ -308,7 +313,7 @@ public static class ModelMetrics
                 long nonzero = module is ICompressedLayer nz ? nz.NonzeroParameterCount : own.Sum(p => p.count_nonzero().item<long>());
                 int bits = module is ICompressedLayer c ? c.WeightBits : BitsOf(own.FirstOrDefault());
                 int? rank = (module as ICompressedLayer)?.Rank;
-                layers.Add(new LayerMeasurement(name, module.GetType().Name, count, nonzero, macs.GetValueOrDefault(name), bits, rank, (module as Quantization.IQuantizedLayer)?.SqnrDb));
+                layers.Add(new LayerMeasurement(name, module.GetType().Name, count, nonzero, macs.GetValueOrDefault(name), bits, rank, (module as Quantization.IQuantizedLayer)?.SqnrDb, StoredBytes(name)));
             }
         }
 
@@ -316,7 +321,7 @@ public static class ModelMetrics
         return new ModelMeasurement(
             CountParameters(model),
             CountNonzeroParameters(model),
-            SizeInBytes(model),
+            stored.TotalBytes,
             macs.Values.Sum(),
             latencyResult,
             layers);

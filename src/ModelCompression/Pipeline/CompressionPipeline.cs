@@ -340,6 +340,7 @@ public sealed class CompressionPipeline
                 KeptFraction = l.Parameters == 0 ? 1 : (double)l.NonzeroParameters / l.Parameters,
                 Macs = l.Macs,
                 SqnrDb = l.SqnrDb is { } db && double.IsFinite(db) ? Math.Round(db, 2) : null,
+                SizeBytes = l.SizeBytes,
             })
             .ToList();
     }

@@ -104,6 +104,9 @@ public sealed class LayerFigures
 
     /// <summary>Gets or sets a quantized layer's signal-to-quantization-noise ratio in dB, measured on calibration data (JSON <c>sqnrDb</c>).</summary>
     public double? SqnrDb { get; set; }
+
+    /// <summary>Gets or sets the bytes the layer's tensors take in the compressed file (JSON <c>sizeBytes</c>).</summary>
+    public long? SizeBytes { get; set; }
 }
 
 /// <summary>
