@@ -29,7 +29,9 @@ public sealed class HalfPrecisionStepTests
         var step = new HalfPrecisionStep(new HalfPrecisionOptions { Format = format });
         var result = step.Apply(model, Context(original, data));
 
-        Assert.That(ModelMetrics.SizeInBytes(result) * 2, Is.EqualTo(ModelMetrics.SizeInBytes(original)));
+        Assert.That(ModelMetrics.TensorBytes(result) * 2, Is.EqualTo(ModelMetrics.TensorBytes(original)));
+        // The file stores 2 bytes a weight, or fewer where a codebook of the (coarse) 16-bit values is smaller.
+        Assert.That(ModelMetrics.SizeInBytes(result), Is.LessThanOrEqualTo((ModelMetrics.SizeInBytes(original) / 2) + 500));
         Assert.That(result.modules().OfType<HalfPrecisionLayer>().Count(), Is.EqualTo(5));
         Assert.That(result.parameters().All(p => p.dtype == dtype), Is.True);
         var actual = TestModels.Output(result, input);
