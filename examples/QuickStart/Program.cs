@@ -53,7 +53,7 @@ Console.WriteLine(result.Report);
 Console.WriteLine($"Report JSON: {ReportFiles.Write(result.Report, options.ReportPath!)}");
 
 // Ship it: the library's compressed file (architecture + every tensor, entropy coded), loaded back as a runnable model.
-string modelPath = Path.ChangeExtension(options.ReportPath!, ".mcmf");
+string modelPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(options.ReportPath!))!, "model.mcmf");
 var saved = CompressedModel.Save(result.Model, modelPath);
 using var loaded = CompressedModel.Load(modelPath);
 using (TorchSharp.torch.NewDisposeScope())

@@ -256,7 +256,7 @@ public static class CompressedModel
 
             return model;
         }
-        catch (Exception ex) when (ex is ArgumentException or InvalidOperationException or OverflowException)
+        catch (Exception ex) when (ex is ArgumentException or InvalidOperationException or OverflowException or System.Runtime.InteropServices.ExternalException)
         {
             throw new InvalidDataException($"The compressed model file is not valid: a module could not be built from it ({ex.Message}).", ex);
         }

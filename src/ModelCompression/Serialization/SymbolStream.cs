@@ -33,23 +33,55 @@ internal static class SymbolStream
             throw new ArgumentOutOfRangeException(nameof(alphabet), alphabet, $"The alphabet must have 1 to {MaxAlphabet} symbols.");
         }
 
-        var packed = Pack(symbols, alphabet);
-        var huffman = Huffman(symbols, alphabet);
+        // Packing and Huffman sizes are known from the counts; DEFLATE is tried for real.
+        var frequencies = Frequencies(symbols, alphabet);
+        var lengths = CodeLengths(frequencies);
+        long packed = PackedBytes(symbols.Length, alphabet);
+        long huffman = HuffmanBytes(frequencies, lengths);
         var deflated = Deflate(symbols, alphabet);
-        var (coding, bytes) = (SymbolCoding.Packed, packed);
-        if (huffman.Length < bytes.Length)
+        if (deflated.Length < Math.Min(packed, huffman))
         {
-            (coding, bytes) = (SymbolCoding.Huffman, huffman);
+            writer.Byte((byte)SymbolCoding.Deflate);
+            writer.Block(deflated);
+            return SymbolCoding.Deflate;
         }
 
-        if (deflated.Length < bytes.Length)
-        {
-            (coding, bytes) = (SymbolCoding.Deflate, deflated);
-        }
-
+        var coding = huffman < packed ? SymbolCoding.Huffman : SymbolCoding.Packed;
         writer.Byte((byte)coding);
-        writer.Block(bytes);
+        writer.Block(coding == SymbolCoding.Huffman ? Huffman(symbols, lengths) : Pack(symbols, alphabet));
         return coding;
+    }
+
+    /// <summary>The bytes the smaller of packing and Huffman coding would take (a cheap estimate to compare streams).</summary>
+    public static long EstimateBytes(ReadOnlySpan<int> symbols, int alphabet)
+    {
+        var frequencies = Frequencies(symbols, alphabet);
+        return Math.Min(PackedBytes(symbols.Length, alphabet), HuffmanBytes(frequencies, CodeLengths(frequencies)));
+    }
+
+    private static long[] Frequencies(ReadOnlySpan<int> symbols, int alphabet)
+    {
+        var frequencies = new long[alphabet];
+        foreach (int s in symbols)
+        {
+            frequencies[s]++;
+        }
+
+        return frequencies;
+    }
+
+    private static long PackedBytes(long count, int alphabet) => ((count * BitsFor(alphabet)) + 7) / 8;
+
+    private static long HuffmanBytes(long[] frequencies, int[] lengths)
+    {
+        int used = Array.FindLastIndex(lengths, l => l > 0) + 1;
+        long bits = 17 + (4L * used);
+        for (int s = 0; s < frequencies.Length; s++)
+        {
+            bits += frequencies[s] * lengths[s];
+        }
+
+        return (bits + 7) / 8;
     }
 
     /// <summary>Reads <paramref name="count"/> symbols, each checked to lie in 0..<paramref name="alphabet"/>−1.</summary>
@@ -137,15 +169,8 @@ internal static class SymbolStream
         return null;
     }
 
-    private static byte[] Huffman(ReadOnlySpan<int> symbols, int alphabet)
+    private static byte[] Huffman(ReadOnlySpan<int> symbols, int[] lengths)
     {
-        var frequencies = new long[alphabet];
-        foreach (int s in symbols)
-        {
-            frequencies[s]++;
-        }
-
-        var lengths = CodeLengths(frequencies);
         int used = Array.FindLastIndex(lengths, l => l > 0) + 1;
         var writer = new BitWriter();
         writer.Write((uint)used, 17);
@@ -270,7 +295,7 @@ internal static class SymbolStream
         }
 
         using var output = new MemoryStream();
-        using (var deflate = new DeflateStream(output, CompressionLevel.SmallestSize, leaveOpen: true))
+        using (var deflate = new DeflateStream(output, CompressionLevel.Optimal, leaveOpen: true))
         {
             deflate.Write(raw);
         }
@@ -425,28 +450,26 @@ internal static class SymbolStream
     /// <summary>Writes bits most significant first.</summary>
     private sealed class BitWriter
     {
-        private readonly List<byte> bytes = [];
-        private int filled;
+        private byte[] bytes = new byte[256];
+        private long bitCount;
 
         public void Write(uint value, int count)
         {
-            for (int b = count - 1; b >= 0; b--)
+            if (((bitCount + count) >> 3) + 1 >= bytes.Length)
             {
-                if (filled == 0)
-                {
-                    bytes.Add(0);
-                }
+                Array.Resize(ref bytes, bytes.Length * 2);
+            }
 
+            for (int b = count - 1; b >= 0; b--, bitCount++)
+            {
                 if (((value >> b) & 1) != 0)
                 {
-                    bytes[^1] |= (byte)(0x80 >> filled);
+                    bytes[bitCount >> 3] |= (byte)(0x80 >> (int)(bitCount & 7));
                 }
-
-                filled = (filled + 1) & 7;
             }
         }
 
-        public byte[] ToArray() => bytes.ToArray();
+        public byte[] ToArray() => bytes.AsSpan(0, (int)((bitCount + 7) >> 3)).ToArray();
     }
 
     private ref struct BitReader(ReadOnlySpan<byte> bytes)

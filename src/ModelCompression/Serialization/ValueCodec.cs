@@ -26,15 +26,22 @@ internal static class ValueCodec
 
     public static Encoding WriteFloats(FormatWriter writer, ReadOnlySpan<float> values, string what)
     {
-        foreach (float v in values)
+        var copy = values.ToArray();
+        for (int i = 0; i < copy.Length; i++)
         {
-            if (!float.IsFinite(v))
+            if (!float.IsFinite(copy[i]))
             {
                 throw new ArgumentException($"{what} holds NaN or infinite values; a model with them cannot be saved.");
             }
+
+            // -0 (what masking a negative weight gives) is stored as 0: a pruned weight is a zero, whatever its sign.
+            if (copy[i] == 0)
+            {
+                copy[i] = 0;
+            }
         }
 
-        return WriteBest(writer, values.ToArray(), null, 0);
+        return WriteBest(writer, copy, null, 0);
     }
 
     public static Encoding WriteLevels(FormatWriter writer, ReadOnlySpan<sbyte> levels, int maxLevel)
@@ -103,7 +110,7 @@ internal static class ValueCodec
         var nonzero = new List<int>();
         for (int i = 0; i < count; i++)
         {
-            if (floats is not null ? floats[i] != 0 || float.IsNegative(floats[i]) : levels![i] != 0)
+            if (floats is not null ? floats[i] != 0 : levels![i] != 0)
             {
                 nonzero.Add(i);
             }
@@ -213,37 +220,53 @@ internal static class ValueCodec
         var maskCoding = SymbolStream.Write(bitmask, mask, 256);
         var best = (Writer: bitmask, Name: $"bitmask, {maskCoding}");
 
-        // ... or the gaps between non-zeros, symbol g < G−1 a gap of g, G−1 a run of G−1 zeros that continues.
+        // ... or the gaps between non-zeros, symbol g < G−1 a gap of g, G−1 a run of G−1 zeros that continues. The
+        // alphabet is chosen by the estimated size, then written with every coding.
+        List<int>? bestGaps = null;
+        int bestAlphabet = 0;
+        long bestEstimate = long.MaxValue;
         foreach (int alphabet in GapAlphabets)
         {
-            var symbols = new List<int>(nonzero.Count);
-            int previous = -1;
-            foreach (int p in nonzero)
+            var symbols = GapSymbols(nonzero, alphabet);
+            long estimate = SymbolStream.EstimateBytes(CollectionsMarshal.AsSpan(symbols), alphabet);
+            if (estimate < bestEstimate)
             {
-                int gap = p - previous - 1;
-                while (gap >= alphabet - 1)
-                {
-                    symbols.Add(alphabet - 1);
-                    gap -= alphabet - 1;
-                }
-
-                symbols.Add(gap);
-                previous = p;
+                (bestGaps, bestAlphabet, bestEstimate) = (symbols, alphabet, estimate);
             }
+        }
 
-            var gaps = new FormatWriter();
-            gaps.Byte(Gaps);
-            gaps.VarUInt(alphabet);
-            gaps.VarUInt(symbols.Count);
-            var coding = SymbolStream.Write(gaps, CollectionsMarshal.AsSpan(symbols), alphabet);
-            if (gaps.Length < best.Writer.Length)
-            {
-                best = (gaps, $"gaps < {alphabet}, {coding}");
-            }
+        var gaps = new FormatWriter();
+        gaps.Byte(Gaps);
+        gaps.VarUInt(bestAlphabet);
+        gaps.VarUInt(bestGaps!.Count);
+        var coding = SymbolStream.Write(gaps, CollectionsMarshal.AsSpan(bestGaps), bestAlphabet);
+        if (gaps.Length < best.Writer.Length)
+        {
+            best = (gaps, $"gaps < {bestAlphabet}, {coding}");
         }
 
         writer.Bytes(best.Writer.Written);
         return best.Name;
+    }
+
+    private static List<int> GapSymbols(List<int> nonzero, int alphabet)
+    {
+        var symbols = new List<int>(nonzero.Count);
+        int previous = -1;
+        foreach (int p in nonzero)
+        {
+            int gap = p - previous - 1;
+            while (gap >= alphabet - 1)
+            {
+                symbols.Add(alphabet - 1);
+                gap -= alphabet - 1;
+            }
+
+            symbols.Add(gap);
+            previous = p;
+        }
+
+        return symbols;
     }
 
     private static (int[]? Positions, byte Layout) ReadLayout(ref FormatReader reader, long count, DecodeBudget budget, string what)

@@ -211,7 +211,7 @@ public sealed class FormatFuzzTests
             Assert.That(allocated, Is.LessThanOrEqualTo((16 * DecodeBudget.ExpansionLimit * bytes.Length) + (1 << 20)), $"case {i} ({name}, {what}) allocated {allocated} bytes");
         }
 
-        TestContext.Out.WriteLine($"{Cases} cases: {rejected} rejected with InvalidDataException, {loaded} loaded (mutations of float payloads), slowest {Stopwatch.GetElapsedTime(0, slowestTicks).TotalMilliseconds:0.0} ms");
+        TestContext.Out.WriteLine($"{Cases} cases: {rejected} rejected with InvalidDataException, {loaded} loaded (the mutation left a valid file: a weight value or a name changed behind fixed checksums), slowest {Stopwatch.GetElapsedTime(0, slowestTicks).TotalMilliseconds:0.0} ms");
         foreach (var (message, count) in outcomes.OrderByDescending(o => o.Value).Take(12))
         {
             TestContext.Out.WriteLine($"  {count,5}  {message}");
