@@ -342,7 +342,7 @@ internal static class ModuleCodec
                 {
                     Floats(bn.running_mean!, "running mean");
                     Floats(bn.running_var!, "running variance");
-                    w.VarUInt(Math.Max(0, bn.num_batches_tracked!.item<long>()));
+                    w.VarUInt(Math.Max(0, bn.num_batches_tracked!.to(ScalarType.Int64).item<long>()));
                 }
 
                 break;

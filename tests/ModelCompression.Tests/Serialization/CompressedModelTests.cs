@@ -74,6 +74,24 @@ public sealed class CompressedModelTests
     }
 
     [Test]
+    public void SaveLoad_AfterStructuredPruning_RoundTrips()
+    {
+        // Channel surgery rebuilds BatchNorm layers (their batch counter as a float tensor): the file must take them.
+        using var model = ModelZoo.Create(ZooModel.SmallResNet, 4);
+        using var data = new ModelCompression.Data.TensorDataset(randn(16, 1, 28, 28), randint(0, 10, [16]));
+        var context = new CompressionContext(new CompressionData(data, data), model);
+        using var pruned = new ModelCompression.Pruning.StructuredPruningStep(new ModelCompression.Pruning.StructuredPruningOptions { Ratio = 0.5 })
+            .Apply(ModelCompression.Modules.ModuleCloner.DeepClone(model), context);
+        pruned.eval();
+        string path = Path.Combine(directory, "pruned.mcmf");
+        CompressedModel.Save(pruned, path);
+        using var architecture = ModelZoo.Create(ZooModel.SmallResNet);
+        using var loaded = CompressedModel.Load(path, architecture);
+        using var x = randn(2, 1, 28, 28);
+        Assert.That(TestModels.Output(loaded, x), Is.EqualTo(TestModels.Output(pruned, x)));
+    }
+
+    [Test]
     public void Load_CustomModuleWithoutFactory_SaysHowToLoadIt()
     {
         using var model = ModelZoo.Create(ZooModel.SmallResNet, 3);
