@@ -141,7 +141,6 @@ public static class ModelMetrics
     /// </summary>
     /// <param name="model">The model; it is not changed.</param>
     /// <returns>The file's length in bytes.</returns>
-    /// <exception cref="NotSupportedException">The model holds a module the file cannot store (a training-time layer).</exception>
     public static long SizeInBytes(nn.Module<Tensor, Tensor> model)
     {
         ArgumentNullException.ThrowIfNull(model);

@@ -91,7 +91,7 @@ public static class CompressedModel
     public static CompressedModelSize Save(nn.Module<Tensor, Tensor> model, Stream stream)
     {
         ArgumentNullException.ThrowIfNull(stream);
-        var (bytes, size) = Encode(model);
+        var (bytes, size) = Encode(model, forSaving: true);
         stream.Write(bytes);
         return size;
     }
@@ -99,7 +99,8 @@ public static class CompressedModel
     /// <summary>Encodes a model without writing it anywhere: the size every report's <c>sizeBytes</c> gives.</summary>
     /// <param name="model">The model; it is not changed.</param>
     /// <returns>The size of the file the model would be saved as, and where its bytes go.</returns>
-    public static CompressedModelSize Measure(nn.Module<Tensor, Tensor> model) => Encode(model).Size;
+    /// <remarks>A training-time layer (a fake-quantization wrapper during quantization-aware training) is measured as a custom module holding its float layer, which <see cref="Save(nn.Module{Tensor, Tensor}, string)"/> refuses.</remarks>
+    public static CompressedModelSize Measure(nn.Module<Tensor, Tensor> model) => Encode(model, forSaving: false).Size;
 
     /// <summary>Loads a model from a file. Every module must be of a kind the library builds, or have a factory in <paramref name="options"/>.</summary>
     /// <param name="path">The file.</param>
@@ -154,7 +155,7 @@ public static class CompressedModel
     internal static CompressedModelSize SaveCore(nn.Module<Tensor, Tensor> model, string path, Func<Stream, Stream>? wrap)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
-        var (bytes, size) = Encode(model);
+        var (bytes, size) = Encode(model, forSaving: true);
         string full = Path.GetFullPath(path);
         string directory = Path.GetDirectoryName(full) ?? throw new ArgumentException($"'{path}' has no directory.", nameof(path));
         string temporary = Path.Combine(directory, $".{Path.GetFileName(full)}.{Guid.NewGuid():N}.tmp");
@@ -179,13 +180,13 @@ public static class CompressedModel
         return size;
     }
 
-    private static (byte[] Bytes, CompressedModelSize Size) Encode(nn.Module<Tensor, Tensor> model)
+    private static (byte[] Bytes, CompressedModelSize Size) Encode(nn.Module<Tensor, Tensor> model, bool forSaving)
     {
         ArgumentNullException.ThrowIfNull(model);
         var architecture = new FormatWriter();
         var data = new List<byte[]>();
         var written = new List<ModuleCodec.Written>();
-        ModuleCodec.WriteTree(model, architecture, data, written);
+        ModuleCodec.WriteTree(model, architecture, data, written, forSaving);
         var bytes = ModelFile.Write(architecture.ToArray(), data);
         long dataBytes = written.Sum(w => (long)w.DataBytes);
         var layers = written.Select(w => new StoredLayer(w.Path, w.TypeName, w.DataBytes, w.Encodings)).ToList();

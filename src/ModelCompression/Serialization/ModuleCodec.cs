@@ -137,21 +137,22 @@ internal static class ModuleCodec
 
     // ---------------------------------------------------------------- writing
 
-    public static void WriteTree(nn.Module<Tensor, Tensor> root, FormatWriter architecture, List<byte[]> data, List<Written> written)
+    /// <summary>Writes a model; <paramref name="forSaving"/> refuses training-time layers, which a measurement stores as custom modules.</summary>
+    public static void WriteTree(nn.Module<Tensor, Tensor> root, FormatWriter architecture, List<byte[]> data, List<Written> written, bool forSaving)
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        WriteNode(root, string.Empty, string.Empty, 0, architecture, data, written);
+        WriteNode(root, string.Empty, string.Empty, 0, architecture, data, written, forSaving);
     }
 
-    private static void WriteNode(nn.Module module, string name, string path, int depth, FormatWriter arch, List<byte[]> data, List<Written> written)
+    private static void WriteNode(nn.Module module, string name, string path, int depth, FormatWriter arch, List<byte[]> data, List<Written> written, bool forSaving)
     {
         if (depth > MaxDepth)
         {
             throw new NotSupportedException($"The model nests modules deeper than {MaxDepth} levels at '{path}'.");
         }
 
-        var kind = KindOf(module, path);
+        var kind = KindOf(module, path, forSaving);
         int index = written.Count;
         arch.String(name);
         arch.Byte((byte)kind);
@@ -201,11 +202,11 @@ internal static class ModuleCodec
         arch.VarUInt(children.Count);
         foreach (var (childName, child) in children)
         {
-            WriteNode(child, childName, path.Length == 0 ? childName : $"{path}.{childName}", depth + 1, arch, data, written);
+            WriteNode(child, childName, path.Length == 0 ? childName : $"{path}.{childName}", depth + 1, arch, data, written, forSaving);
         }
     }
 
-    private static NodeKind KindOf(nn.Module module, string path) => module switch
+    private static NodeKind KindOf(nn.Module module, string path, bool forSaving) => module switch
     {
         Sequential => NodeKind.Sequential,
         Linear => NodeKind.Linear,
@@ -239,7 +240,7 @@ internal static class ModuleCodec
         DepthwiseSeparableConv2d => NodeKind.DepthwiseSeparableConv2d,
         InvertedResidual => NodeKind.InvertedResidual,
         SqueezeExcitation => NodeKind.SqueezeExcitation,
-        FakeQuantLayer => throw new NotSupportedException(
+        FakeQuantLayer when forSaving => throw new NotSupportedException(
             $"The FakeQuantLayer at '{path}' is a training-time layer; convert the model with QuantizationAwareTrainingStep.Convert before saving it."),
         nn.Module<Tensor, Tensor> => NodeKind.Custom,
         _ => throw new NotSupportedException($"The {module.GetType().Name} at '{path}' is not a Module<Tensor, Tensor>; the file holds tensor-to-tensor modules only."),
