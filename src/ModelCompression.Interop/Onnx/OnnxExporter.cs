@@ -1,0 +1,581 @@
+using Google.Protobuf;
+using ModelCompression.Architecture;
+using ModelCompression.Clustering;
+using ModelCompression.Factorization;
+using ModelCompression.Interop.Onnx.Proto;
+using ModelCompression.Pruning;
+using ModelCompression.Quantization;
+using ModelCompression.Quantization.Kernels;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Interop.Onnx;
+
+/// <summary>How int8 layers with quantized activations are written.</summary>
+public enum OnnxInt8Form
+{
+    /// <summary>
+    /// QuantizeLinear/DequantizeLinear around a float MatMul or Conv, with int8 weights behind a DequantizeLinear (the
+    /// QDQ form): ONNX Runtime's graph optimizer fuses the pattern into its integer kernels.
+    /// </summary>
+    Qdq,
+
+    /// <summary><c>DynamicQuantizeLinear</c> then <c>MatMulInteger</c> on the int8 weights, rescaled in float (Linear layers; convolutions use QDQ).</summary>
+    Integer,
+}
+
+/// <summary>Options of <see cref="OnnxExporter"/>.</summary>
+public sealed class OnnxExportOptions
+{
+    /// <summary>Gets or sets how int8 layers are written.</summary>
+    /// <value>The default is <see cref="OnnxInt8Form.Qdq"/> (measured faster in ONNX Runtime 1.31; see the README).</value>
+    public OnnxInt8Form Int8Form { get; set; } = OnnxInt8Form.Qdq;
+
+    /// <summary>
+    /// Gets emitters for modules the exporter does not know (a residual block of your own), by module type: each
+    /// receives the graph, the module, its dotted name and its input value's name, and returns its output value's name.
+    /// </summary>
+    public IDictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>> CustomModules { get; } =
+        new Dictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>>();
+
+    /// <summary>Gets or sets the producer name written into the model.</summary>
+    /// <value>The default is <c>ModelCompression</c>.</value>
+    public string ProducerName { get; set; } = "ModelCompression";
+}
+
+/// <summary>
+/// Exports models — plain and compressed — to ONNX (opset <see cref="InteropInfo.OnnxOpset"/>, IR version
+/// <see cref="InteropInfo.OnnxIrVersion"/>) for ONNX Runtime: float32 layers as they are, half-precision layers with
+/// 16-bit weights cast to float32, sparse and clustered layers as dense, low-rank layers as two MatMuls or
+/// convolutions, int8 layers as QDQ or integer MatMul, int4 weight-only layers as blocked int4 DequantizeLinear.
+/// </summary>
+/// <remarks>
+/// The whole graph is built in memory first: an unsupported module is a <see cref="NotSupportedException"/> naming
+/// it, before anything is written. The exported model's input is <c>input</c> [batch, sample shape…], its output
+/// <c>output</c>; the model is evaluated in inference mode (dropout off, BatchNorm with running statistics).
+/// </remarks>
+public static class OnnxExporter
+{
+    /// <summary>Exports a model to an ONNX file, atomically.</summary>
+    /// <param name="model">The model; it is not changed.</param>
+    /// <param name="path">The file to write.</param>
+    /// <param name="sampleShape">The shape of one input sample, without the batch dimension (e.g. [1, 28, 28]).</param>
+    /// <param name="options">Options; the defaults when <see langword="null"/>.</param>
+    /// <exception cref="NotSupportedException">A module cannot be exported (the message names it); nothing is written.</exception>
+    public static void Export(nn.Module<Tensor, Tensor> model, string path, IReadOnlyList<long> sampleShape, OnnxExportOptions? options = null)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(path);
+        var bytes = ToBytes(model, sampleShape, options);
+        string full = Path.GetFullPath(path);
+        string temporary = Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.{Guid.NewGuid():N}.tmp");
+        try
+        {
+            using (var file = new FileStream(temporary, FileMode.CreateNew, FileAccess.Write, FileShare.None))
+            {
+                file.Write(bytes);
+                file.Flush(flushToDisk: true);
+            }
+
+            File.Move(temporary, full, overwrite: true);
+        }
+        catch
+        {
+            File.Delete(temporary);
+            throw;
+        }
+    }
+
+    /// <summary>Exports a model to ONNX bytes (a serialized <c>ModelProto</c>).</summary>
+    /// <param name="model">The model; it is not changed.</param>
+    /// <param name="sampleShape">The shape of one input sample, without the batch dimension.</param>
+    /// <param name="options">Options; the defaults when <see langword="null"/>.</param>
+    /// <returns>The model's bytes.</returns>
+    /// <exception cref="NotSupportedException">A module cannot be exported (the message names it).</exception>
+    public static byte[] ToBytes(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, OnnxExportOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(sampleShape);
+        options ??= new OnnxExportOptions();
+        long[] outputShape;
+        bool wasTraining = model.training;
+        try
+        {
+            model.eval();
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            var sample = zeros([1, .. sampleShape], device: model.parameters().FirstOrDefault()?.device ?? CPU);
+            outputShape = model.call(sample).shape[1..];
+        }
+        finally
+        {
+            model.train(wasTraining);
+        }
+
+        var exporter = new Emitter(options);
+        var graph = exporter.Graph;
+        graph.Input("input", sampleShape);
+        string output;
+        using (NewDisposeScope())
+        using (no_grad())
+        {
+            output = graph.Emit(model, string.Empty, "input");
+        }
+
+        graph.Proto.Node.Add(new NodeProto { OpType = "Identity", Name = "output/Identity", Input = { output }, Output = { "output" } });
+        graph.Output("output", outputShape);
+        var proto = new ModelProto
+        {
+            IrVersion = InteropInfo.OnnxIrVersion,
+            ProducerName = options.ProducerName,
+            ProducerVersion = typeof(OnnxExporter).Assembly.GetName().Version?.ToString() ?? "0",
+            Graph = graph.Proto,
+        };
+        proto.OpsetImport.Add(new OperatorSetIdProto { Domain = string.Empty, Version = InteropInfo.OnnxOpset });
+        if (graph.UsesMicrosoftDomain)
+        {
+            proto.OpsetImport.Add(new OperatorSetIdProto { Domain = "com.microsoft", Version = 1 });
+        }
+
+        return proto.ToByteArray();
+    }
+
+    /// <summary>Turns modules into nodes.</summary>
+    private sealed class Emitter
+    {
+        private readonly OnnxExportOptions options;
+
+        public Emitter(OnnxExportOptions options)
+        {
+            this.options = options;
+            Graph = new OnnxGraph(Emit);
+        }
+
+        public OnnxGraph Graph { get; }
+
+        private static string Display(string name) => name.Length == 0 ? "the root" : $"'{name}'";
+
+        private static string Child(string parent, string child) => parent.Length == 0 ? child : $"{parent}.{child}";
+
+        private string Emit(nn.Module module, string name, string x)
+        {
+            var g = Graph;
+            string at = name.Length == 0 ? "model" : name;
+            if (options.CustomModules.TryGetValue(module.GetType(), out var custom))
+            {
+                return custom(g, module, name, x);
+            }
+
+            switch (module)
+            {
+                case Sequential or LowRankLayer or DepthwiseSeparableConv2d:
+                    foreach (var (childName, child) in module.named_children())
+                    {
+                        x = Emit(child, Child(name, childName), x);
+                    }
+
+                    return x;
+                case ClusteredLayer clustered:
+                    return Emit(clustered.Inner, Child(name, "inner"), x);
+                case Linear linear:
+                    return Linear(at, x, linear.weight!, linear.bias);
+                case SparseLinear sparse:
+                {
+                    using var dense = sparse.ToDenseWeight();
+                    return Linear(at, x, dense, sparse.Bias);
+                }
+
+                case Conv2d conv:
+                    return Conv(at, x, conv, g.Constant($"{at}.weight", conv.weight!.to(ScalarType.Float32)), conv.bias is null ? null : g.Constant($"{at}.bias", conv.bias.to(ScalarType.Float32)), Display(name));
+                case BatchNorm1d or BatchNorm2d:
+                {
+                    var bn = (NormBase)module;
+                    if (!bn.track_running_stats || bn.running_mean is null)
+                    {
+                        throw new NotSupportedException($"The BatchNorm at {Display(name)} keeps no running statistics; ONNX inference needs them.");
+                    }
+
+                    long c = bn.num_features;
+                    var scale = bn.weight is null ? g.Constant($"{at}.scale", ones(c)) : g.Constant($"{at}.scale", bn.weight.to(ScalarType.Float32));
+                    var shift = bn.bias is null ? g.Constant($"{at}.shift", zeros(c)) : g.Constant($"{at}.shift", bn.bias.to(ScalarType.Float32));
+                    return g.Node("BatchNormalization", at, [x, scale, shift, g.Constant($"{at}.mean", bn.running_mean.to(ScalarType.Float32)), g.Constant($"{at}.var", bn.running_var!.to(ScalarType.Float32))], new Dictionary<string, object> { ["epsilon"] = bn.eps });
+                }
+
+                case ReLU:
+                    return g.Node("Relu", at, [x]);
+                case ReLU6:
+                    return g.Node("Clip", at, [x, Scalar($"{at}.min", 0), Scalar($"{at}.max", 6)]);
+                case Sigmoid:
+                    return g.Node("Sigmoid", at, [x]);
+                case Tanh:
+                    return g.Node("Tanh", at, [x]);
+                case SiLU:
+                    return g.Node("Mul", at, [x, g.Node("Sigmoid", at, [x])]);
+                case Hardswish:
+                    return g.Node("HardSwish", at, [x]);
+                case LeakyReLU leaky:
+                    return g.Node("LeakyRelu", at, [x], new Dictionary<string, object> { ["alpha"] = leaky.negative_slope });
+                case Identity or Dropout:
+                    return x;
+                case Softmax softmax:
+                    return g.Node("Softmax", at, [x], new Dictionary<string, object> { ["axis"] = softmax.dim });
+                case Flatten flatten when flatten.start_dim == 1 && flatten.end_dim == -1:
+                    return g.Node("Flatten", at, [x], new Dictionary<string, object> { ["axis"] = 1L });
+                case MaxPool2d pool:
+                    return g.Node("MaxPool", at, [x], new Dictionary<string, object>
+                    {
+                        ["kernel_shape"] = pool.kernel_size,
+                        ["strides"] = pool.stride,
+                        ["pads"] = new[] { pool.padding[0], pool.padding[1], pool.padding[0], pool.padding[1] },
+                        ["dilations"] = pool.dilation,
+                        ["ceil_mode"] = pool.ceil_mode ? 1L : 0L,
+                    });
+                case AvgPool2d avg when avg.divisor_override is null:
+                    return g.Node("AveragePool", at, [x], new Dictionary<string, object>
+                    {
+                        ["kernel_shape"] = avg.kernel_size,
+                        ["strides"] = avg.stride,
+                        ["pads"] = new[] { avg.padding[0], avg.padding[1], avg.padding[0], avg.padding[1] },
+                        ["ceil_mode"] = avg.ceil_mode ? 1L : 0L,
+                        ["count_include_pad"] = avg.count_include_pad ? 1L : 0L,
+                    });
+                case AdaptiveAvgPool2d adaptive when adaptive.output_size.All(s => s == 1):
+                    return g.Node("GlobalAveragePool", at, [x]);
+                case HalfPrecisionLayer half:
+                    return Half(half, name, x);
+                case QuantizedLinear q:
+                    return QuantizedLinear(at, x, q);
+                case QuantizedConv2d qc:
+                    return QuantizedConv(at, x, qc);
+                case InvertedResidual block:
+                {
+                    string y = x;
+                    foreach (var (childName, child) in module.named_children())
+                    {
+                        y = Emit(child, Child(name, childName), y);
+                    }
+
+                    return block.UsesResidual ? g.Node("Add", at, [y, x]) : y;
+                }
+
+                case SqueezeExcitation:
+                {
+                    string y = x;
+                    foreach (var (childName, child) in module.named_children())
+                    {
+                        y = Emit(child, Child(name, childName), y);
+                    }
+
+                    return g.Node("Mul", at, [x, y]);
+                }
+
+                default:
+                    throw new NotSupportedException(
+                        $"The {module.GetType().Name} at {Display(name)} cannot be exported to ONNX. Supported: Sequential, Linear, Conv2d, BatchNorm, " +
+                        "ReLU/ReLU6/Sigmoid/Tanh/SiLU/Hardswish/LeakyReLU, Softmax, Flatten(1, -1), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Dropout, " +
+                        "Identity, the library's compressed layers and blocks; add an emitter for other modules to OnnxExportOptions.CustomModules.");
+            }
+        }
+
+        private string Scalar(string name, float value) => Graph.Constant(name, [value]);
+
+        private string Linear(string at, string x, Tensor weight, Tensor? bias)
+        {
+            var g = Graph;
+            using var wt = weight.detach().to(ScalarType.Float32).t().contiguous();
+            string y = g.Node("MatMul", at, [x, g.Constant($"{at}.weight_t", wt)]);
+            return bias is null ? y : g.Node("Add", at, [y, g.Constant($"{at}.bias", bias.detach().to(ScalarType.Float32))]);
+        }
+
+        private string Conv(string at, string x, Conv2d conv, string weight, string? bias, string display)
+        {
+            if (conv.padding_mode != PaddingModes.Zeros || conv.padding_type is not null)
+            {
+                throw new NotSupportedException($"The Conv2d at {display} uses {(conv.padding_type is null ? $"{conv.padding_mode} padding" : "string padding")}; only numeric zero padding is exported.");
+            }
+
+            return Graph.Node("Conv", at, bias is null ? [x, weight] : [x, weight, bias], new Dictionary<string, object>
+            {
+                ["kernel_shape"] = conv.kernel_size,
+                ["strides"] = conv.stride,
+                ["pads"] = new[] { conv.padding![0], conv.padding[1], conv.padding[0], conv.padding[1] },
+                ["dilations"] = conv.dilation,
+                ["group"] = conv.groups,
+            });
+        }
+
+        /// <summary>A 16-bit layer: its weights stored in 16 bits, cast to float32 in the graph (ONNX Runtime folds the casts at load).</summary>
+        private string Half(HalfPrecisionLayer half, string name, string x)
+        {
+            var g = Graph;
+            string at = name.Length == 0 ? "model" : name;
+            string Cast(string value) => g.Node("Cast", at, [value], new Dictionary<string, object> { ["to"] = (long)TensorProto.Types.DataType.Float });
+            switch (half.Inner)
+            {
+                case Linear linear:
+                {
+                    using var wt = linear.weight!.detach().t().contiguous();
+                    string y = g.Node("MatMul", at, [x, Cast(g.Constant($"{at}.weight_t", wt))]);
+                    return linear.bias is null ? y : g.Node("Add", at, [y, Cast(g.Constant($"{at}.bias", linear.bias))]);
+                }
+
+                case Conv2d conv:
+                    return Conv(at, x, conv, Cast(g.Constant($"{at}.weight", conv.weight!)), conv.bias is null ? null : Cast(g.Constant($"{at}.bias", conv.bias)), Display(name));
+                default:
+                    // Other inner modules (BatchNorm, blocks) run on float32 copies of their weights.
+                    return Emit(half.Inner, Child(name, "inner"), x);
+            }
+        }
+
+        private string QuantizedLinear(string at, string x, QuantizedLinear layer)
+        {
+            var g = Graph;
+            var m = layer.Matrix;
+            var a = layer.Activations;
+            string y;
+            if (a.Mode is ActivationMode.PerRow or ActivationMode.PerTensor && m.Bits == 8 && m.GroupSize == 0 && options.Int8Form == OnnxInt8Form.Integer)
+            {
+                // x → uint8 (one range per call) · int8 weights → int32 → float × (x scale · weight scales).
+                var q = g.NodeWithOutputs("DynamicQuantizeLinear", at, [x], 3);
+                string wt = WeightLevels(at, m, transpose: true);
+                string product = g.Node("MatMulInteger", at, [q[0], wt, q[2]]);
+                string asFloat = g.Node("Cast", at, [product], new Dictionary<string, object> { ["to"] = (long)TensorProto.Types.DataType.Float });
+                y = g.Node("Mul", at, [g.Node("Mul", at, [asFloat, q[1]]), g.Constant($"{at}.weight_scale", WeightScalesPerOutput(m), m.Scales.Length == 1 ? [] : [m.N])]);
+            }
+            else
+            {
+                y = g.Node("MatMul", at, [RoundRows(at, x, a, m), DequantizedWeight(at, m, transpose: true)]);
+            }
+
+            if (m.Bias is not null)
+            {
+                y = g.Node("Add", at, [y, g.Constant($"{at}.bias", m.Bias, m.N)]);
+            }
+
+            return layer.FusedRelu ? g.Node("Relu", at, [y]) : y;
+        }
+
+        private string QuantizedConv(string at, string x, QuantizedConv2d layer)
+        {
+            var g = Graph;
+            var m = layer.Matrix;
+            var a = layer.Activations;
+            var shape = layer.Shape;
+            long[] weightShape = [m.N, shape.InChannels, shape.KernelSize[0], shape.KernelSize[1]];
+            var geometry = new Dictionary<string, object>
+            {
+                ["kernel_shape"] = shape.KernelSize,
+                ["strides"] = shape.Stride,
+                ["pads"] = new[] { shape.Padding[0], shape.Padding[1], shape.Padding[0], shape.Padding[1] },
+                ["dilations"] = shape.Dilation,
+            };
+            if (a.Mode is ActivationMode.PerRow or ActivationMode.PerBlock)
+            {
+                // The library rounds each im2col row (one output pixel's C·kh·kw inputs, or groups of them): build
+                // those rows with a one-hot convolution, round them, and apply the weight as a 1×1 convolution.
+                long k = m.K;
+                var oneHot = new float[k * k];
+                for (long i = 0; i < k; i++)
+                {
+                    oneHot[(i * k) + i] = 1;
+                }
+
+                string patches = g.Node("Conv", at, [x, g.Constant($"{at}.im2col", oneHot, k, shape.InChannels, shape.KernelSize[0], shape.KernelSize[1])], geometry);
+                string rows = g.Node("Transpose", at, [patches], new Dictionary<string, object> { ["perm"] = new long[] { 0, 2, 3, 1 } });
+                string rounded = g.Node("Transpose", at, [RoundRows(at, rows, a, m)], new Dictionary<string, object> { ["perm"] = new long[] { 0, 3, 1, 2 } });
+                string pointwise = g.Node("Reshape", at, [DequantizedWeight(at, m, transpose: false), g.Int64s($"{at}.weight_shape", m.N, k, 1, 1)]);
+                var pointwiseInputs = new List<string> { rounded, pointwise };
+                if (m.Bias is not null)
+                {
+                    pointwiseInputs.Add(g.Constant($"{at}.bias", m.Bias, m.N));
+                }
+
+                string result = g.Node("Conv", at, pointwiseInputs, new Dictionary<string, object> { ["kernel_shape"] = new long[] { 1, 1 } });
+                return layer.FusedRelu ? g.Node("Relu", at, [result]) : result;
+            }
+
+            string input = Activations(at, x, a);
+            string dq;
+            if (m.GroupSize == 0)
+            {
+                // DequantizeLinear straight into the Conv: the pattern ONNX Runtime fuses into its integer convolution.
+                using var levels = tensor(m.Q, weightShape);
+                string w = g.Constant($"{at}.weight_q", levels);
+                dq = m.Scales.Length == 1
+                    ? g.Node("DequantizeLinear", at, [w, Scalar($"{at}.weight_scale", m.Scales[0])])
+                    : g.Node("DequantizeLinear", at, [w, g.Constant($"{at}.weight_scale", m.Scales, m.N)], new Dictionary<string, object> { ["axis"] = 0L });
+            }
+            else
+            {
+                // Per-group scales run along C·kh·kw: dequantize the weight as [N, C·kh·kw], then shape it for the Conv.
+                dq = g.Node("Reshape", at, [DequantizedWeight(at, m, transpose: false), g.Int64s($"{at}.weight_shape", weightShape)]);
+            }
+            var inputs = new List<string> { input, dq };
+            if (m.Bias is not null)
+            {
+                inputs.Add(g.Constant($"{at}.bias", m.Bias, m.N));
+            }
+
+            string y = g.Node("Conv", at, inputs, geometry);
+            return layer.FusedRelu ? g.Node("Relu", at, [y]) : y;
+        }
+
+        /// <summary>
+        /// The layer's input as ONNX Runtime should see it: the calibrated range (static); one range per batch
+        /// (dynamic per tensor, <c>DynamicQuantizeLinear</c>); and float for ranges per row or per weight group, which
+        /// ONNX has no operator for: there the library's 7-bit rounding of each row is the only difference.
+        /// </summary>
+        private string Activations(string at, string x, ActivationSettings a) => a.Mode switch
+        {
+            ActivationMode.Static => StaticQdq(at, x, a),
+            ActivationMode.PerTensor => DynamicQdq(at, x),
+            _ => x,
+        };
+
+        /// <summary>
+        /// The library's run-time rounding of activations, step for step in float: the range of each group of values
+        /// along <paramref name="axis"/> (widened to hold 0), mapped onto the 7-bit levels 0..127 (or ±63 around 64
+        /// when symmetric), rounded half to even, and mapped back. ONNX has no operator for ranges per row or per
+        /// block, so this is how an exported per-row or per-group layer computes what the library's kernel does.
+        /// </summary>
+        private string RuntimeRounding(string at, string x, int axis, bool symmetric)
+        {
+            var g = Graph;
+            var axes = g.Int64s($"{at}.range_axes", axis);
+            string min = g.Node("ReduceMin", at, [x, axes], new Dictionary<string, object> { ["keepdims"] = 1L });
+            string max = g.Node("ReduceMax", at, [x, axes], new Dictionary<string, object> { ["keepdims"] = 1L });
+            string scale, zero;
+            if (symmetric)
+            {
+                string magnitude = g.Node("Max", at, [g.Node("Abs", at, [min]), g.Node("Abs", at, [max])]);
+                scale = g.Node("Max", at, [g.Node("Div", at, [magnitude, Scalar($"{at}.levels", 63)]), Scalar($"{at}.tiny", 1e-30f)]);
+                zero = Scalar($"{at}.zero", 64);
+            }
+            else
+            {
+                string lo = g.Node("Min", at, [min, Scalar($"{at}.zero_floor", 0)]);
+                string hi = g.Node("Max", at, [max, Scalar($"{at}.zero_ceiling", 0)]);
+                scale = g.Node("Max", at, [g.Node("Div", at, [g.Node("Sub", at, [hi, lo]), Scalar($"{at}.levels", 127)]), Scalar($"{at}.tiny", 1e-30f)]);
+                zero = Clip127(at, g.Node("Round", at, [g.Node("Div", at, [g.Node("Neg", at, [lo]), scale])]));
+            }
+
+            string inverse = g.Node("Reciprocal", at, [scale]);
+            string q = g.Node("Round", at, [Clip127(at, g.Node("Add", at, [g.Node("Mul", at, [x, inverse]), zero]))]);
+            return g.Node("Mul", at, [g.Node("Sub", at, [q, zero]), scale]);
+        }
+
+        private string Clip127(string at, string x) => Graph.Node("Clip", at, [x, Scalar($"{at}.level_min", 0), Scalar($"{at}.level_max", 127)]);
+
+        /// <summary>Rounds a Linear layer's input [rows, K] as the library does: per row, or per weight group along K.</summary>
+        private string RoundRows(string at, string x, ActivationSettings a, QuantizedMatrix m)
+        {
+            if (a.Mode == ActivationMode.PerRow || (a.Mode == ActivationMode.PerBlock && m.GroupSize == 0))
+            {
+                return RuntimeRounding(at, x, -1, a.Symmetric);
+            }
+
+            if (a.Mode != ActivationMode.PerBlock)
+            {
+                return Activations(at, x, a);
+            }
+
+            // Per group of G inputs: pad K to whole groups with zeros (a zero never changes a range that holds 0),
+            // view as [rows, groups, G], round each group, and take the K inputs back.
+            var g = Graph;
+            int groups = m.GroupsPerRow;
+            long padded = (long)groups * m.GroupSize;
+            string input = padded == m.K ? x : g.Node("Pad", at, [x, g.Int64s($"{at}.pads", 0, padded - m.K), string.Empty, g.Int64s($"{at}.pad_axes", -1)]);
+            string blocks = g.Node("Reshape", at, [input, g.Int64s($"{at}.block_shape", -1, groups, m.GroupSize)]);
+            string rounded = g.Node("Reshape", at, [RuntimeRounding(at, blocks, -1, a.Symmetric), g.Node("Shape", at, [input])]);
+            return padded == m.K ? rounded : g.Node("Slice", at, [rounded, g.Int64s($"{at}.slice_start", 0), g.Int64s($"{at}.slice_end", m.K), g.Int64s($"{at}.slice_axes", -1)]);
+        }
+
+        /// <summary>
+        /// The calibrated range as the library's kernel applies it: clip to the 7-bit levels 0..127 around the zero
+        /// point, then quantize and dequantize with the layer's scale and zero point.
+        /// </summary>
+        private string StaticQdq(string at, string x, ActivationSettings a)
+        {
+            var g = Graph;
+            string clipped = g.Node("Clip", at, [x, Scalar($"{at}.input_min", (0 - a.ZeroPoint) * a.Scale), Scalar($"{at}.input_max", (127 - a.ZeroPoint) * a.Scale)]);
+            string scale = Scalar($"{at}.input_scale", a.Scale);
+            string zero = g.Initializer($"{at}.input_zero_point", TensorProto.Types.DataType.Uint8, [(byte)a.ZeroPoint]);
+            string q = g.Node("QuantizeLinear", at, [clipped, scale, zero]);
+            return g.Node("DequantizeLinear", at, [q, scale, zero]);
+        }
+
+        private string DynamicQdq(string at, string x)
+        {
+            var q = Graph.NodeWithOutputs("DynamicQuantizeLinear", at, [x], 3);
+            return Graph.Node("DequantizeLinear", at, [q[0], q[1], q[2]]);
+        }
+
+        /// <summary>The weight levels as int8 [K, N] (transposed for MatMul).</summary>
+        private string WeightLevels(string at, QuantizedMatrix m, bool transpose)
+        {
+            using var levels = tensor(m.Q, [m.N, m.K]);
+            using var laid = transpose ? levels.t().contiguous() : levels.alias();
+            return Graph.Constant($"{at}.weight_q", laid);
+        }
+
+        private static float[] WeightScalesPerOutput(QuantizedMatrix m) => m.Scales.Length == 1 ? [m.Scales[0]] : m.Scales;
+
+        /// <summary>
+        /// DequantizeLinear of the weight as [K, N] (<paramref name="transpose"/>, for MatMul) or [N, K]: int8 with
+        /// per-tensor or per-output scales, or int4 (int8 for other widths) in blocks along K.
+        /// </summary>
+        private string DequantizedWeight(string at, QuantizedMatrix m, bool transpose)
+        {
+            var g = Graph;
+            long outputAxis = transpose ? 1 : 0;
+            if (m.GroupSize == 0)
+            {
+                string w = WeightLevels(at, m, transpose);
+                return m.Scales.Length == 1
+                    ? g.Node("DequantizeLinear", at, [w, Scalar($"{at}.weight_scale", m.Scales[0])])
+                    : g.Node("DequantizeLinear", at, [w, g.Constant($"{at}.weight_scale", m.Scales, m.N)], new Dictionary<string, object> { ["axis"] = outputAxis });
+            }
+
+            // Blocked along K: scales [N, groups] for an [N, K] weight, [groups, N] for [K, N].
+            int groups = m.GroupsPerRow;
+            var scales = new float[groups * m.N];
+            for (int n = 0; n < m.N; n++)
+            {
+                for (int b = 0; b < groups; b++)
+                {
+                    scales[transpose ? (b * m.N) + n : (n * groups) + b] = m.Scales[(n * groups) + b];
+                }
+            }
+
+            string weight;
+            if (m.Bits == 4)
+            {
+                // INT4 raw data: two per byte, the first element in the low nibble, row-major.
+                var packed = new byte[(((long)m.K * m.N) + 1) / 2];
+                long i = 0;
+                int rows = transpose ? m.K : m.N, columns = transpose ? m.N : m.K;
+                for (int r = 0; r < rows; r++)
+                {
+                    for (int c = 0; c < columns; c++, i++)
+                    {
+                        int nibble = m.Q[transpose ? (c * m.K) + r : (r * m.K) + c] & 0x0F;
+                        packed[i >> 1] |= (byte)((i & 1) == 0 ? nibble : nibble << 4);
+                    }
+                }
+
+                weight = g.Initializer($"{at}.weight_q4", TensorProto.Types.DataType.Int4, packed, rows, columns);
+            }
+            else
+            {
+                weight = WeightLevels(at, m, transpose);
+            }
+
+            long[] scaleDims = transpose ? [groups, m.N] : [m.N, groups];
+            return g.Node("DequantizeLinear", at, [weight, g.Constant($"{at}.weight_scale", scales, scaleDims)], new Dictionary<string, object>
+            {
+                ["axis"] = transpose ? 0L : 1L,
+                ["block_size"] = (long)m.GroupSize,
+            });
+        }
+    }
+}
