@@ -6,11 +6,8 @@
 using System.Diagnostics;
 using ModelCompression;
 using ModelCompression.Examples;
-using ModelCompression.Pruning;
-using ModelCompression.Quantization;
 using ModelCompression.Samples;
 using ModelCompression.Serialization;
-using ModelCompression.Training;
 
 var options = ExampleArguments.Parse(args, defaultReportPath: "artifacts/quickstart/report.json");
 if (options is null)
@@ -30,22 +27,11 @@ Console.WriteLine(trained.FromCache
     ? "LeNet-300-100: reused the cached trained weights."
     : $"LeNet-300-100: trained in {trained.Seconds:0.0} s.");
 
-var pipeline = CompressionPipeline.Create()
-    // 90% of the weights removed by one global magnitude threshold, then 5 epochs of fine-tuning with the masks
-    // held; layers that run faster sparse become SparseLinear layers on this library's own kernel.
-    .AddMagnitudePruning(new MagnitudePruningOptions
-    {
-        Sparsity = 0.9,
-        Scope = PruningScope.Global,
-        FineTuning = new TrainingOptions { Epochs = 5, Optimizer = OptimizerKind.Sgd, LearningRate = 0.02, Momentum = 0.9, Schedule = new CosineLearningRate() },
-    })
-    // Then int8 weights (per channel) for the layers still dense, with activations quantized at run time, on this
-    // library's own integer kernel.
-    .AddPostTrainingQuantization(QuantizationMode.DynamicInt8)
-    .WithAccuracyCheck(maxDrop: 0.01, AccuracyCheckPolicy.SkipStep)
-    .WithModelName(ModelZoo.DisplayName(ZooModel.LeNet300100))
-    .WithSeed(seed)
-    .Build();
+// 90% of the weights removed by one global magnitude threshold, then 5 epochs of fine-tuning with the masks held
+// (layers that run faster sparse become SparseLinear layers on this library's own kernel); then int8 weights (per
+// channel) for the layers still dense, with activations quantized at run time, on this library's own integer kernel.
+// See QuickStartRecipe in src/ModelCompression.Samples for the options.
+var pipeline = QuickStartRecipe.Create(seed).Build();
 
 using var result = pipeline.Run(model, new CompressionData(split.Train, split.Test));
 Console.WriteLine();

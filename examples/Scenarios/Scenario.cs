@@ -70,6 +70,7 @@ public static class ScenarioCatalog
         new QatBinaryLeNet300Scenario(),
         new DeepCompressionLeNet300Scenario(),
         new DeepCompressionLeNet5Scenario(),
+        new OnnxExportScenario(),
     ];
 }
 
