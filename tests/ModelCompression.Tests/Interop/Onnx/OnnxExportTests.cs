@@ -8,7 +8,7 @@ using NUnit.Framework;
 using TorchSharp;
 using static TorchSharp.torch;
 
-namespace ModelCompression.Tests.Interop;
+namespace ModelCompression.Tests.Interop.Onnx;
 
 [TestFixture]
 public sealed class OnnxExportTests
