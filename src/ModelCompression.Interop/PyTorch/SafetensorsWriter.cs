@@ -47,25 +47,7 @@ public static class SafetensorsWriter
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         var layout = Layout.Create(tensors, metadata);
-        string full = Path.GetFullPath(path);
-        string directory = Path.GetDirectoryName(full) ?? throw new ArgumentException($"'{path}' has no directory.", nameof(path));
-        string temporary = Path.Combine(directory, $".{Path.GetFileName(full)}.{Guid.NewGuid():N}.tmp");
-        try
-        {
-            using (var file = new FileStream(temporary, FileMode.CreateNew, FileAccess.Write, FileShare.None))
-            {
-                layout.WriteTo(file);
-                file.Flush(flushToDisk: true);
-            }
-
-            File.Move(temporary, full, overwrite: true);
-        }
-        catch
-        {
-            File.Delete(temporary);
-            throw;
-        }
-
+        Serialization.AtomicFile.Write(path, layout.WriteTo);
         return layout.TotalBytes;
     }
 

@@ -156,27 +156,7 @@ public static class CompressedModel
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         var (bytes, size) = Encode(model, forSaving: true);
-        string full = Path.GetFullPath(path);
-        string directory = Path.GetDirectoryName(full) ?? throw new ArgumentException($"'{path}' has no directory.", nameof(path));
-        string temporary = Path.Combine(directory, $".{Path.GetFileName(full)}.{Guid.NewGuid():N}.tmp");
-        try
-        {
-            using (var file = new FileStream(temporary, FileMode.CreateNew, FileAccess.Write, FileShare.None))
-            {
-                var stream = wrap?.Invoke(file) ?? file;
-                stream.Write(bytes);
-                stream.Flush();
-                file.Flush(flushToDisk: true);
-            }
-
-            File.Move(temporary, full, overwrite: true);
-        }
-        catch
-        {
-            File.Delete(temporary);
-            throw;
-        }
-
+        AtomicFile.Write(path, stream => stream.Write(bytes), wrap);
         return size;
     }
 
