@@ -330,6 +330,10 @@ public static class OnnxExporter
                 string asFloat = g.Node("Cast", at, [product], new Dictionary<string, object> { ["to"] = (long)TensorProto.Types.DataType.Float });
                 y = g.Node("Mul", at, [g.Node("Mul", at, [asFloat, q[1]]), g.Constant($"{at}.weight_scale", WeightScalesPerOutput(m), m.Scales.Length == 1 ? [] : [m.N])]);
             }
+            else if (m.Bits == 4 && m.GroupSize >= 16 && (m.GroupSize & (m.GroupSize - 1)) == 0 && a.Mode == ActivationMode.PerBlock)
+            {
+                y = MatMulNBits(at, x, m);
+            }
             else
             {
                 y = g.Node("MatMul", at, [RoundRows(at, x, a, m), DequantizedWeight(at, m, transpose: true)]);
@@ -506,6 +510,46 @@ public static class OnnxExporter
             using var levels = tensor(m.Q, [m.N, m.K]);
             using var laid = transpose ? levels.t().contiguous() : levels.alias();
             return Graph.Constant($"{at}.weight_q", laid);
+        }
+
+        /// <summary>
+        /// A 4-bit weight-only layer as ONNX Runtime's <c>com.microsoft.MatMulNBits</c> (measured fastest for int4 in
+        /// ONNX Runtime 1.31): weights [N, blocks, block/2] as unsigned nibbles around the default zero point 8, one
+        /// scale per block; accuracy level 4 quantizes the input to int8 per block, as the library's kernel does.
+        /// </summary>
+        private string MatMulNBits(string at, string x, QuantizedMatrix m)
+        {
+            int groups = m.GroupsPerRow;
+            int blob = m.GroupSize / 2;
+            var packed = new byte[(long)m.N * groups * blob];
+            for (int n = 0; n < m.N; n++)
+            {
+                for (int k = 0; k < m.K; k++)
+                {
+                    long at4 = ((long)n * groups * m.GroupSize) + k;
+                    int nibble = m.Q[(n * m.K) + k] + 8;
+                    packed[at4 >> 1] |= (byte)((at4 & 1) == 0 ? nibble : nibble << 4);
+                }
+
+                // Inputs past K (the last block's padding) take the zero point 8: weight 0.
+                for (long k = m.K; k < (long)groups * m.GroupSize; k++)
+                {
+                    long at4 = ((long)n * groups * m.GroupSize) + k;
+                    packed[at4 >> 1] |= (byte)((at4 & 1) == 0 ? 8 : 8 << 4);
+                }
+            }
+
+            var g = Graph;
+            string weight = g.Initializer($"{at}.weight_q4", TensorProto.Types.DataType.Uint8, packed, m.N, groups, blob);
+            string scales = g.Constant($"{at}.weight_scale", m.Scales, (long)m.N * groups);
+            return g.NodeWithOutputs("MatMulNBits", at, [x, weight, scales], 1, new Dictionary<string, object>
+            {
+                ["K"] = (long)m.K,
+                ["N"] = (long)m.N,
+                ["bits"] = 4L,
+                ["block_size"] = (long)m.GroupSize,
+                ["accuracy_level"] = 4L,
+            }, "com.microsoft")[0];
         }
 
         private static float[] WeightScalesPerOutput(QuantizedMatrix m) => m.Scales.Length == 1 ? [m.Scales[0]] : m.Scales;

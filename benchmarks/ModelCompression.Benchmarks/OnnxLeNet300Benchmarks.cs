@@ -8,15 +8,18 @@ using static TorchSharp.torch;
 namespace ModelCompression.Benchmarks;
 
 /// <summary>
-/// The int8 LeNet-300-100 (dynamic post-training quantization of the trained zoo model) three ways: TorchSharp fp32
-/// (the baseline), this library's int8 kernel, and the same model exported to ONNX and run by ONNX Runtime 1.31 (CPU,
-/// 2 threads), in both int8 forms the exporter writes; plus the fp32 model in ONNX Runtime for reference.
+/// The trained LeNet-300-100 with int8 weights (dynamic post-training quantization) and with int4 weights
+/// (weight-only, groups of 64) three ways: TorchSharp fp32 (the baseline), this library's kernels, and the same models
+/// exported to ONNX and run by ONNX Runtime 1.31 (CPU, 2 threads) — int8 in both forms the exporter writes, int4 as
+/// MatMulNBits; plus the fp32 model in ONNX Runtime for reference.
 /// </summary>
 [MemoryDiagnoser(displayGenColumns: false)]
-public class OnnxInt8LeNet300Benchmarks
+public class OnnxLeNet300Benchmarks
 {
     private nn.Module<Tensor, Tensor> _fp32 = null!;
     private nn.Module<Tensor, Tensor> _int8 = null!;
+    private nn.Module<Tensor, Tensor> _int4 = null!;
+    private OrtSession _ortInt4 = null!;
     private Tensor _input = null!;
     private float[] _data = null!;
     private OrtSession _ortInteger = null!;
@@ -39,11 +42,15 @@ public class OnnxInt8LeNet300Benchmarks
         _int8 = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = QuantizationMode.DynamicInt8 })
             .Apply(Modules.ModuleCloner.DeepClone(_fp32), context);
         _int8.eval();
+        _int4 = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4 })
+            .Apply(Modules.ModuleCloner.DeepClone(_fp32), context);
+        _int4.eval();
         _input = rand(Batch, 784).DetachFromDisposeScope();
         _data = _input.data<float>().ToArray();
         _ortInteger = new OrtSession(OnnxExporter.ToBytes(_int8, [784], new OnnxExportOptions { Int8Form = OnnxInt8Form.Integer }), Batch);
         _ortQdq = new OrtSession(OnnxExporter.ToBytes(_int8, [784], new OnnxExportOptions { Int8Form = OnnxInt8Form.Qdq }), Batch);
         _ortFp32 = new OrtSession(OnnxExporter.ToBytes(_fp32, [784]), Batch);
+        _ortInt4 = new OrtSession(OnnxExporter.ToBytes(_int4, [784]), Batch);
         _noGrad = no_grad();
     }
 
@@ -54,6 +61,8 @@ public class OnnxInt8LeNet300Benchmarks
         _ortInteger.Dispose();
         _ortQdq.Dispose();
         _ortFp32.Dispose();
+        _ortInt4.Dispose();
+        _int4.Dispose();
         _fp32.Dispose();
         _int8.Dispose();
         _input.Dispose();
@@ -73,6 +82,12 @@ public class OnnxInt8LeNet300Benchmarks
 
     [Benchmark]
     public float OnnxRuntimeFp32() => _ortFp32.Run(_data);
+
+    [Benchmark]
+    public float OursInt4WeightOnly() => Run(_int4);
+
+    [Benchmark]
+    public float OnnxRuntimeInt4MatMulNBits() => _ortInt4.Run(_data);
 
     private float Run(nn.Module<Tensor, Tensor> model)
     {
