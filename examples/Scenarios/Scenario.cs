@@ -71,6 +71,7 @@ public static class ScenarioCatalog
         new DeepCompressionLeNet300Scenario(),
         new DeepCompressionLeNet5Scenario(),
         new OnnxExportScenario(),
+        new TradeOffsScenario(),
     ];
 }
 
