@@ -8,6 +8,7 @@ using ModelCompression;
 using ModelCompression.Examples;
 using ModelCompression.Samples;
 using ModelCompression.Serialization;
+using Spectre.Console;
 
 var options = ExampleArguments.Parse(args, defaultReportPath: "artifacts/quickstart/report.json");
 if (options is null)
@@ -33,7 +34,29 @@ Console.WriteLine(trained.FromCache
 // See QuickStartRecipe in src/ModelCompression.Samples for the options.
 var pipeline = QuickStartRecipe.Create(seed).Build();
 
-using var result = pipeline.Run(model, new CompressionData(split.Train, split.Test));
+// A live progress bar (Spectre.Console) fed by the pipeline's IProgress<CompressionProgress>: the baseline, then each
+// step's training, evaluation and measurement. The library itself never writes to the console.
+CompressionResult? run = null;
+AnsiConsole.Progress()
+    .AutoClear(false)
+    .HideCompleted(false)
+    .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn())
+    .Start(progressContext =>
+    {
+        var bar = progressContext.AddTask("Measuring the baseline", maxValue: 1.0);
+        var progress = new ImmediateProgress<CompressionProgress>(p =>
+        {
+            // The baseline counts as one stage before the steps; each stage fills its share of the bar.
+            bar.Value = Math.Clamp((p.StepIndex + 1 + p.Fraction) / (p.StepCount + 1), 0, 1);
+            string stage = p.StepName is null ? "baseline" : $"{p.StepIndex + 1}/{p.StepCount} {p.StepName}";
+            string epoch = p.Epoch is { } e ? $", epoch {e + 1}" : string.Empty;
+            bar.Description = Markup.Escape($"{stage}: {p.Phase.ToString().ToLowerInvariant()}{epoch}");
+        });
+        run = pipeline.Run(model, new CompressionData(split.Train, split.Test), progress);
+        bar.Value = 1;
+        bar.Description = "Compressed";
+    });
+using var result = run!;
 Console.WriteLine();
 Console.WriteLine(result.Report);
 Console.WriteLine($"Report JSON: {ReportFiles.Write(result.Report, options.ReportPath!)}");
@@ -58,3 +81,9 @@ using (TorchSharp.torch.no_grad())
 
 Console.WriteLine($"QuickStart finished in {total.Elapsed.TotalSeconds:0.0} s.");
 return 0;
+
+/// <summary>Reports on the caller's thread at once (<see cref="Progress{T}"/> would post to the thread pool and arrive late).</summary>
+internal sealed class ImmediateProgress<T>(Action<T> report) : IProgress<T>
+{
+    public void Report(T value) => report(value);
+}
