@@ -157,12 +157,7 @@ public static class OnnxExporter
             switch (module)
             {
                 case Sequential or LowRankLayer or DepthwiseSeparableConv2d:
-                    foreach (var (childName, child) in module.named_children())
-                    {
-                        x = Emit(child, Child(name, childName), x);
-                    }
-
-                    return x;
+                    return EmitChildren(module, name, x);
                 case ClusteredLayer clustered:
                     return Emit(clustered.Inner, Child(name, "inner"), x);
                 case Linear linear:
@@ -237,25 +232,12 @@ public static class OnnxExporter
                     return QuantizedConv(at, x, qc);
                 case InvertedResidual block:
                 {
-                    string y = x;
-                    foreach (var (childName, child) in module.named_children())
-                    {
-                        y = Emit(child, Child(name, childName), y);
-                    }
-
+                    string y = EmitChildren(module, name, x);
                     return block.UsesResidual ? g.Node("Add", at, [y, x]) : y;
                 }
 
                 case SqueezeExcitation:
-                {
-                    string y = x;
-                    foreach (var (childName, child) in module.named_children())
-                    {
-                        y = Emit(child, Child(name, childName), y);
-                    }
-
-                    return g.Node("Mul", at, [x, y]);
-                }
+                    return g.Node("Mul", at, [x, EmitChildren(module, name, x)]);
 
                 default:
                     throw new NotSupportedException(
@@ -263,6 +245,17 @@ public static class OnnxExporter
                         "ReLU/ReLU6/Sigmoid/Tanh/SiLU/Hardswish/LeakyReLU, Softmax, Flatten(1, -1), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Dropout, " +
                         "Identity, the library's compressed layers and blocks; add an emitter for other modules to OnnxExportOptions.CustomModules.");
             }
+        }
+
+        /// <summary>Runs a module's children in order, each on the previous one's output (what Sequential and the blocks' branches do).</summary>
+        private string EmitChildren(nn.Module module, string name, string x)
+        {
+            foreach (var (childName, child) in module.named_children())
+            {
+                x = Emit(child, Child(name, childName), x);
+            }
+
+            return x;
         }
 
         private string Scalar(string name, float value) => Graph.Constant(name, [value]);
@@ -328,7 +321,7 @@ public static class OnnxExporter
                 string wt = WeightLevels(at, m, transpose: true);
                 string product = g.Node("MatMulInteger", at, [q[0], wt, q[2]]);
                 string asFloat = g.Node("Cast", at, [product], new Dictionary<string, object> { ["to"] = (long)TensorProto.Types.DataType.Float });
-                y = g.Node("Mul", at, [g.Node("Mul", at, [asFloat, q[1]]), g.Constant($"{at}.weight_scale", WeightScalesPerOutput(m), m.Scales.Length == 1 ? [] : [m.N])]);
+                y = g.Node("Mul", at, [g.Node("Mul", at, [asFloat, q[1]]), g.Constant($"{at}.weight_scale", m.Scales, m.Scales.Length == 1 ? [] : [m.N])]);
             }
             else if (m.Bits == 4 && m.GroupSize >= 16 && (m.GroupSize & (m.GroupSize - 1)) == 0 && a.Mode == ActivationMode.PerBlock)
             {
@@ -389,21 +382,11 @@ public static class OnnxExporter
             }
 
             string input = Activations(at, x, a);
-            string dq;
-            if (m.GroupSize == 0)
-            {
-                // DequantizeLinear straight into the Conv: the pattern ONNX Runtime fuses into its integer convolution.
-                using var levels = tensor(m.Q, weightShape);
-                string w = g.Constant($"{at}.weight_q", levels);
-                dq = m.Scales.Length == 1
-                    ? g.Node("DequantizeLinear", at, [w, Scalar($"{at}.weight_scale", m.Scales[0])])
-                    : g.Node("DequantizeLinear", at, [w, g.Constant($"{at}.weight_scale", m.Scales, m.N)], new Dictionary<string, object> { ["axis"] = 0L });
-            }
-            else
-            {
-                // Per-group scales run along C·kh·kw: dequantize the weight as [N, C·kh·kw], then shape it for the Conv.
-                dq = g.Node("Reshape", at, [DequantizedWeight(at, m, transpose: false), g.Int64s($"{at}.weight_shape", weightShape)]);
-            }
+            // Per-channel: DequantizeLinear straight into the Conv, the pattern ONNX Runtime fuses into its integer
+            // convolution. Per-group scales run along C·kh·kw: dequantize [N, C·kh·kw], then shape it for the Conv.
+            string dq = m.GroupSize == 0
+                ? DequantizedWeight(at, m, transpose: false, weightShape)
+                : g.Node("Reshape", at, [DequantizedWeight(at, m, transpose: false), g.Int64s($"{at}.weight_shape", weightShape)]);
             var inputs = new List<string> { input, dq };
             if (m.Bias is not null)
             {
@@ -504,10 +487,10 @@ public static class OnnxExporter
             return Graph.Node("DequantizeLinear", at, [q[0], q[1], q[2]]);
         }
 
-        /// <summary>The weight levels as int8 [K, N] (transposed for MatMul).</summary>
-        private string WeightLevels(string at, QuantizedMatrix m, bool transpose)
+        /// <summary>The weight levels as int8 [K, N] (transposed for MatMul), [N, K], or <paramref name="shape"/> (rows of N first).</summary>
+        private string WeightLevels(string at, QuantizedMatrix m, bool transpose, long[]? shape = null)
         {
-            using var levels = tensor(m.Q, [m.N, m.K]);
+            using var levels = tensor(m.Q, shape ?? [m.N, m.K]);
             using var laid = transpose ? levels.t().contiguous() : levels.alias();
             return Graph.Constant($"{at}.weight_q", laid);
         }
@@ -552,19 +535,18 @@ public static class OnnxExporter
             }, "com.microsoft")[0];
         }
 
-        private static float[] WeightScalesPerOutput(QuantizedMatrix m) => m.Scales.Length == 1 ? [m.Scales[0]] : m.Scales;
-
         /// <summary>
-        /// DequantizeLinear of the weight as [K, N] (<paramref name="transpose"/>, for MatMul) or [N, K]: int8 with
+        /// DequantizeLinear of the weight as [K, N] (<paramref name="transpose"/>, for MatMul), [N, K], or a convolution's
+        /// [N, C, kh, kw] (<paramref name="shape"/>, per-tensor or per-channel scales only): int8 with
         /// per-tensor or per-output scales, or int4 (int8 for other widths) in blocks along K.
         /// </summary>
-        private string DequantizedWeight(string at, QuantizedMatrix m, bool transpose)
+        private string DequantizedWeight(string at, QuantizedMatrix m, bool transpose, long[]? shape = null)
         {
             var g = Graph;
             long outputAxis = transpose ? 1 : 0;
             if (m.GroupSize == 0)
             {
-                string w = WeightLevels(at, m, transpose);
+                string w = WeightLevels(at, m, transpose, shape);
                 return m.Scales.Length == 1
                     ? g.Node("DequantizeLinear", at, [w, Scalar($"{at}.weight_scale", m.Scales[0])])
                     : g.Node("DequantizeLinear", at, [w, g.Constant($"{at}.weight_scale", m.Scales, m.N)], new Dictionary<string, object> { ["axis"] = outputAxis });
