@@ -103,11 +103,7 @@ public sealed class TradeOffsScenario : IScenario
         return report;
     }
 
-    /// <summary>The points no other point beats on both accuracy and cost, by ascending cost.</summary>
-    private static List<Point> Pareto(List<Point> points, Func<Point, double> cost) =>
-        points.Where(p => !points.Any(q => q.Accuracy >= p.Accuracy && cost(q) <= cost(p) && (q.Accuracy > p.Accuracy || cost(q) < cost(p))))
-            .OrderBy(cost)
-            .ToList();
+    private static List<Point> Pareto(List<Point> points, Func<Point, double> cost) => [.. ParetoFront.Of(points, p => p.Accuracy, cost)];
 
     private static void WriteCsv(string path, List<Point> points, List<Point> bySize, List<Point> byLatency)
     {

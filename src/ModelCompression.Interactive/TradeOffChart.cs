@@ -23,10 +23,7 @@ public sealed record TradeOffChart(string Title, string CostLabel, IReadOnlyList
     private static readonly string[] Colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
 
     /// <summary>Gets the Pareto front, by ascending cost.</summary>
-    public IReadOnlyList<TradeOffPoint> ParetoFront => Points
-        .Where(p => !Points.Any(q => q.Accuracy >= p.Accuracy && q.Cost <= p.Cost && (q.Accuracy > p.Accuracy || q.Cost < p.Cost)))
-        .OrderBy(p => p.Cost)
-        .ToList();
+    public IReadOnlyList<TradeOffPoint> ParetoFront => Metrics.ParetoFront.Of(Points, p => p.Accuracy, p => p.Cost);
 
     /// <summary>Renders the chart as an SVG element (640 × 400).</summary>
     /// <returns>The SVG markup.</returns>
