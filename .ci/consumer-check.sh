@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Packs ModelCompression into a local folder, creates a throwaway console app that references it (plus
-# TorchSharp-cpu) from that folder, and runs one TorchSharp call through the library. On a Linux machine whose
-# libstdc++ lacks GLIBCXX_3.4.32 it also builds the app with the fix turned off and expects the call to fail,
-# proving that the package's buildTransitive targets are what makes TorchSharp load.
+# Packs ModelCompression into a local folder and checks it the way a user meets it:
+#  1. a fresh console app that references only the packed package and TorchSharp-cpu trains a small model, compresses
+#     it with a pipeline (pruning, then int8) and prints the report; the check reads the report's figures;
+#  2. an app that gets the package only through a class library (the buildTransitive path) runs a TorchSharp call
+#     from its build output and from a linux-x64 publish; on a Linux machine whose libstdc++ lacks GLIBCXX_3.4.32 the
+#     same app built with the fix turned off must fail, proving the package's targets are what makes TorchSharp load;
+#  3. Source Link: packed from a clone whose origin is a GitHub URL, the symbol package's PDB maps the sources to
+#     that repository at the packed commit (this repository's own origin may be a local path, which maps nowhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,11 +21,6 @@ list_zip() { if command -v unzip > /dev/null; then unzip -l "$1"; else python3 -
 list_zip "$feed/ModelCompression.$version.nupkg" | grep -q 'buildTransitive/ModelCompression.targets' \
   || { echo "the package lacks buildTransitive/ModelCompression.targets"; exit 1; }
 
-# App -> Lib -> ModelCompression: the app gets the package only transitively, as most applications would,
-# so this exercises the buildTransitive path.
-lib="$work/lib"
-app="$work/consumer"
-mkdir -p "$lib" "$app"
 cat > "$work/nuget.config" <<XML
 <?xml version="1.0" encoding="utf-8"?>
 <configuration>
@@ -32,6 +31,78 @@ cat > "$work/nuget.config" <<XML
   </packageSources>
 </configuration>
 XML
+
+# 1. The pipeline consumer: the package and TorchSharp-cpu, nothing else.
+pipe="$work/pipeline"
+mkdir -p "$pipe"
+# Keep the repository's Directory.Build.* files out of the throwaway apps.
+echo "<Project />" > "$work/Directory.Build.props"; echo "<Project />" > "$work/Directory.Build.targets"; echo "<Project />" > "$work/Directory.Packages.props"
+cat > "$pipe/PipelineConsumer.csproj" <<XML
+<Project Sdk="Microsoft.NET.Sdk">
+  <PropertyGroup>
+    <OutputType>Exe</OutputType>
+    <TargetFramework>net10.0</TargetFramework>
+    <Nullable>enable</Nullable>
+    <ImplicitUsings>enable</ImplicitUsings>
+    <TreatWarningsAsErrors>true</TreatWarningsAsErrors>
+  </PropertyGroup>
+  <ItemGroup>
+    <PackageReference Include="ModelCompression" Version="$version" />
+    <PackageReference Include="TorchSharp-cpu" Version="0.107.0" />
+  </ItemGroup>
+</Project>
+XML
+cat > "$pipe/Program.cs" <<'CS'
+using ModelCompression;
+using ModelCompression.Data;
+using ModelCompression.Pruning;
+using ModelCompression.Quantization;
+using ModelCompression.Training;
+using static TorchSharp.torch;
+
+// Four classes of points in 32 dimensions around random centres, 4,000 to train on and 1,000 to test on.
+var generator = new TorchSharp.torch.Generator(7);
+var centres = randn([4, 32], generator: generator) * 1.5;
+TensorDataset Blobs(int count)
+{
+    var labels = arange(count, dtype: ScalarType.Int64) % 4;
+    return new TensorDataset(centres[labels] + randn([count, 32], generator: generator), labels);
+}
+
+using var train = Blobs(4000);
+using var test = Blobs(1000);
+using var model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4));
+new Trainer(new TrainingOptions { Epochs = 4, Optimizer = OptimizerKind.Adam, LearningRate = 1e-3 }).Train(model, train);
+
+using var result = CompressionPipeline.Create()
+    .AddMagnitudePruning(0.8)
+    .AddPostTrainingQuantization(QuantizationMode.DynamicInt8)
+    .WithAccuracyCheck(maxDrop: 0.02, AccuracyCheckPolicy.SkipStep)
+    .WithModelName("blobs-mlp")
+    .WithSeed(0)
+    .Build()
+    .Run(model, new CompressionData(train, test));
+Console.WriteLine(result.Report);
+Console.WriteLine($"steps accepted: {result.Report.Steps.Count(s => s.Accepted)} of {result.Report.Steps.Count}");
+Console.WriteLine($"final accuracy: {result.Report.Final.Accuracy:0.0000}");
+Console.WriteLine($"compression ratio: {result.Report.CompressionRatio:0.00}");
+CS
+dotnet build "$pipe/PipelineConsumer.csproj" -c Release -o "$pipe/out" --nologo > "$work/pipeline-build.log" 2>&1 \
+  || { cat "$work/pipeline-build.log"; echo "the pipeline consumer did not build"; exit 1; }
+report=$(dotnet "$pipe/out/PipelineConsumer.dll") || { echo "$report"; echo "the pipeline consumer failed"; exit 1; }
+echo "$report"
+echo "$report" | grep -q '^steps accepted: 2 of 2$' || { echo "the consumer's pipeline did not accept both steps"; exit 1; }
+accuracy=$(echo "$report" | sed -n 's/^final accuracy: //p')
+ratio=$(echo "$report" | sed -n 's/^compression ratio: //p')
+awk -v a="$accuracy" -v r="$ratio" 'BEGIN { exit !(a >= 0.9 && r >= 8) }' \
+  || { echo "the consumer's compressed model is off: accuracy $accuracy, ratio $ratio (expected >= 0.9 and >= 8)"; exit 1; }
+echo "pipeline consumer: accuracy $accuracy, $ratio x smaller, from the package alone"
+
+# 2. App -> Lib -> ModelCompression: the app gets the package only transitively, as most applications would,
+# so this exercises the buildTransitive path.
+lib="$work/lib"
+app="$work/consumer"
+mkdir -p "$lib" "$app"
 cat > "$lib/Lib.csproj" <<XML
 <Project Sdk="Microsoft.NET.Sdk">
   <PropertyGroup>
@@ -77,8 +148,6 @@ using var layer = nn.Linear(20, 30);
 using var input = ones(1, 20);
 Console.WriteLine($"consumer: {Lib.Sizes.Describe(layer, input)}");
 CS
-# Keep the repository's Directory.Build.* files out of the throwaway apps.
-echo "<Project />" > "$work/Directory.Build.props"; echo "<Project />" > "$work/Directory.Build.targets"; echo "<Project />" > "$work/Directory.Packages.props"
 
 dotnet build "$app/Consumer.csproj" -c Release -o "$app/out" --nologo 2>&1 | tee "$work/build.log"
 output=$(dotnet "$app/out/Consumer.dll")
@@ -115,4 +184,21 @@ if $needs_fix; then
 else
   echo "this machine's libstdc++ has GLIBCXX_3.4.32 (or it is not Linux): no patch needed, none applied"
 fi
+# 3. Source Link, from a clone of the committed tree whose origin is a GitHub URL (a hosted repository's case).
+sl_url="${MC_SOURCELINK_TEST_URL:-https://github.com/modelcompression/ModelCompression}"
+sl="$work/sourcelink"
+git clone -q --no-hardlinks . "$sl/repo"
+commit=$(git -C "$sl/repo" rev-parse HEAD)
+git -C "$sl/repo" remote set-url origin "$sl_url.git"
+dotnet pack "$sl/repo/src/ModelCompression/ModelCompression.csproj" -c Release -o "$sl/feed" -p:Version="$version" --nologo > "$sl/pack.log" 2>&1 \
+  || { cat "$sl/pack.log"; echo "packing the Source Link clone failed"; exit 1; }
+extract_zip() { if command -v unzip > /dev/null; then unzip -q -o "$1" -d "$2"; else python3 -m zipfile -e "$1" "$2"; fi; }
+extract_zip "$sl/feed/ModelCompression.$version.snupkg" "$sl/symbols"
+extract_zip "$sl/feed/ModelCompression.$version.nupkg" "$sl/package"
+raw="https://raw.githubusercontent.com/${sl_url#https://github.com/}/$commit/*"
+grep -aqF "$raw" "$sl/symbols/lib/net10.0/ModelCompression.pdb" \
+  || { echo "the symbol package's PDB does not map the sources to $raw"; exit 1; }
+grep -qF "commit=\"$commit\"" "$sl/package/ModelCompression.nuspec" && grep -qF "url=\"$sl_url.git\"" "$sl/package/ModelCompression.nuspec" \
+  || { grep repository "$sl/package/ModelCompression.nuspec"; echo "the package does not name its repository and commit"; exit 1; }
+echo "Source Link: the PDB in the .snupkg maps the sources to $raw; the .nuspec names the repository and commit"
 echo "consumer check passed"
