@@ -37,7 +37,9 @@ pipe="$work/pipeline"
 mkdir -p "$pipe"
 # Keep the repository's Directory.Build.* files out of the throwaway apps.
 echo "<Project />" > "$work/Directory.Build.props"; echo "<Project />" > "$work/Directory.Build.targets"; echo "<Project />" > "$work/Directory.Packages.props"
-cat > "$pipe/PipelineConsumer.csproj" <<XML
+# A console app's project file holding the given items.
+console_project() {
+  cat <<XML
 <Project Sdk="Microsoft.NET.Sdk">
   <PropertyGroup>
     <OutputType>Exe</OutputType>
@@ -47,11 +49,13 @@ cat > "$pipe/PipelineConsumer.csproj" <<XML
     <TreatWarningsAsErrors>true</TreatWarningsAsErrors>
   </PropertyGroup>
   <ItemGroup>
-    <PackageReference Include="ModelCompression" Version="$version" />
+$1
     <PackageReference Include="TorchSharp-cpu" Version="0.107.0" />
   </ItemGroup>
 </Project>
 XML
+}
+console_project "    <PackageReference Include=\"ModelCompression\" Version=\"$version\" />" > "$pipe/PipelineConsumer.csproj"
 cat > "$pipe/Program.cs" <<'CS'
 using ModelCompression;
 using ModelCompression.Data;
@@ -127,20 +131,7 @@ public static class Sizes
         $"{ModelMetrics.CountParameters(layer)} parameters, {ModelMetrics.CountMacs(layer, input)} MACs";
 }
 CS
-cat > "$app/Consumer.csproj" <<XML
-<Project Sdk="Microsoft.NET.Sdk">
-  <PropertyGroup>
-    <OutputType>Exe</OutputType>
-    <TargetFramework>net10.0</TargetFramework>
-    <Nullable>enable</Nullable>
-    <ImplicitUsings>enable</ImplicitUsings>
-  </PropertyGroup>
-  <ItemGroup>
-    <ProjectReference Include="../lib/Lib.csproj" />
-    <PackageReference Include="TorchSharp-cpu" Version="0.107.0" />
-  </ItemGroup>
-</Project>
-XML
+console_project '    <ProjectReference Include="../lib/Lib.csproj" />' > "$app/Consumer.csproj"
 cat > "$app/Program.cs" <<'CS'
 using static TorchSharp.torch;
 

@@ -33,17 +33,17 @@ for p in ModelCompression ModelCompression.Samples ModelCompression.Interactive;
     || { cat "$work/pack-$p.log"; echo "packing $p failed"; exit 1; }
 done
 
-# Runs one notebook in a new process group (killed afterwards, whatever is left of it); prints the exit code.
+# Runs one notebook in a new process group (killed afterwards, whatever is left of it); sets rc to its exit code.
+# Not called in $(...): the group must be recorded in this shell for the exit trap.
 run_notebook() {
   local notebook=$1 trx=$2 log=$3 limit=$4
   setsid timeout -k 10 "$limit" dotnet tool run dotnet-repl -- --run "$notebook" --exit-after-run \
     --output-format trx --output-path "$trx" > "$log" 2>&1 &
   local pid=$!
   groups+=("$pid")
-  local rc=0
+  rc=0
   wait "$pid" || rc=$?
   kill -KILL -- "-$pid" 2> /dev/null || true
-  echo "$rc"
 }
 
 counter() { grep -o "$1=\"[0-9]*\"" "$2" | head -1 | grep -o '[0-9]*'; }
@@ -58,7 +58,7 @@ cat > "$work/failing.ipynb" <<'JSON'
               "polyglot_notebook": {"kernelInfo": {"defaultKernelName": "csharp", "items": [{"name": "csharp"}]}}},
  "nbformat": 4, "nbformat_minor": 5}
 JSON
-rc=$(run_notebook "$work/failing.ipynb" "$work/failing.trx" "$work/failing.log" 300)
+run_notebook "$work/failing.ipynb" "$work/failing.trx" "$work/failing.log" 300
 if [ "$rc" -eq 0 ] || [ "$(counter failed "$work/failing.trx" || echo 0)" != 1 ]; then
   cat "$work/failing.log"; echo "the failing notebook did not fail the run (exit $rc)"; exit 1
 fi
@@ -75,7 +75,7 @@ for notebook in examples/notebooks/*.ipynb; do
     || { echo "$notebook: could not point it at the packed packages"; exit 1; }
   cells=$(grep -c '"cell_type"' "$notebook")  # dotnet-repl reports markdown cells too, as passed
   start=$(date +%s)
-  rc=$(run_notebook "$copy" "$out/$name.trx" "$out/$name.log" 900)
+  run_notebook "$copy" "$out/$name.trx" "$out/$name.log" 900
   passed=$(counter passed "$out/$name.trx" || echo 0)
   failed=$(counter failed "$out/$name.trx" || echo 0)
   echo "$name.ipynb: exit $rc, $passed of $cells cells passed, $failed failed, $(( $(date +%s) - start )) s"

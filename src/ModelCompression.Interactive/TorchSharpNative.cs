@@ -48,7 +48,8 @@ public static class TorchSharpNative
 
     /// <summary>
     /// Makes TorchSharp's native library loadable in this process, finding TorchSharp and LibTorch in the NuGet cache
-    /// and keeping the patched copy under the temporary folder. Calls after the first return the first result.
+    /// and keeping the patched copy under the temporary folder. Calls after the first successful one return its result;
+    /// after a failure (say, TorchSharp-cpu not referenced yet) the next call tries again.
     /// </summary>
     /// <returns>What was found or done.</returns>
     /// <exception cref="InvalidOperationException">TorchSharp's native library or LibTorch could not be found or loaded; the message says what to reference.</exception>
@@ -56,7 +57,7 @@ public static class TorchSharpNative
 
     /// <summary>
     /// Makes TorchSharp's native library loadable in this process, keeping the patched copy in
-    /// <paramref name="cacheDirectory"/>. Calls after the first successful one return the first result.
+    /// <paramref name="cacheDirectory"/>. Calls after the first successful one return its result.
     /// </summary>
     /// <param name="cacheDirectory">The folder for the patched copy, or <see langword="null"/> for
     /// <c>modelcompression/native/torchsharp-&lt;version&gt;-&lt;rid&gt;</c> under the temporary folder.</param>
