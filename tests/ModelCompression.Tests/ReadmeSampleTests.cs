@@ -1,5 +1,6 @@
 using ModelCompression.Quantization;
 using ModelCompression.Samples;
+using ModelCompression.Tests.Support;
 using NUnit.Framework;
 
 namespace ModelCompression.Tests;
@@ -36,7 +37,7 @@ public sealed class ReadmeSampleTests
     [Test]
     public void ReadmeSample_IsTheCodeOfThisTest()
     {
-        var root = RepositoryRoot();
+        var root = RepositoryFiles.Root;
         var readme = File.ReadAllLines(Path.Combine(root, "README.md"));
         int usingIt = Array.IndexOf(readme, "## Using it");
         int start = Array.IndexOf(readme, "```csharp", usingIt) + 1;
@@ -52,17 +53,4 @@ public sealed class ReadmeSampleTests
 
     private static IEnumerable<string> Normalize(IEnumerable<string> lines) =>
         lines.Select(l => l.Trim()).Where(l => l.Length > 0);
-
-    private static string RepositoryRoot()
-    {
-        for (var dir = new DirectoryInfo(TestContext.CurrentContext.TestDirectory); dir is not null; dir = dir.Parent)
-        {
-            if (File.Exists(Path.Combine(dir.FullName, "ModelCompression.sln")))
-            {
-                return dir.FullName;
-            }
-        }
-
-        throw new InvalidOperationException("The tests do not run inside the repository.");
-    }
 }
