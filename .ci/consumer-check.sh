@@ -18,8 +18,12 @@ feed="$work/feed"
 
 dotnet pack src/ModelCompression/ModelCompression.csproj -c Release -o "$feed" -p:Version="$version" --nologo
 list_zip() { if command -v unzip > /dev/null; then unzip -l "$1"; else python3 -m zipfile -l "$1"; fi; }
-list_zip "$feed/ModelCompression.$version.nupkg" | grep -q 'buildTransitive/ModelCompression.targets' \
-  || { echo "the package lacks buildTransitive/ModelCompression.targets"; exit 1; }
+contents=$(list_zip "$feed/ModelCompression.$version.nupkg")
+for entry in README.md LICENSE lib/net10.0/ModelCompression.dll lib/net10.0/ModelCompression.xml \
+    buildTransitive/ModelCompression.targets buildTransitive/ModelCompression.GlibcxxNeed.cs build/ModelCompression.targets; do
+  echo "$contents" | grep -qE "(^| )$entry( |\$)" || { echo "the package lacks $entry"; exit 1; }
+done
+test -s "$feed/ModelCompression.$version.snupkg" || { echo "no symbol package beside the package"; exit 1; }
 
 cat > "$work/nuget.config" <<XML
 <?xml version="1.0" encoding="utf-8"?>

@@ -139,6 +139,43 @@ public sealed class CompressionPipelineTests
     }
 
     [Test]
+    public void WithLogger_Run_LogsTheBaselineAndEveryStepsVerdictToTheCallersLogger()
+    {
+        var logger = new CapturingLogger();
+        using var result = Quiet()
+            .AddStep(new DestructiveStep())
+            .AddHalfPrecision(HalfPrecisionFormat.Float16)
+            .WithAccuracyCheck(0.01, AccuracyCheckPolicy.SkipStep)
+            .WithLogger(logger)
+            .Build()
+            .Run(_model, Data);
+
+        var information = logger.Entries.Where(e => e.Level == Microsoft.Extensions.Logging.LogLevel.Information).Select(e => e.Message).ToList();
+        Assert.That(information[0], Does.StartWith("Baseline accuracy ").And.Contain($"{ModelCompression.Metrics.ModelMetrics.CountParameters(_model)} parameters"));
+        Assert.That(information, Has.Some.Match("^Step Destroy: accuracy [0-9.]+ \\(drop [0-9.]+\\), rejected$"));
+        Assert.That(information, Has.Some.Match("^Step HalfPrecision.*: accuracy [0-9.]+ \\(drop -?[0-9.]+\\), accepted$"));
+        Assert.That(logger.Entries.Where(e => e.Level == Microsoft.Extensions.Logging.LogLevel.Debug).Select(e => e.Message), Has.Some.StartWith("Converted "), "steps log through the same logger");
+        Assert.That(result.Report.Steps.Select(s => s.Accepted), Is.EqualTo(new[] { false, true }));
+    }
+
+    [Test]
+    public void WithLogger_Null_IsRejected() =>
+        Assert.Throws<ArgumentNullException>(() => CompressionPipeline.Create().WithLogger(null!));
+
+    private sealed class CapturingLogger : Microsoft.Extensions.Logging.ILogger
+    {
+        public List<(Microsoft.Extensions.Logging.LogLevel Level, string Message)> Entries { get; } = [];
+
+        public IDisposable? BeginScope<TState>(TState state)
+            where TState : notnull => null;
+
+        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
+
+        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
+            Entries.Add((logLevel, formatter(state, exception)));
+    }
+
+    [Test]
     public void StopKeepBestPolicy_DestructiveStep_StopsAndReturnsTheLastAcceptedModel()
     {
         var log = new List<string>();
