@@ -11,7 +11,6 @@
 #   bash .ci/notebooks.sh [OUTPUT_DIR]        (TRX results per notebook go to OUTPUT_DIR, default artifacts/ci/notebooks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$(pwd)
 out="${1:-artifacts/ci/notebooks}"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)

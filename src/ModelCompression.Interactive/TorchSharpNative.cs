@@ -52,7 +52,7 @@ public static class TorchSharpNative
     /// after a failure (say, TorchSharp-cpu not referenced yet) the next call tries again.
     /// </summary>
     /// <returns>What was found or done.</returns>
-    /// <exception cref="InvalidOperationException">TorchSharp's native library or LibTorch could not be found or loaded; the message says what to reference.</exception>
+    /// <exception cref="InvalidOperationException">TorchSharp's native library or LibTorch could not be found, copied or loaded; the message says why and what to reference.</exception>
     public static TorchSharpNativeOutcome EnsureLoaded() => EnsureLoaded(null);
 
     /// <summary>
@@ -62,7 +62,7 @@ public static class TorchSharpNative
     /// <param name="cacheDirectory">The folder for the patched copy, or <see langword="null"/> for
     /// <c>modelcompression/native/torchsharp-&lt;version&gt;-&lt;rid&gt;</c> under the temporary folder.</param>
     /// <returns>What was found or done.</returns>
-    /// <exception cref="InvalidOperationException">TorchSharp's native library or LibTorch could not be found or loaded; the message says what to reference.</exception>
+    /// <exception cref="InvalidOperationException">TorchSharp's native library or LibTorch could not be found, copied or loaded; the message says why and what to reference.</exception>
     public static TorchSharpNativeOutcome EnsureLoaded(string? cacheDirectory)
     {
         lock (Gate)
@@ -88,7 +88,16 @@ public static class TorchSharpNative
 
         var files = NativeFiles.Locate(torchSharp.Location, RuntimeIdentifier());
         string folder = cacheDirectory ?? Path.Combine(Path.GetTempPath(), "modelcompression", "native", $"torchsharp-{files.TorchSharpVersion}-{files.RuntimeIdentifier}");
-        string copy = WritePatchedCopy(files.LibTorchSharp, folder);
+        string copy;
+        try
+        {
+            copy = WritePatchedCopy(files.LibTorchSharp, folder);
+        }
+        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException or InvalidDataException)
+        {
+            throw new InvalidOperationException($"Could not write a patched copy of '{files.LibTorchSharp}' to '{folder}': {ex.Message}", ex);
+        }
+
         try
         {
             // LibTorch first, from its package folder (its own libraries find each other there); the copy's needs on
@@ -119,7 +128,7 @@ public static class TorchSharpNative
 
     // Writes the patched copy unless an identical one is already there; a new file is moved into place whole, so
     // processes starting together never load a half-written copy.
-    private static string WritePatchedCopy(string original, string folder)
+    internal static string WritePatchedCopy(string original, string folder)
     {
         byte[] bytes = File.ReadAllBytes(original);
         GlibcxxNeed.MarkWeak(bytes, GlibcxxVersion);

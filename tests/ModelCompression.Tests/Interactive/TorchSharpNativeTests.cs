@@ -106,6 +106,29 @@ public sealed class TorchSharpNativeTests
         Assert.That(outcome, Is.EqualTo(GlibcxxNeed.SystemLibStdCxxHas(TorchSharpNative.GlibcxxVersion) ? TorchSharpNativeOutcome.NotNeeded : TorchSharpNativeOutcome.AlreadyLoaded));
     }
 
+    [Test]
+    public void WritePatchedCopy_WritesThePatchedLibraryOnceAndLeavesNoTemporaryFiles()
+    {
+        string original = UnpatchedLibTorchSharp();
+        string folder = Path.Combine(root, "native");
+        byte[] expected = File.ReadAllBytes(original);
+        GlibcxxNeed.MarkWeak(expected, TorchSharpNative.GlibcxxVersion);
+
+        string copy = TorchSharpNative.WritePatchedCopy(original, folder);
+        Assert.That(File.ReadAllBytes(copy), Is.EqualTo(expected));
+        var written = File.GetLastWriteTimeUtc(copy);
+        File.SetLastWriteTimeUtc(copy, written.AddMinutes(-5));
+
+        Assert.That(TorchSharpNative.WritePatchedCopy(original, folder), Is.EqualTo(copy));
+        Assert.That(File.GetLastWriteTimeUtc(copy), Is.EqualTo(written.AddMinutes(-5)), "an identical copy is reused, not rewritten");
+
+        File.WriteAllBytes(copy, [1, 2, 3]);
+        TorchSharpNative.WritePatchedCopy(original, folder);
+        Assert.That(File.ReadAllBytes(copy), Is.EqualTo(expected), "a damaged copy is replaced");
+        Assert.That(Directory.GetFiles(folder).Select(Path.GetFileName), Is.EqualTo(new[] { "libLibTorchSharp.so" }));
+        Assert.That(File.ReadAllBytes(original), Is.Not.EqualTo(expected), "the package's file is left as it was");
+    }
+
     private string FakeTorchSharp(string version = "0.107.0")
     {
         string lib = Path.Combine(root, "torchsharp", version, "lib", "net8.0");
