@@ -25,16 +25,11 @@ public sealed class DepthwiseSeparableLeNet5Scenario : IScenario
         using var baseline = ScenarioBaseline.Load(ZooModel.LeNet5, context);
         var recovery = Pruning.FineTuning(10);
         recovery.LearningRate = 0.01;
-        using var result = CompressionPipeline.Create()
+        using var result = baseline.Run(baseline.Pipeline(context)
             .AddDepthwiseSeparableRewrite(new DepthwiseSeparableRewriteOptions())
-            .AddDistillation(new DistillationOptions { Alpha = 0.7, Temperature = 4, Training = recovery })
-            .WithModelName(baseline.Name)
-            .WithSeed(context.Seed)
-            .Build()
-            .Run(baseline.Model, baseline.Data);
+            .AddDistillation(new DistillationOptions { Alpha = 0.7, Temperature = 4, Training = recovery }));
         var report = result.Report;
-        report.Reference = baseline.Reference();
-        report.Reference["beforeRecoveryAccuracy"] = report.Steps[0].Accuracy;
+        report.Reference!["beforeRecoveryAccuracy"] = report.Steps[0].Accuracy;
 
         // The convolutions' MACs before (117,600 + 240,000) against their depthwise + pointwise replacements.
         long rewritten = report.Layers!.Where(l => l.Name.StartsWith("conv", StringComparison.Ordinal)).Sum(l => l.Macs);
@@ -68,15 +63,9 @@ public sealed class SearchResCnnScenario : IScenario
             ShortFineTuning = shortTuning,
             FinalFineTuning = Pruning.FineTuning(5),
         });
-        using var result = CompressionPipeline.Create()
-            .AddStep(step)
-            .WithModelName(baseline.Name)
-            .WithSeed(context.Seed)
-            .Build()
-            .Run(baseline.Model, baseline.Data);
+        using var result = baseline.Run(baseline.Pipeline(context).AddStep(step));
         var report = result.Report;
-        report.Reference = baseline.Reference();
-        report.Reference["candidatesTried"] = step.LastTrace.Count;
+        report.Reference!["candidatesTried"] = step.LastTrace.Count;
         report.Reference["iterations"] = step.LastTrace.Select(c => c.Iteration).DefaultIfEmpty(0).Max();
 
         string tracePath = Path.ChangeExtension(context.ReportPath, ".trace.json");

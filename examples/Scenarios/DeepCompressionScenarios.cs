@@ -34,21 +34,39 @@ internal static class DeepCompression
         HalfPrecisionValues = true,
     };
 
-    public static CompressionReport Run(ScenarioBaseline baseline, ScenarioContext context, MagnitudePruningOptions pruning, WeightClusteringOptions clustering)
+    /// <summary>
+    /// Prunes a zoo model to the given per-layer sparsities (30 epochs of fine-tuning, distilled from the original
+    /// model, which recovers what pruning costs), shares its weights at 5 bits (4 for the layers named), and reports
+    /// the compressed file.
+    /// </summary>
+    public static CompressionReport Run(ZooModel kind, ScenarioContext context, (string Layer, double Sparsity)[] layerSparsity, string[] fourBitLayers)
+    {
+        using var baseline = ScenarioBaseline.Load(kind, context);
+        var pruning = new MagnitudePruningOptions { FineTuning = Pruning.FineTuning(30), Distillation = new RecoveryDistillation() };
+        foreach (var (layer, sparsity) in layerSparsity)
+        {
+            pruning.LayerSparsity[layer] = sparsity;
+        }
+
+        var clustering = Clustering(bits: 5);
+        foreach (string layer in fourBitLayers)
+        {
+            clustering.LayerBits[layer] = 4;
+        }
+
+        return Run(baseline, context, pruning, clustering);
+    }
+
+    private static CompressionReport Run(ScenarioBaseline baseline, ScenarioContext context, MagnitudePruningOptions pruning, WeightClusteringOptions clustering)
     {
         CompressedModelSize? afterPruning = null;
-        using var result = CompressionPipeline.Create()
+        using var result = baseline.Run(baseline.Pipeline(context)
             .AddStep(new MeasuredStep(new MagnitudePruningStep(pruning), size => afterPruning = size))
-            .AddWeightClustering(clustering)
-            .WithModelName(baseline.Name)
-            .WithSeed(context.Seed)
-            .Build()
-            .Run(baseline.Model, baseline.Data);
+            .AddWeightClustering(clustering));
         var report = result.Report;
-        report.Reference = baseline.Reference();
         var dense = CompressedModel.Measure(baseline.Model);
         var final = CompressedModel.Save(result.Model, Path.ChangeExtension(context.ReportPath, ".mcmf"));
-        report.Reference["fileCompressionRatio"] = (double)dense.TotalBytes / final.TotalBytes;
+        report.Reference!["fileCompressionRatio"] = (double)dense.TotalBytes / final.TotalBytes;
         report.Reference["denseFileBytes"] = dense.TotalBytes;
         report.Reference["compressedFileBytes"] = final.TotalBytes;
 
@@ -115,19 +133,9 @@ public sealed class DeepCompressionLeNet300Scenario : IScenario
 
     public IReadOnlyList<ScenarioTarget> Targets { get; } = DeepCompression.Targets(40);
 
-    public CompressionReport Run(ScenarioContext context)
-    {
-        using var baseline = ScenarioBaseline.Load(ZooModel.LeNet300100, context);
-        // Han et al.'s proportions (fc1 hardest, the classifier least), fc1 a little harder; distillation from the
-        // original model during both fine-tunings recovers what pruning costs.
-        var pruning = new MagnitudePruningOptions { FineTuning = Pruning.FineTuning(30), Distillation = new RecoveryDistillation() };
-        pruning.LayerSparsity["fc1"] = 0.95;
-        pruning.LayerSparsity["fc2"] = 0.91;
-        pruning.LayerSparsity["fc3"] = 0.74;
-        var clustering = DeepCompression.Clustering(bits: 5);
-        clustering.LayerBits["fc1"] = 4;
-        return DeepCompression.Run(baseline, context, pruning, clustering);
-    }
+    // Han et al.'s proportions (fc1 hardest, the classifier least), fc1 a little harder.
+    public CompressionReport Run(ScenarioContext context) =>
+        DeepCompression.Run(ZooModel.LeNet300100, context, [("fc1", 0.95), ("fc2", 0.91), ("fc3", 0.74)], fourBitLayers: ["fc1"]);
 }
 
 /// <summary>
@@ -142,18 +150,6 @@ public sealed class DeepCompressionLeNet5Scenario : IScenario
 
     public IReadOnlyList<ScenarioTarget> Targets { get; } = DeepCompression.Targets(39);
 
-    public CompressionReport Run(ScenarioContext context)
-    {
-        using var baseline = ScenarioBaseline.Load(ZooModel.LeNet5, context);
-        var pruning = new MagnitudePruningOptions { FineTuning = Pruning.FineTuning(30), Distillation = new RecoveryDistillation() };
-        pruning.LayerSparsity["conv1"] = 0.34;
-        pruning.LayerSparsity["conv2"] = 0.88;
-        pruning.LayerSparsity["fc1"] = 0.97;
-        pruning.LayerSparsity["fc2"] = 0.92;
-        pruning.LayerSparsity["fc3"] = 0.75;
-        var clustering = DeepCompression.Clustering(bits: 5);
-        clustering.LayerBits["conv1"] = 4;
-        clustering.LayerBits["fc1"] = 4;
-        return DeepCompression.Run(baseline, context, pruning, clustering);
-    }
+    public CompressionReport Run(ScenarioContext context) =>
+        DeepCompression.Run(ZooModel.LeNet5, context, [("conv1", 0.34), ("conv2", 0.88), ("fc1", 0.97), ("fc2", 0.92), ("fc3", 0.75)], fourBitLayers: ["conv1", "fc1"]);
 }

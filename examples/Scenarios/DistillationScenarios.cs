@@ -97,12 +97,8 @@ public sealed class DistillRecoveryScenario : IScenario
     public CompressionReport Run(ScenarioContext context)
     {
         using var baseline = ScenarioBaseline.Load(ZooModel.SmallResNet, context);
-        CompressionResult Prune(RecoveryDistillation? distillation) => CompressionPipeline.Create()
-            .AddStructuredPruning(new StructuredPruningOptions { Ratio = 0.5, FineTuning = Pruning.FineTuning(5), Distillation = distillation })
-            .WithModelName(baseline.Name)
-            .WithSeed(context.Seed)
-            .Build()
-            .Run(baseline.Model, baseline.Data);
+        CompressionResult Prune(RecoveryDistillation? distillation) => baseline.Run(baseline.Pipeline(context)
+            .AddStructuredPruning(new StructuredPruningOptions { Ratio = 0.5, FineTuning = Pruning.FineTuning(5), Distillation = distillation }));
 
         context.Log.WriteLine("fine-tuning on the labels alone: 5 epochs");
         double without;
@@ -114,8 +110,7 @@ public sealed class DistillRecoveryScenario : IScenario
         context.Log.WriteLine("fine-tuning distilled from the original: 5 epochs, α 0.7, T 4");
         using var result = Prune(new RecoveryDistillation { Alpha = 0.7, Temperature = 4 });
         var report = result.Report;
-        report.Reference = baseline.Reference();
-        report.Reference["withoutDistillationAccuracy"] = without;
+        report.Reference!["withoutDistillationAccuracy"] = without;
         return report;
     }
 }

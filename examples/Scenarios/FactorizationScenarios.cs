@@ -23,16 +23,11 @@ public sealed class SvdLeNet300Scenario : IScenario
     public CompressionReport Run(ScenarioContext context)
     {
         using var baseline = ScenarioBaseline.Load(ZooModel.LeNet300100, context);
-        using var result = CompressionPipeline.Create()
+        using var result = baseline.Run(baseline.Pipeline(context)
             .AddSvdFactorization(new SvdFactorizationOptions { Budget = new RankBudget { Kind = BudgetKind.Parameters, Fraction = 0.25 } })
-            .AddFineTuning(FineTuning())
-            .WithModelName(baseline.Name)
-            .WithSeed(context.Seed)
-            .Build()
-            .Run(baseline.Model, baseline.Data);
+            .AddFineTuning(FineTuning()));
         var report = result.Report;
-        report.Reference = baseline.Reference();
-        report.Reference["beforeFineTuneAccuracy"] = report.Steps[0].Accuracy;
+        report.Reference!["beforeFineTuneAccuracy"] = report.Steps[0].Accuracy;
 
         // Weights of the three Linear layers, as stored now, against their dense 266,200.
         long weights = report.Layers!.Where(l => l.Rank is not null || l.Type == "Linear").Sum(l => l.Parameters - Bias(l.Name));

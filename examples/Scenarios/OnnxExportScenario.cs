@@ -27,9 +27,9 @@ public sealed class OnnxExportScenario : IScenario
     public CompressionReport Run(ScenarioContext context)
     {
         using var baseline = ScenarioBaseline.Load(ZooModel.LeNet300100, context);
-        using var result = QuickStartRecipe.Create(context.Seed).Build().Run(baseline.Model, baseline.Data);
+        using var result = baseline.Run(QuickStartRecipe.Create(context.Seed));
         var report = result.Report;
-        report.Reference = baseline.Reference();
+        var reference = report.Reference!;
         var model = result.Model;
         model.eval();
 
@@ -52,9 +52,9 @@ public sealed class OnnxExportScenario : IScenario
         {
             // Digit by digit, as a service answers requests: ONNX Runtime's dynamic int8 ranges a whole call, the library each row.
             var actual = session.RunEach(inputs.data<float>().ToArray(), inputs.shape);
-            report.Reference[$"{key}Agreement"] = Agreement(actual, expected);
-            report.Reference[$"{key}Accuracy"] = Accuracy(actual, labelArray);
-            report.Reference[$"{key}MaxLogitDifference"] = actual.Zip(expected).Max(p => Math.Abs(p.First - p.Second));
+            reference[$"{key}Agreement"] = Agreement(actual, expected);
+            reference[$"{key}Accuracy"] = Accuracy(actual, labelArray);
+            reference[$"{key}MaxLogitDifference"] = actual.Zip(expected).Max(p => Math.Abs(p.First - p.Second));
         }
 
         // Latency: the TorchSharp baseline and compressed model and both ONNX forms, calls alternating.
@@ -72,15 +72,15 @@ public sealed class OnnxExportScenario : IScenario
             var medians = Medians(runs.Select(r => r.Call).ToList(), warmup: 20, repeats: 200);
             for (int i = 0; i < runs.Length; i++)
             {
-                report.Reference[$"{runs[i].Key}LatencyBatch{batch}Ms"] = medians[i];
+                reference[$"{runs[i].Key}LatencyBatch{batch}Ms"] = medians[i];
             }
 
             context.Log.WriteLine($"batch {batch}: " + string.Join(", ", runs.Select((r, i) => $"{r.Key} {medians[i] * 1000:0} µs")));
         }
 
         context.Log.WriteLine($"ONNX file (MatMulInteger form, the default): {path}, {new FileInfo(path).Length:N0} bytes; QDQ form {alternative.Length:N0} bytes");
-        context.Log.WriteLine($"QDQ form: accuracy {report.Reference["onnxAccuracy"]:P2}, agreement {report.Reference["onnxAgreement"]:P2}, max logit difference {report.Reference["onnxMaxLogitDifference"]:G3}");
-        context.Log.WriteLine($"MatMulInteger form: accuracy {report.Reference["onnxIntegerAccuracy"]:P2}, agreement {report.Reference["onnxIntegerAgreement"]:P2}, max logit difference {report.Reference["onnxIntegerMaxLogitDifference"]:G3}");
+        context.Log.WriteLine($"QDQ form: accuracy {reference["onnxAccuracy"]:P2}, agreement {reference["onnxAgreement"]:P2}, max logit difference {reference["onnxMaxLogitDifference"]:G3}");
+        context.Log.WriteLine($"MatMulInteger form: accuracy {reference["onnxIntegerAccuracy"]:P2}, agreement {reference["onnxIntegerAgreement"]:P2}, max logit difference {reference["onnxIntegerMaxLogitDifference"]:G3}");
         return report;
     }
 

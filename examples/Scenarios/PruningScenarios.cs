@@ -52,24 +52,19 @@ internal static class Pruning
         Targets.DropAtMost(dropPoints),
     ];
 
-    /// <summary>The run's report with the baseline's reference figures and the share of weights removed.</summary>
-    public static CompressionReport Report(ScenarioBaseline baseline, CompressionResult result)
+    /// <summary>The report of a <see cref="Run"/>, with the share of weights removed added to its reference figures.</summary>
+    public static CompressionReport Report(CompressionResult result)
     {
         var report = result.Report;
-        report.Reference = baseline.Reference();
-        report.Reference["weightsRemoved"] = WeightsRemoved(report, result.Model);
+        report.Reference!["weightsRemoved"] = WeightsRemoved(report, result.Model);
         return report;
     }
 
     /// <summary>Runs one pruning pipeline with the accuracy check off (the scenario reports, then judges).</summary>
     public static CompressionResult Run(ScenarioBaseline baseline, ScenarioContext context, MagnitudePruningOptions options, bool measureLatency = true) =>
-        CompressionPipeline.Create()
+        baseline.Run(baseline.Pipeline(context)
             .AddMagnitudePruning(options)
-            .WithModelName(baseline.Name)
-            .WithSeed(context.Seed)
-            .WithLatencyMeasurement(new LatencyOptions { Enabled = measureLatency })
-            .Build()
-            .Run(baseline.Model, baseline.Data);
+            .WithLatencyMeasurement(new LatencyOptions { Enabled = measureLatency }));
 }
 
 /// <summary>
@@ -93,7 +88,7 @@ public sealed class PruneLeNet300Scenario : IScenario
         options.LayerSparsity["fc3"] = 0.74;
 
         using var result = Pruning.Run(baseline, context, options);
-        var report = Pruning.Report(baseline, result);
+        var report = Pruning.Report(result);
 
         // The schedule comparison: the same 95% global sparsity and the same 20 fine-tuning epochs.
         foreach (var (key, schedule) in new (string, IPruningSchedule)[] { ("oneShotAccuracy", new OneShotPruning()), ("agpAccuracy", new GradualPruning()) })
@@ -133,7 +128,7 @@ public sealed class PruneLeNet5Scenario : IScenario
         options.LayerSparsity["fc2"] = 0.90;
         options.LayerSparsity["fc3"] = 0.75;
         using var result = Pruning.Run(baseline, context, options);
-        var report = Pruning.Report(baseline, result);
+        var report = Pruning.Report(result);
         return report;
     }
 }
@@ -161,7 +156,7 @@ public sealed class PruneTwoOfFourScenario : IScenario
             Layers = LayerSelection.OfType<TorchSharp.Modules.Linear>(),
         };
         using var result = Pruning.Run(baseline, context, options);
-        var report = Pruning.Report(baseline, result);
+        var report = Pruning.Report(result);
         report.Reference!["groupsWithExactlyTwo"] = GroupsWithExactlyTwo(result.Model);
         return report;
     }
@@ -217,15 +212,10 @@ public sealed class PruneStructuredResCnnScenario : IScenario
         using var baseline = ScenarioBaseline.Load(ZooModel.SmallResNet, context);
         var fineTuning = Pruning.FineTuning(20);
         fineTuning.LearningRate = 0.05;
-        using var result = CompressionPipeline.Create()
-            .AddStructuredPruning(new StructuredPruningOptions { Ratio = 0.5, Importance = new L1Importance(), FineTuning = fineTuning })
-            .WithModelName(baseline.Name)
-            .WithSeed(context.Seed)
-            .Build()
-            .Run(baseline.Model, baseline.Data);
+        using var result = baseline.Run(baseline.Pipeline(context)
+            .AddStructuredPruning(new StructuredPruningOptions { Ratio = 0.5, Importance = new L1Importance(), FineTuning = fineTuning }));
         var report = result.Report;
-        report.Reference = baseline.Reference();
-        report.Reference["parameterRatio"] = (double)report.Final.Parameters / report.Baseline.Parameters;
+        report.Reference!["parameterRatio"] = (double)report.Final.Parameters / report.Baseline.Parameters;
         report.Reference["macRatio"] = (double)report.Final.Macs / report.Baseline.Macs;
         return report;
     }

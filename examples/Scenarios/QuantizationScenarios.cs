@@ -11,15 +11,9 @@ internal static class Quantization
     /// <summary>Runs one quantization step on a zoo baseline and returns the report with the common reference figures.</summary>
     public static CompressionReport Run(ScenarioBaseline baseline, ScenarioContext context, PostTrainingQuantizationOptions options)
     {
-        using var result = CompressionPipeline.Create()
-            .AddPostTrainingQuantization(options)
-            .WithModelName(baseline.Name)
-            .WithSeed(context.Seed)
-            .Build()
-            .Run(baseline.Model, baseline.Data);
+        using var result = baseline.Run(baseline.Pipeline(context).AddPostTrainingQuantization(options));
         var report = result.Report;
-        report.Reference = baseline.Reference();
-        report.Reference["sizeRatio"] = (double)report.Final.SizeBytes / report.Baseline.SizeBytes;
+        report.Reference!["sizeRatio"] = (double)report.Final.SizeBytes / report.Baseline.SizeBytes;
         context.Log.WriteLine($"Kernel path: {Int8Kernel.BestPath} (supported: {string.Join(", ", Int8Kernel.SupportedPaths)})");
         return report;
     }
@@ -121,28 +115,18 @@ internal static class QuantizationAware
     public static CompressionReport Run(ScenarioBaseline baseline, ScenarioContext context, Func<QuantizationAwareTrainingOptions> options)
     {
         var step = new QuantizationAwareTrainingStep(options());
-        using var result = CompressionPipeline.Create()
-            .AddStep(step)
-            .WithModelName(baseline.Name)
-            .WithSeed(context.Seed)
-            .Build()
-            .Run(baseline.Model, baseline.Data);
+        using var result = baseline.Run(baseline.Pipeline(context).AddStep(step));
         var report = result.Report;
-        report.Reference = baseline.Reference();
-        report.Reference["sizeRatio"] = (double)report.Final.SizeBytes / report.Baseline.SizeBytes;
+        report.Reference!["sizeRatio"] = (double)report.Final.SizeBytes / report.Baseline.SizeBytes;
         report.Reference["agreement"] = step.LastConversion!.Agreement;
         report.Reference["maxLogitDifference"] = step.LastConversion.MaxLogitDifference;
 
         var postTraining = options();
         postTraining.Training.Epochs = 0;
         postTraining.ObserverEpochs = 0;
-        using var ptq = CompressionPipeline.Create()
+        using var ptq = baseline.Run(baseline.Pipeline(context)
             .AddQuantizationAwareTraining(postTraining)
-            .WithModelName(baseline.Name)
-            .WithSeed(context.Seed)
-            .WithLatencyMeasurement(new ModelCompression.Metrics.LatencyOptions { Enabled = false })
-            .Build()
-            .Run(baseline.Model, baseline.Data);
+            .WithLatencyMeasurement(new ModelCompression.Metrics.LatencyOptions { Enabled = false }));
         report.Reference["ptqAccuracy"] = ptq.Report.Final.Accuracy;
         context.Log.WriteLine($"Same bits after training only (post-training): accuracy {ptq.Report.Final.Accuracy:P2}; after QAT: {report.Final.Accuracy:P2}");
         context.Log.WriteLine($"Converted vs fake-quantized: {step.LastConversion.Agreement:P2} same predictions, max output difference {step.LastConversion.MaxLogitDifference:0.#####}");

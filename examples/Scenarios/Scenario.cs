@@ -107,6 +107,17 @@ public sealed class ScenarioBaseline : IDisposable
         return new ScenarioBaseline(kind, split, trained);
     }
 
+    /// <summary>A pipeline builder for this baseline: named after the model, seeded from the context.</summary>
+    public CompressionPipelineBuilder Pipeline(ScenarioContext context) => CompressionPipeline.Create().WithModelName(Name).WithSeed(context.Seed);
+
+    /// <summary>Builds the pipeline and runs it on this model and its digits; the report carries <see cref="Reference"/>.</summary>
+    public CompressionResult Run(CompressionPipelineBuilder pipeline)
+    {
+        var result = pipeline.Build().Run(Model, Data);
+        result.Report.Reference = Reference();
+        return result;
+    }
+
     /// <summary>Reference figures every report carries.</summary>
     public Dictionary<string, double> Reference() => new()
     {
@@ -132,13 +143,7 @@ public sealed class BaselineScenario(string name, ZooModel model) : IScenario
     public CompressionReport Run(ScenarioContext context)
     {
         using var baseline = ScenarioBaseline.Load(model, context);
-        using var result = CompressionPipeline.Create()
-            .WithModelName(baseline.Name)
-            .WithSeed(context.Seed)
-            .Build()
-            .Run(baseline.Model, baseline.Data);
-        var report = result.Report;
-        report.Reference = baseline.Reference();
-        return report;
+        using var result = baseline.Run(baseline.Pipeline(context));
+        return result.Report;
     }
 }

@@ -67,13 +67,9 @@ public sealed class TradeOffsScenario : IScenario
         CompressionReport? report = null;
         foreach (var (technique, setting, step) in sweep)
         {
-            using var result = CompressionPipeline.Create()
+            using var result = baseline.Run(baseline.Pipeline(context)
                 .AddStep(step())
-                .WithModelName(baseline.Name)
-                .WithSeed(context.Seed)
-                .WithLatencyMeasurement(new LatencyOptions { Enabled = false })
-                .Build()
-                .Run(baseline.Model, baseline.Data);
+                .WithLatencyMeasurement(new LatencyOptions { Enabled = false }));
             var latency = ModelMetrics.MeasureLatency(result.Model, [1, 28, 28], latencyOptions);
             var point = new Point(technique, setting, result.Report.Final.Accuracy, result.Report.Final.SizeBytes, latency.Batch1, latency.Batch64);
             points.Add(point);
@@ -91,8 +87,7 @@ public sealed class TradeOffsScenario : IScenario
         context.Log.WriteLine($"Pareto front, accuracy against batch-64 latency: {string.Join("; ", byLatency.Select(p => $"{p.Technique} {p.Setting}"))}");
         context.Log.WriteLine($"Wrote {basePath}.csv, {basePath}-size.png and {basePath}-latency.png");
 
-        report!.Reference = baseline.Reference();
-        report.Reference["points"] = points.Count;
+        report!.Reference!["points"] = points.Count;
         report.Reference["paretoPoints"] = bySize.Count;
         foreach (var p in points.Skip(1))
         {
