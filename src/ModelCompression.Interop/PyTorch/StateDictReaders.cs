@@ -45,7 +45,8 @@ internal static class StateDictReaders
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {
             // PyBridge reports bad data with whatever the pickle library or a cast throws (NotImplementedException,
-            // InvalidCastException, PickleException...): every one of them means the file could not be read.
+            // InvalidCastException and the pickle library's PickleException among them): each means the file could
+            // not be read.
             throw new InvalidDataException($"{source} could not be read as a PyTorch state_dict: {ex.Message}", ex);
         }
 
