@@ -104,3 +104,29 @@ public sealed class AccuracyCheckFailedException : InvalidOperationException
     /// <summary>Gets McNemar's p-value of the paired difference, when available.</summary>
     public double? PValue { get; }
 }
+
+/// <summary>
+/// Thrown when a model's structure is one the library cannot handle: a layer kind no technique, copy or file encoding
+/// knows, a connection the structured-pruning tracer cannot follow, or a module that cannot be copied safely. It is
+/// raised before anything changes, and names the layer and what to do about it.
+/// </summary>
+public sealed class UnsupportedModelException : NotSupportedException
+{
+    /// <summary>Initializes a new instance of the <see cref="UnsupportedModelException"/> class.</summary>
+    /// <param name="layerName">The dotted name of the layer (as <c>named_modules()</c> gives it; empty for the root), or <see langword="null"/> when no single layer is at fault.</param>
+    /// <param name="layerType">The type name of the layer, or <see langword="null"/>.</param>
+    /// <param name="message">What is not supported and what to do about it.</param>
+    /// <param name="innerException">The error that revealed it, or <see langword="null"/>.</param>
+    public UnsupportedModelException(string? layerName, string? layerType, string message, Exception? innerException = null)
+        : base(message, innerException)
+    {
+        LayerName = layerName;
+        LayerType = layerType;
+    }
+
+    /// <summary>Gets the dotted name of the layer at fault (empty for the root), or <see langword="null"/>.</summary>
+    public string? LayerName { get; }
+
+    /// <summary>Gets the type name of the layer at fault, or <see langword="null"/>.</summary>
+    public string? LayerType { get; }
+}
