@@ -250,7 +250,7 @@ public sealed class BudgetedSearchStep : ICompressionStep, ICompressionStepRequi
             case SearchBudgetKind.Parameters:
                 return ModelMetrics.CountParameters(model);
             case SearchBudgetKind.Latency:
-                return ModelMetrics.MeasureLatency(model, context.SampleShape, new LatencyOptions { Warmup = 3, Repeats = 11 }, context.Device).Batch1;
+                return ModelMetrics.MeasureLatency(model, context.SampleShape, new LatencyOptions { Warmup = 3, Repeats = 11 }, context.Device, context.InputType).Batch1;
             default:
                 using (NewDisposeScope())
                 {

@@ -18,6 +18,13 @@ public interface IBatchSource
     /// <summary>Gets the shape of one input sample, without the batch dimension (e.g. <c>[784]</c> or <c>[1, 28, 28]</c>).</summary>
     IReadOnlyList<long> SampleShape { get; }
 
+    /// <summary>
+    /// Gets the element type of the inputs (float32 for images and features, int64 for token ids): the type of the
+    /// inputs the library makes up when it measures a model (MACs, latency, export).
+    /// </summary>
+    /// <value>The default implementation says float32; a source of other inputs must say so (the pipeline checks it against the first batch).</value>
+    ScalarType InputType => ScalarType.Float32;
+
     /// <summary>Enumerates the samples in batches.</summary>
     /// <param name="batchSize">The number of samples per batch (the last batch may be smaller). Must be positive.</param>
     /// <param name="shuffle">Whether to visit the samples in a random order given by <paramref name="seed"/>.</param>

@@ -62,6 +62,9 @@ public sealed class TensorDataset : IBatchSource, IDisposable
     /// <inheritdoc/>
     public IReadOnlyList<long> SampleShape => _sampleShape;
 
+    /// <inheritdoc/>
+    public ScalarType InputType => _inputs.dtype;
+
     /// <summary>Gets the inputs (owned by the data set; do not dispose).</summary>
     public Tensor Inputs => _inputs;
 

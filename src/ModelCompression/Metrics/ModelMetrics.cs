@@ -161,8 +161,9 @@ public static class ModelMetrics
 
     /// <summary>
     /// Counts the multiply-accumulates of one sample, per layer, by running <paramref name="sample"/> through the model
-    /// with forward hooks on every <see cref="Linear"/>, <see cref="Conv1d"/>, <see cref="Conv2d"/> and
-    /// <see cref="ICompressedLayer"/>. Custom modules must call their children with <c>call()</c> for the hooks to fire.
+    /// with forward hooks on every <see cref="ICompressedLayer"/> and every tensor-to-tensor layer whose
+    /// <see cref="Modules.LayerDescriptor"/> counts MACs (Linear, convolutions, transformer encoder layers, and kinds
+    /// registered by the application). Custom modules must call their children with <c>call()</c> for the hooks to fire.
     /// </summary>
     /// <param name="model">The model.</param>
     /// <param name="sample">An input batch; MACs are divided by its first dimension.</param>
@@ -193,11 +194,14 @@ public static class ModelMetrics
                     continue;
                 }
 
-                counts[name] = 0;
                 string key = name;
                 var remover = layer.register_forward_hook((m, input, output) =>
                 {
-                    counts[key] += LayerMacs(m, input, output);
+                    if (CountLayerMacs(m, input, output) is { } macs)
+                    {
+                        counts[key] = counts.GetValueOrDefault(key) + macs;
+                    }
+
                     return output;
                 });
                 removers.Add(remover.remove);
@@ -232,16 +236,17 @@ public static class ModelMetrics
     /// <param name="sampleShape">The shape of one sample, without the batch dimension.</param>
     /// <param name="options">Warm-up and repeats; the defaults when <see langword="null"/>.</param>
     /// <param name="device">The device of the inputs. The default is CPU.</param>
+    /// <param name="inputType">The element type of the inputs (e.g. <see cref="ScalarType.Int64"/> for token ids, which are all zero). The default is float32, uniform in [0, 1).</param>
     /// <returns>The median latencies in milliseconds.</returns>
-    public static LatencyMeasurement MeasureLatency(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, LatencyOptions? options = null, Device? device = null)
+    public static LatencyMeasurement MeasureLatency(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, LatencyOptions? options = null, Device? device = null, ScalarType inputType = ScalarType.Float32)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(sampleShape);
         options ??= new LatencyOptions();
         OptionsValidationException.ThrowIfInvalid(typeof(LatencyOptions), options.Validate());
         return new LatencyMeasurement(
-            MedianMilliseconds(model, sampleShape, 1, options, device ?? CPU),
-            MedianMilliseconds(model, sampleShape, 64, options, device ?? CPU));
+            MedianMilliseconds(model, sampleShape, 1, options, device ?? CPU, inputType),
+            MedianMilliseconds(model, sampleShape, 64, options, device ?? CPU, inputType));
     }
 
     /// <summary>
@@ -253,17 +258,19 @@ public static class ModelMetrics
     /// <param name="sampleShape">The shape of one sample, without the batch dimension.</param>
     /// <param name="options">Warm-up and repeats; the defaults when <see langword="null"/>.</param>
     /// <param name="device">The device of the inputs. The default is CPU.</param>
+    /// <param name="inputType">The element type of the inputs (integer inputs are all zero). The default is float32.</param>
     /// <returns>The median latencies of both, in milliseconds.</returns>
     public static (LatencyMeasurement First, LatencyMeasurement Second) MeasureLatencyPaired(
-        nn.Module<Tensor, Tensor> first, nn.Module<Tensor, Tensor> second, IReadOnlyList<long> sampleShape, LatencyOptions? options = null, Device? device = null)
+        nn.Module<Tensor, Tensor> first, nn.Module<Tensor, Tensor> second, IReadOnlyList<long> sampleShape, LatencyOptions? options = null, Device? device = null,
+        ScalarType inputType = ScalarType.Float32)
     {
         ArgumentNullException.ThrowIfNull(first);
         ArgumentNullException.ThrowIfNull(second);
         ArgumentNullException.ThrowIfNull(sampleShape);
         options ??= new LatencyOptions();
         OptionsValidationException.ThrowIfInvalid(typeof(LatencyOptions), options.Validate());
-        var (a1, b1) = PairedMedians(first, second, sampleShape, 1, options, device ?? CPU);
-        var (a64, b64) = PairedMedians(first, second, sampleShape, 64, options, device ?? CPU);
+        var (a1, b1) = PairedMedians(first, second, sampleShape, 1, options, device ?? CPU, inputType);
+        var (a64, b64) = PairedMedians(first, second, sampleShape, 64, options, device ?? CPU, inputType);
         return (new LatencyMeasurement(a1, a64), new LatencyMeasurement(b1, b64));
     }
 
@@ -272,8 +279,10 @@ public static class ModelMetrics
     /// <param name="sampleShape">The shape of one sample, without the batch dimension.</param>
     /// <param name="latency">Latency options; <see langword="null"/> or disabled skips latency.</param>
     /// <param name="device">The device of the inputs. The default is CPU.</param>
+    /// <param name="inputType">The element type of the inputs (integer inputs are all zero). The default is float32.</param>
     /// <returns>The measurement.</returns>
-    public static ModelMeasurement Measure(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, LatencyOptions? latency = null, Device? device = null)
+    public static ModelMeasurement Measure(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, LatencyOptions? latency = null, Device? device = null,
+        ScalarType inputType = ScalarType.Float32)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(sampleShape);
@@ -281,7 +290,7 @@ public static class ModelMetrics
         IReadOnlyDictionary<string, long> macs;
         using (NewDisposeScope())
         {
-            var sample = zeros([1, .. sampleShape], device: device);
+            var sample = zeros([1, .. sampleShape], dtype: inputType, device: device);
             macs = CountMacsPerLayer(model, sample);
         }
 
@@ -316,7 +325,7 @@ public static class ModelMetrics
             }
         }
 
-        LatencyMeasurement? latencyResult = latency is { Enabled: true } ? MeasureLatency(model, sampleShape, latency, device) : null;
+        LatencyMeasurement? latencyResult = latency is { Enabled: true } ? MeasureLatency(model, sampleShape, latency, device, inputType) : null;
         return new ModelMeasurement(
             CountParameters(model),
             CountNonzeroParameters(model),
@@ -328,43 +337,26 @@ public static class ModelMetrics
 
     private static int BitsOf(Tensor? tensor) => tensor is null ? 32 : (int)(tensor.ElementSize * 8);
 
-    private static bool IsCounted(nn.Module module) => module is Linear or Conv1d or Conv2d or ICompressedLayer;
+    private static bool IsCounted(nn.Module module) => module is ICompressedLayer || Modules.LayerRegistry.Find(module) is not null;
 
-    /// <summary>MACs of one call of a counted layer, over the whole batch.</summary>
-    internal static long LayerMacs(nn.Module module, Tensor input, Tensor output)
+    /// <summary>MACs of one call of a layer, over the whole batch: a compressed layer counts itself, other kinds through their descriptor.</summary>
+    internal static long LayerMacs(nn.Module module, Tensor input, Tensor output) => CountLayerMacs(module, input, output) ?? 0;
+
+    private static long? CountLayerMacs(nn.Module module, Tensor input, Tensor output) =>
+        module is ICompressedLayer compressed ? compressed.CountMacs(input, output)
+        : Modules.LayerRegistry.Find(module)?.CountMacs(module, input, output);
+
+    private static double MedianMilliseconds(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device, ScalarType inputType) =>
+        Medians([model], sampleShape, batch, options, device, inputType)[0];
+
+    private static (double First, double Second) PairedMedians(nn.Module<Tensor, Tensor> first, nn.Module<Tensor, Tensor> second, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device, ScalarType inputType)
     {
-        switch (module)
-        {
-            case ICompressedLayer compressed:
-                return compressed.CountMacs(input, output);
-            case Linear linear:
-                return output.numel() * linear.in_features;
-            case Conv1d or Conv2d:
-                // weight: [out, in / groups, k...]; each output element needs (in / groups) * prod(k) MACs.
-                var weight = module.named_parameters(recurse: false).First(p => p.name == "weight").parameter;
-                long perOutput = 1;
-                for (int d = 1; d < weight.dim(); d++)
-                {
-                    perOutput *= weight.shape[d];
-                }
-
-                return output.numel() * perOutput;
-            default:
-                return 0;
-        }
-    }
-
-    private static double MedianMilliseconds(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device) =>
-        Medians([model], sampleShape, batch, options, device)[0];
-
-    private static (double First, double Second) PairedMedians(nn.Module<Tensor, Tensor> first, nn.Module<Tensor, Tensor> second, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device)
-    {
-        var medians = Medians([first, second], sampleShape, batch, options, device);
+        var medians = Medians([first, second], sampleShape, batch, options, device, inputType);
         return (medians[0], medians[1]);
     }
 
     /// <summary>Median milliseconds of each model, the models' calls alternating within every repeat.</summary>
-    private static double[] Medians(IReadOnlyList<nn.Module<Tensor, Tensor>> models, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device)
+    private static double[] Medians(IReadOnlyList<nn.Module<Tensor, Tensor>> models, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device, ScalarType inputType)
     {
         var wasTraining = models.Select(m => m.training).ToArray();
         foreach (var model in models)
@@ -377,7 +369,10 @@ public static class ModelMetrics
             using var scope = NewDisposeScope();
             using var noGrad = no_grad();
             using var generator = new Generator(12345);
-            var input = rand([batch, .. sampleShape], generator: generator).to(device);
+            // Integer inputs (token ids, indices) are all zero: a valid index for any embedding or lookup.
+            var input = (is_floating_point(inputType)
+                ? rand([batch, .. sampleShape], generator: generator).to(inputType)
+                : zeros([batch, .. sampleShape], dtype: inputType)).to(device);
             for (int i = 0; i < options.Warmup; i++)
             {
                 foreach (var model in models)

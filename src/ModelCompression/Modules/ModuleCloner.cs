@@ -13,17 +13,27 @@ namespace ModelCompression.Modules;
 /// </summary>
 /// <remarks>
 /// <para>
-/// TorchSharp has no <c>copy.deepcopy</c>. This cloner creates each module object without running its
-/// own constructor, runs the base <c>Module(string name)</c> constructor on it (which creates a fresh native
-/// module), then copies the fields the module's own classes declare: tensors and parameters are cloned,
-/// submodules cloned recursively, arrays, lists and dictionaries copied element by element, and any other
-/// value (numbers, strings, options records, delegates) shared. The registry of submodules, parameters and
-/// buffers is rebuilt in the original order, so <c>state_dict()</c> keys and order match.
+/// A module whose kind is registered in <see cref="LayerRegistry"/> (TorchSharp's Linear, convolutions, GroupNorm,
+/// Embedding, recurrent, attention and transformer layers, and any kind an application registers, e.g. with
+/// <see cref="LayerRegistry.RegisterFactory{T}"/>) is copied through its descriptor: a new module built by its
+/// constructor, its children copied, its own parameters and buffers copied in.
 /// </para>
 /// <para>
-/// Tied weights stay tied (one tensor cloned once). Forward hooks are not copied. A module holding state
-/// the cloner cannot see (for example a delegate that captures the original module) should be cloned by a
-/// cloner of your own, given to the pipeline with <c>WithModelCloner</c>.
+/// Any other module (TorchSharp's managed containers, activations, pooling and normalisation layers, this library's
+/// layers, and users' own modules) is copied by the reflection fallback that this file keeps in one place: the object
+/// is created without running its own constructor, the base <c>Module(string name)</c> constructor runs on it (which
+/// creates a fresh native module), then the fields its own classes declare are copied: tensors and parameters cloned,
+/// submodules copied recursively, arrays, lists and dictionaries element by element, and other values (numbers,
+/// strings, options records, delegates) shared. The registry of submodules, parameters and buffers is rebuilt in the
+/// original order, so <c>state_dict()</c> keys and order match. The fallback reads TorchSharp's private fields and is
+/// pinned to TorchSharp 0.107 by a test.
+/// </para>
+/// <para>
+/// A module the fallback cannot copy safely — a natively implemented TorchSharp module without a descriptor, whose
+/// .NET object only wraps a native handle — is refused with an <see cref="UnsupportedModelException"/> before anything
+/// is copied. Tied weights stay tied (one tensor cloned once). Forward hooks are not copied. A module holding state
+/// neither route can see (for example a delegate that captures the original module) should be registered with a
+/// descriptor or factory, or the whole model copied by a cloner given to the pipeline with <c>WithModelCloner</c>.
 /// </para>
 /// </remarks>
 public static class ModuleCloner
@@ -51,35 +61,76 @@ public static class ModuleCloner
     /// <param name="module">The module to copy; it is not changed.</param>
     /// <returns>A new module of the same type that shares no tensor with <paramref name="module"/>.</returns>
     /// <exception cref="ArgumentNullException"><paramref name="module"/> is <see langword="null"/>.</exception>
-    /// <exception cref="NotSupportedException">The module (or one of its submodules) is of a kind the cloner cannot copy.</exception>
+    /// <exception cref="UnsupportedModelException">The module (or one of its submodules) is of a kind that cannot be copied safely.</exception>
     public static T DeepClone<T>(T module)
         where T : nn.Module
     {
         ArgumentNullException.ThrowIfNull(module);
-        var state = new CloneState();
+        var state = new CloneState(SharedTensors(module));
         T clone;
-        using (no_grad())
+
+        // Layers built by their constructors draw random initial weights: leave the caller's random stream as it was.
+        using var rng = torch.random.get_rng_state();
+        try
         {
-            clone = (T)CloneModule(module, state);
+            using (no_grad())
+            {
+                clone = (T)CloneModule(module, state, string.Empty);
+            }
+        }
+        catch
+        {
+            // Nothing half-built is left behind: dispose every module made so far (the original is untouched).
+            foreach (var (_, copy) in state.ModulesInOrder)
+            {
+                copy?.Dispose();
+            }
+
+            throw;
+        }
+        finally
+        {
+            torch.random.set_rng_state(rng);
         }
 
         // Training flags live in the native modules: copy them parent first, so each module's own flag wins.
         foreach (var (original, copy) in state.ModulesInOrder)
         {
-            copy.train(original.training);
+            copy!.train(original.training);
         }
 
         return clone;
     }
 
-    private sealed class CloneState
+    /// <summary>The parameters and buffers that several modules hold (tied weights).</summary>
+    private static HashSet<object> SharedTensors(nn.Module root)
     {
-        public Dictionary<object, object> Map { get; } = new(ReferenceEqualityComparer.Instance);
+        var seen = new HashSet<object>(ReferenceEqualityComparer.Instance);
+        var shared = new HashSet<object>(ReferenceEqualityComparer.Instance);
+        foreach (var module in root.modules().Prepend(root).Distinct(ReferenceEqualityComparer.Instance).Cast<nn.Module>())
+        {
+            foreach (var tensor in module.named_parameters(recurse: false).Select(p => (object)p.parameter).Concat(module.named_buffers(recurse: false).Select(b => b.buffer)))
+            {
+                if (!seen.Add(tensor))
+                {
+                    shared.Add(tensor);
+                }
+            }
+        }
 
-        public List<(nn.Module Original, nn.Module Copy)> ModulesInOrder { get; } = [];
+        return shared;
     }
 
-    private static nn.Module CloneModule(nn.Module original, CloneState state)
+    private sealed class CloneState(HashSet<object> sharedTensors)
+    {
+        public HashSet<object> SharedTensors { get; } = sharedTensors;
+
+        public Dictionary<object, object> Map { get; } = new(ReferenceEqualityComparer.Instance);
+
+        public List<(nn.Module Original, nn.Module? Copy)> ModulesInOrder { get; } = [];
+    }
+
+    private static nn.Module CloneModule(nn.Module original, CloneState state, string path)
     {
         if (state.Map.TryGetValue(original, out var existing))
         {
@@ -87,6 +138,37 @@ public static class ModuleCloner
         }
 
         var type = original.GetType();
+        // A layer built by its constructor gets tensors of its own; a managed layer that shares a tensor with another
+        // (tied weights) goes through the field copy, which keeps the tie.
+        if (LayerRegistry.Find(original) is { } descriptor
+            && (IsNativeWrapper(type) || !original.named_parameters(recurse: false).Select(p => (object)p.parameter)
+                .Concat(original.named_buffers(recurse: false).Select(b => b.buffer)).Any(state.SharedTensors.Contains)))
+        {
+            // Keep parents before their children in the list, whichever is built first: training flags are set in that order.
+            int slot = state.ModulesInOrder.Count;
+            state.ModulesInOrder.Add((original, null));
+            nn.Module copied;
+            try
+            {
+                copied = LayerCopy.Copy(original, descriptor, (name, child) => CloneModule(child, state, Join(path, name)), path);
+            }
+            catch (UnsupportedModelException ex) when (ex.LayerName is null)
+            {
+                throw new UnsupportedModelException(path, type.Name, $"Cannot copy {LayerCopy.Where(path)}: {ex.Message}", ex);
+            }
+
+            state.Map[original] = copied;
+            state.ModulesInOrder[slot] = (original, copied);
+            return copied;
+        }
+
+        if (IsNativeWrapper(type))
+        {
+            throw new UnsupportedModelException(path, type.Name,
+                $"Cannot copy the {type.Name} at {LayerCopy.Where(path)}: it is implemented natively by TorchSharp and no descriptor for it is registered. " +
+                $"Register one with {nameof(LayerRegistry)}.{nameof(LayerRegistry.Register)}, or give the pipeline a cloner of your own with WithModelCloner.");
+        }
+
         var (baseType, ctor) = FindBaseConstructor(type);
         var copy = (nn.Module)RuntimeHelpers.GetUninitializedObject(type);
         state.Map[original] = copy;
@@ -105,25 +187,36 @@ public static class ModuleCloner
                     continue;
                 }
 
-                field.SetValue(copy, CloneValue(field.GetValue(original), state, $"{type.Name}.{field.Name}"));
+                field.SetValue(copy, CloneValue(field.GetValue(original), state, Join(path, field.Name)));
             }
         }
 
-        RebuildRegistry(original, copy, state);
+        RebuildRegistry(original, copy, state, path);
         RegisteredField?.SetValue(copy, RegisteredField.GetValue(original));
         DeviceTypeField?.SetValue(copy, DeviceTypeField.GetValue(original));
         DeviceIndexField?.SetValue(copy, DeviceIndexField.GetValue(original));
         return copy;
     }
 
-    private static void RebuildRegistry(nn.Module original, nn.Module copy, CloneState state)
+    private static string Join(string path, string name) => path.Length == 0 ? name : $"{path}.{name}";
+
+    /// <summary>
+    /// Whether a TorchSharp type is a thin wrapper around a native module (it declares a constructor taking the native
+    /// handles): copying its .NET fields would share or lose the native module, so only a descriptor may copy it.
+    /// </summary>
+    internal static bool IsNativeWrapper(Type type) =>
+        type.Assembly == typeof(nn.Module).Assembly
+        && type.GetConstructors(BindingFlags.Instance | BindingFlags.Public | BindingFlags.NonPublic)
+            .Any(c => c.GetParameters() is [{ ParameterType: var a }, { ParameterType: var b }, ..] && a == typeof(IntPtr) && b == typeof(IntPtr));
+
+    private static void RebuildRegistry(nn.Module original, nn.Module copy, CloneState state, string path)
     {
         var subs = SubmodulesField.GetValue(original)!;
         var copySubs = SubmodulesField.GetValue(copy)!;
         var addModule = copySubs.GetType().GetMethod("Add", [typeof(string), typeof(nn.Module)])!;
         foreach (var (key, value) in Pairs<nn.Module>(subs))
         {
-            addModule.Invoke(copySubs, [key, CloneModule(value, state)]);
+            addModule.Invoke(copySubs, [key, CloneModule(value, state, Join(path, key))]);
         }
 
         var pars = ParamsField.GetValue(original)!;
@@ -205,7 +298,7 @@ public static class ModuleCloner
             case null:
                 return null;
             case nn.Module module:
-                return CloneModule(module, state);
+                return CloneModule(module, state, where);
             case Tensor tensor:
                 return tensor.IsInvalid ? tensor : CloneTensor(tensor, state);
             case string or Delegate or Type:

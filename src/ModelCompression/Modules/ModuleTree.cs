@@ -143,8 +143,10 @@ public static class ModuleTree
         string parentName = dot < 0 ? string.Empty : name[..dot];
         string childName = dot < 0 ? name : name[(dot + 1)..];
         var parent = parentName.Length == 0 ? root : GetSubmodule(root, parentName);
-        var old = parent.named_children().FirstOrDefault(c => c.name == childName).module
-            ?? throw new ArgumentException($"The model has no submodule named '{name}'.", nameof(name));
+        if (parent.named_children().All(c => c.name != childName))
+        {
+            throw new ArgumentException($"The model has no submodule named '{name}'.", nameof(name));
+        }
 
         if (parent is Sequential sequential)
         {
@@ -154,6 +156,21 @@ public static class ModuleTree
             rebuilt.train(sequential.training);
             return parentName.Length == 0 ? rebuilt : Replace(root, parentName, rebuilt);
         }
+
+        SetChild(parent, childName, replacement, name);
+        return root;
+    }
+
+    /// <summary>
+    /// Puts <paramref name="replacement"/> in place of the direct child <paramref name="childName"/> of a parent that is
+    /// not a <see cref="Sequential"/>: every field that holds the old child, a module list's slot, and the registry entry.
+    /// Any module type may be set where the fields allow it.
+    /// </summary>
+    internal static void SetChild(nn.Module parent, string childName, nn.Module replacement, string? dottedName = null)
+    {
+        string name = dottedName ?? childName;
+        var old = parent.named_children().FirstOrDefault(c => c.name == childName).module
+            ?? throw new ArgumentException($"The model has no submodule named '{name}'.", nameof(childName));
 
         // Find every field that holds the old child before changing anything.
         var fields = new List<FieldInfo>();
@@ -171,7 +188,7 @@ public static class ModuleTree
                     throw new ArgumentException(
                         $"Cannot replace '{name}': the field {t.Name}.{field.Name} is typed {field.FieldType.Name}, which a {replacement.GetType().Name} " +
                         "cannot fill. Type fields that may be swapped as nn.Module<Tensor, Tensor>.",
-                        nameof(name));
+                        nameof(childName));
                 }
 
                 fields.Add(field);
@@ -179,10 +196,15 @@ public static class ModuleTree
         }
 
         var list = parent as ModuleList<nn.Module<Tensor, Tensor>>;
+        if (list is not null && replacement is not nn.Module<Tensor, Tensor>)
+        {
+            throw new ArgumentException($"Cannot replace '{name}': a ModuleList<Module<Tensor, Tensor>> cannot hold a {replacement.GetType().Name}.", nameof(childName));
+        }
+
         if (fields.Count == 0 && list is null)
         {
             throw new ArgumentException(
-                $"Cannot replace '{name}': its parent {parent.GetType().Name} keeps it in no field this library can update.", nameof(name));
+                $"Cannot replace '{name}': its parent {parent.GetType().Name} keeps it in no field this library can update.", nameof(childName));
         }
 
         foreach (var field in fields)
@@ -192,13 +214,11 @@ public static class ModuleTree
 
         if (list is not null && int.TryParse(childName, out int index))
         {
-            list[index] = replacement;
+            list[index] = (nn.Module<Tensor, Tensor>)replacement;
         }
 
         // Keep the registry entry in place (same order of parameters and state_dict keys).
         var registry = SubmodulesField.GetValue(parent)!;
         registry.GetType().GetProperty("Item", [typeof(string)])!.SetValue(registry, replacement, [childName]);
-
-        return root;
     }
 }

@@ -42,6 +42,7 @@ public sealed class CompressionContext
         _progress = progress;
         CancellationToken = cancellationToken;
         SampleShape = data.Evaluation.SampleShape;
+        InputType = data.Evaluation.InputType;
     }
 
     /// <summary>Gets the data of the run.</summary>
@@ -61,6 +62,9 @@ public sealed class CompressionContext
 
     /// <summary>Gets the shape of one input sample, without the batch dimension.</summary>
     public IReadOnlyList<long> SampleShape { get; }
+
+    /// <summary>Gets the element type of the inputs (float32, or int64 for token ids), as the evaluation data gives it.</summary>
+    public ScalarType InputType { get; }
 
     /// <summary>Gets the original, uncompressed model (a private copy; steps must not change it). Use it as a teacher.</summary>
     public nn.Module<Tensor, Tensor> OriginalModel { get; }

@@ -199,7 +199,7 @@ public sealed class CompressionPipeline
                 // The speedup compares the baseline (the teacher copy) and the final model measured together, their
                 // calls alternating, so that the machine's drift over a long run does not pass for a speedup.
                 context.ReportProgress(CompressionPhase.Measuring, 0);
-                var (before, after) = ModelMetrics.MeasureLatencyPaired(teacher, current, context.SampleShape, _latency, _device);
+                var (before, after) = ModelMetrics.MeasureLatencyPaired(teacher, current, context.SampleShape, _latency, _device, context.InputType);
                 baselineMeasure = baselineMeasure with { Latency = before };
                 currentMeasure = currentMeasure with { Latency = after };
                 report.Baseline.LatencyMs = new LatencyFigures { Batch1 = before.Batch1, Batch64 = before.Batch64 };
@@ -371,7 +371,7 @@ public sealed class CompressionPipeline
     private ModelMeasurement Measure(nn.Module<Tensor, Tensor> model, CompressionContext context)
     {
         using var scope = NewDisposeScope();
-        return ModelMetrics.Measure(model, context.SampleShape, _latency.Enabled ? _latency : null, _device);
+        return ModelMetrics.Measure(model, context.SampleShape, _latency.Enabled ? _latency : null, _device, context.InputType);
     }
 
     private void ValidateData(CompressionData data)
@@ -435,6 +435,13 @@ public sealed class CompressionPipeline
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var (input, _) = evaluation.FirstBatch(2);
+        if (input.dtype != evaluation.InputType)
+        {
+            throw new ArgumentException(
+                $"The evaluation data's batches hold {input.dtype} inputs but its {nameof(IBatchSource.InputType)} says {evaluation.InputType}; the library makes up inputs of that type to measure the model.",
+                nameof(model));
+        }
+
         bool wasTraining = model.training;
         model.eval();
         try

@@ -228,7 +228,13 @@ public static class CompressedModel
         using var rng = torch.random.get_rng_state();
         try
         {
-            var model = ModuleCodec.Build(root, node => CustomModule(node, architecture, options));
+            var built = ModuleCodec.Build(root, node => CustomModule(node, architecture, options));
+            if (built is not nn.Module<Tensor, Tensor> model)
+            {
+                built.Dispose();
+                throw new InvalidDataException($"The file's root is a {built.GetType().Name}, not a tensor-to-tensor model.");
+            }
+
             model.eval();
             if (options.Device is not null)
             {
@@ -293,9 +299,17 @@ public static class CompressedModel
             return factory() ?? throw new InvalidOperationException($"The factory for {node.TypeName} returned null.");
         }
 
+        // A type registered with the layer registry since the file was written (as a custom module) builds from its factory.
+        if (Modules.LayerRegistry.Descriptors.FirstOrDefault(d => d.ModuleType.FullName == node.TypeName) is { } descriptor
+            && descriptor.Create(new Modules.LayerAttributes(), descriptor.Version) is var created)
+        {
+            return created as nn.Module<Tensor, Tensor> ?? throw new InvalidDataException($"{node.Describe} is not a tensor-to-tensor module.");
+        }
+
         throw new InvalidDataException(
             $"The file holds a custom module {node.TypeName} at {node.Describe}, which the library does not build: load it with " +
-            $"{nameof(CompressedModel)}.{nameof(Load)}(path, architecture) or add a factory to {nameof(CompressedModelLoadOptions)}.{nameof(CompressedModelLoadOptions.ModuleFactories)}.");
+            $"{nameof(CompressedModel)}.{nameof(Load)}(path, architecture), add a factory to {nameof(CompressedModelLoadOptions)}.{nameof(CompressedModelLoadOptions.ModuleFactories)}, " +
+            $"or register the type with {nameof(Modules.LayerRegistry)}.{nameof(Modules.LayerRegistry.RegisterFactory)}.");
     }
 }
 

@@ -45,6 +45,9 @@ internal enum NodeKind : byte
     DepthwiseSeparableConv2d = 47,
     InvertedResidual = 48,
     SqueezeExcitation = 49,
+
+    /// <summary>A layer kind of the <see cref="Modules.LayerRegistry"/>: its id, version and named attributes, its own tensors by name, its children.</summary>
+    Registered = 60,
 }
 
 /// <summary>One module of the architecture as read from the file, with its decoded tensors, before it is built.</summary>
@@ -65,6 +68,10 @@ internal sealed class NodeSpec
     public long[] Dims { get; set; } = [];
 
     public string TypeName { get; set; } = string.Empty;
+
+    public int Version { get; set; }
+
+    public Modules.LayerAttributes? Attributes { get; set; }
 
     public bool HasData { get; set; }
 
@@ -123,7 +130,7 @@ internal static class ModuleCodec
     private static readonly HashSet<NodeKind> WithChildren =
     [
         NodeKind.Sequential, NodeKind.Custom, NodeKind.LowRankLinear, NodeKind.LowRankConv2d, NodeKind.HalfPrecision,
-        NodeKind.Clustered, NodeKind.DepthwiseSeparableConv2d, NodeKind.InvertedResidual, NodeKind.SqueezeExcitation,
+        NodeKind.Clustered, NodeKind.DepthwiseSeparableConv2d, NodeKind.InvertedResidual, NodeKind.SqueezeExcitation, NodeKind.Registered,
     ];
 
     private static readonly HashSet<NodeKind> WithData =
@@ -181,11 +188,16 @@ internal static class ModuleCodec
             arch.String(module.GetType().FullName ?? module.GetType().Name);
         }
 
+        if (kind == NodeKind.Registered)
+        {
+            WriteRegistered(module, path, arch);
+        }
+
         var payload = new FormatWriter();
         payload.VarUInt(index);
         var encodings = new List<string>();
         WriteTensors(kind, module, payload, encodings, path);
-        bool hasData = WithData.Contains(kind) || (kind == NodeKind.Custom && encodings.Count > 0);
+        bool hasData = WithData.Contains(kind) || (kind is NodeKind.Custom or NodeKind.Registered && encodings.Count > 0);
         arch.Bool(hasData);
         if (hasData)
         {
@@ -206,12 +218,20 @@ internal static class ModuleCodec
         }
     }
 
-    private static NodeKind KindOf(nn.Module module, string path, bool forSaving) => module switch
+    private static NodeKind KindOf(nn.Module module, string path, bool forSaving) =>
+        LegacyKindOf(module, path, forSaving)
+        ?? (Modules.LayerRegistry.Find(module) is not null ? NodeKind.Registered
+            : module is nn.Module<Tensor, Tensor> ? NodeKind.Custom
+            : throw new UnsupportedModelException(path, module.GetType().Name,
+                $"The {module.GetType().Name} at '{path}' is not a Module<Tensor, Tensor> and its kind is not registered, so the file cannot store it: " +
+                $"register it with {nameof(Modules.LayerRegistry)}.{nameof(Modules.LayerRegistry.Register)} or {nameof(Modules.LayerRegistry.RegisterFactory)}."));
+
+    /// <summary>The kinds with a fixed encoding of their own (files before the layer registry use them; they are written the same way still).</summary>
+    private static NodeKind? LegacyKindOf(nn.Module module, string path, bool forSaving) => module switch
     {
         Sequential => NodeKind.Sequential,
         Linear => NodeKind.Linear,
-        Conv2d conv => conv.padding_type is null ? NodeKind.Conv2d
-            : throw new NotSupportedException($"The Conv2d at '{path}' uses string padding ('same'/'valid'); save it with numeric padding."),
+        Conv2d conv when conv.padding_type is null => NodeKind.Conv2d,
         BatchNorm1d => NodeKind.BatchNorm1d,
         BatchNorm2d => NodeKind.BatchNorm2d,
         LayerNorm => NodeKind.LayerNorm,
@@ -242,9 +262,114 @@ internal static class ModuleCodec
         SqueezeExcitation => NodeKind.SqueezeExcitation,
         FakeQuantLayer when forSaving => throw new NotSupportedException(
             $"The FakeQuantLayer at '{path}' is a training-time layer; convert the model with QuantizationAwareTrainingStep.Convert before saving it."),
-        nn.Module<Tensor, Tensor> => NodeKind.Custom,
-        _ => throw new NotSupportedException($"The {module.GetType().Name} at '{path}' is not a Module<Tensor, Tensor>; the file holds tensor-to-tensor modules only."),
+        _ => null,
     };
+
+    /// <summary>Attribute value codes in the file: part of the format, never renumber.</summary>
+    private enum AttributeType : byte
+    {
+        Integer = 1,
+        Real = 2,
+        Boolean = 3,
+        Text = 4,
+        Integers = 5,
+    }
+
+    private static void WriteRegistered(nn.Module module, string path, FormatWriter arch)
+    {
+        var descriptor = Modules.LayerRegistry.Find(module)!;
+        Modules.LayerAttributes attributes;
+        try
+        {
+            attributes = descriptor.GetAttributes(module);
+        }
+        catch (UnsupportedModelException ex) when (ex.LayerName is null)
+        {
+            throw new UnsupportedModelException(path, module.GetType().Name, $"Cannot store '{path}': {ex.Message}", ex);
+        }
+
+        arch.String(descriptor.Id);
+        arch.VarUInt(descriptor.Version);
+        arch.VarUInt(attributes.Count);
+        foreach (var (name, value) in attributes)
+        {
+            arch.String(name);
+            switch (value)
+            {
+                case long l:
+                    arch.Byte((byte)AttributeType.Integer);
+                    arch.VarInt(l);
+                    break;
+                case double d:
+                    arch.Byte((byte)AttributeType.Real);
+                    arch.Float64(d);
+                    break;
+                case bool b:
+                    arch.Byte((byte)AttributeType.Boolean);
+                    arch.Bool(b);
+                    break;
+                case string text:
+                    arch.Byte((byte)AttributeType.Text);
+                    arch.String(text);
+                    break;
+                case long[] values:
+                    arch.Byte((byte)AttributeType.Integers);
+                    arch.VarUInt(values.Length);
+                    foreach (long v in values)
+                    {
+                        arch.VarInt(v);
+                    }
+
+                    break;
+            }
+        }
+    }
+
+    private static (int Version, Modules.LayerAttributes Attributes) ReadRegistered(ref FormatReader reader, string describe)
+    {
+        int version = (int)reader.VarUInt($"{describe} version", 1, int.MaxValue);
+        long count = reader.VarUInt($"{describe} attribute count", 0, Modules.LayerAttributes.MaxCount);
+        var attributes = new Modules.LayerAttributes();
+        for (long i = 0; i < count; i++)
+        {
+            string name = reader.String();
+            if (name.Length == 0 || attributes.Contains(name))
+            {
+                throw reader.Fail($"{describe} has an empty or repeated attribute name '{name}'");
+            }
+
+            byte type = reader.Byte();
+            switch ((AttributeType)type)
+            {
+                case AttributeType.Integer:
+                    attributes.Set(name, reader.VarInt());
+                    break;
+                case AttributeType.Real:
+                    double d = reader.Float64();
+                    attributes.Set(name, double.IsFinite(d) ? d : throw reader.Fail($"{describe} attribute '{name}' is not finite"));
+                    break;
+                case AttributeType.Boolean:
+                    attributes.Set(name, reader.Bool());
+                    break;
+                case AttributeType.Text:
+                    attributes.Set(name, reader.String());
+                    break;
+                case AttributeType.Integers:
+                    var values = new long[reader.VarUInt($"{describe} attribute '{name}' length", 0, 64)];
+                    for (int j = 0; j < values.Length; j++)
+                    {
+                        values[j] = reader.VarInt();
+                    }
+
+                    attributes.Set(name, values);
+                    break;
+                default:
+                    throw reader.Fail($"{describe} attribute '{name}' has unknown type code {type}");
+            }
+        }
+
+        return (version, attributes);
+    }
 
     private static (long[] Ints, double[] Reals, long[] Dims) Attributes(NodeKind kind, nn.Module module, string path)
     {
@@ -372,7 +497,11 @@ internal static class ModuleCodec
             default:
                 if (kind == NodeKind.Custom)
                 {
-                    WriteOwnTensors(module, w, encodings, path);
+                    WriteOwnTensors(OwnTensorsOfCustom(module), w, encodings, path);
+                }
+                else if (kind == NodeKind.Registered)
+                {
+                    WriteOwnTensors(Modules.LayerCopy.OwnTensors(module), w, encodings, path);
                 }
 
                 break;
@@ -390,11 +519,13 @@ internal static class ModuleCodec
     private static string Describe(string role, ValueCodec.Encoding e) =>
         $"{role}: {(e.Sparse ? $"sparse ({e.Positions})" : "dense")}, {e.Values}, {e.Bytes} B";
 
-    private static void WriteOwnTensors(nn.Module module, FormatWriter w, List<string> encodings, string path)
-    {
-        var own = module.named_parameters(recurse: false).Select(p => (p.name, (Tensor)p.parameter))
+    private static List<(string Name, Tensor Tensor)> OwnTensorsOfCustom(nn.Module module) =>
+        module.named_parameters(recurse: false).Select(p => (p.name, (Tensor)p.parameter))
             .Concat(module.named_buffers(recurse: false).Select(b => (b.name, b.buffer)))
             .ToList();
+
+    private static void WriteOwnTensors(List<(string Name, Tensor Tensor)> own, FormatWriter w, List<string> encodings, string path)
+    {
         if (own.Count == 0)
         {
             return;
@@ -512,8 +643,14 @@ internal static class ModuleCodec
             node.TypeName = reader.String();
         }
 
+        if (node.Kind == NodeKind.Registered)
+        {
+            node.TypeName = reader.String();
+            (node.Version, node.Attributes) = ReadRegistered(ref reader, node.Describe);
+        }
+
         node.HasData = reader.Bool();
-        if (node.HasData != WithData.Contains(node.Kind) && node.Kind != NodeKind.Custom)
+        if (node.HasData != WithData.Contains(node.Kind) && node.Kind is not (NodeKind.Custom or NodeKind.Registered))
         {
             throw reader.Fail($"{node.Describe} {(node.HasData ? "claims a data section it cannot have" : "has no data section")}");
         }
@@ -607,7 +744,7 @@ internal static class ModuleCodec
                 break;
             }
 
-            case NodeKind.Custom when node.HasData:
+            case NodeKind.Custom or NodeKind.Registered when node.HasData:
                 ReadOwnTensors(node, ref r, budget);
                 break;
             default:
@@ -703,9 +840,9 @@ internal static class ModuleCodec
     // ---------------------------------------------------------------- building
 
     /// <summary>Builds the module a node describes; custom modules come from <paramref name="customModule"/>.</summary>
-    public static nn.Module<Tensor, Tensor> Build(NodeSpec node, Func<NodeSpec, nn.Module<Tensor, Tensor>> customModule)
+    public static nn.Module Build(NodeSpec node, Func<NodeSpec, nn.Module<Tensor, Tensor>> customModule)
     {
-        var children = new List<nn.Module<Tensor, Tensor>>();
+        var children = new List<nn.Module>();
         try
         {
             foreach (var child in node.Children)
@@ -726,7 +863,7 @@ internal static class ModuleCodec
         }
     }
 
-    private static nn.Module<Tensor, Tensor> BuildOne(NodeSpec node, List<nn.Module<Tensor, Tensor>> children, Func<NodeSpec, nn.Module<Tensor, Tensor>> customModule)
+    private static nn.Module BuildOne(NodeSpec node, List<nn.Module> children, Func<NodeSpec, nn.Module<Tensor, Tensor>> customModule)
     {
         long[] I = node.Ints;
         double[] R = node.Reals;
@@ -734,7 +871,8 @@ internal static class ModuleCodec
         switch (node.Kind)
         {
             case NodeKind.Sequential:
-                return nn.Sequential(node.Children.Select((c, i) => (c.Name, children[i])).ToArray());
+                return nn.Sequential(node.Children.Select((c, i) => (c.Name, children[i] as nn.Module<Tensor, Tensor>
+                    ?? throw new InvalidDataException($"{c.Describe} is a {children[i].GetType().Name}, which a Sequential cannot hold."))).ToArray());
             case NodeKind.Linear:
             {
                 var linear = nn.Linear(I[0], I[1], hasBias: I[2] == 1);
@@ -851,18 +989,18 @@ internal static class ModuleCodec
             case NodeKind.LowRankLinear:
                 return children is [Linear first, Linear second]
                     ? new LowRankLinear(first, second)
-                    : throw Mismatch(node, "two Linear factors");
+                    : Fill(node, LowRankSkeleton(node, conv: false), children);
             case NodeKind.LowRankConv2d:
                 return children is [Conv2d firstConv, Conv2d secondConv]
                     ? new LowRankConv2d(firstConv, secondConv, (ConvDecomposition)I[0])
-                    : throw Mismatch(node, "two Conv2d factors");
+                    : Fill(node, LowRankSkeleton(node, conv: true), children);
             case NodeKind.HalfPrecision:
-                return children is [var inner]
+                return children is [nn.Module<Tensor, Tensor> inner]
                     ? new HalfPrecisionLayer(inner, I[0] == 1 ? ScalarType.BFloat16 : ScalarType.Float16)
                     : throw Mismatch(node, "one inner layer");
             case NodeKind.Clustered:
-                return children is [Linear or Conv2d or SparseLinear]
-                    ? new ClusteredLayer(children[0])
+                return children is [nn.Module<Tensor, Tensor> clustered and (Linear or Conv2d or SparseLinear)]
+                    ? new ClusteredLayer(clustered)
                     : throw Mismatch(node, "one Linear, Conv2d or SparseLinear");
             case NodeKind.DepthwiseSeparableConv2d:
                 return Fill(node, new DepthwiseSeparableConv2d(1, 1, 1), children);
@@ -873,10 +1011,45 @@ internal static class ModuleCodec
                 return Fill(node, new InvertedResidual(1, I[0] == 1 ? 1 : 2, 1, 2), children);
             case NodeKind.Custom:
                 return Fill(node, customModule(node), children);
+            case NodeKind.Registered:
+                return Fill(node, CreateRegistered(node), children);
             default:
                 throw new InvalidDataException($"{node.Describe} cannot be built.");
         }
     }
+
+    /// <summary>
+    /// A low-rank layer whose factors a later step compressed in turn (half precision, quantization, clustering): built
+    /// around placeholder factors of the stored sizes, which <see cref="Fill"/> then replaces with the built ones.
+    /// </summary>
+    private static nn.Module LowRankSkeleton(NodeSpec node, bool conv)
+    {
+        if (node.Children is not [var first, var second])
+        {
+            throw Mismatch(node, "two factors");
+        }
+
+        var (firstIn, firstOut) = FactorSize(node, first);
+        var (secondIn, secondOut) = FactorSize(node, second);
+        if (firstOut != secondIn)
+        {
+            throw new InvalidDataException($"{node.Describe} has factors that do not chain: {firstOut} outputs into {secondIn} inputs.");
+        }
+
+        return conv
+            ? new LowRankConv2d(nn.Conv2d(firstIn, firstOut, 1), nn.Conv2d(secondIn, secondOut, 1), (ConvDecomposition)node.Ints[0])
+            : new LowRankLinear(nn.Linear(firstIn, firstOut), nn.Linear(secondIn, secondOut));
+    }
+
+    /// <summary>The inputs and outputs of a factor, looking through single-layer wrappers.</summary>
+    private static (long In, long Out) FactorSize(NodeSpec owner, NodeSpec factor) => factor.Kind switch
+    {
+        NodeKind.Linear or NodeKind.SparseLinear or NodeKind.Conv2d => (factor.Ints[0], factor.Ints[1]),
+        NodeKind.QuantizedLinear => (factor.Ints[1], factor.Ints[0]),
+        NodeKind.QuantizedConv2d => (factor.Ints[10], factor.Ints[0]),
+        NodeKind.HalfPrecision or NodeKind.Clustered when factor.Children is [var inner] => FactorSize(owner, inner),
+        _ => throw Mismatch(owner, "two Linear or Conv2d factors, possibly compressed"),
+    };
 
     private static QuantizedLayer BuildQuantized(NodeSpec node)
     {
@@ -931,7 +1104,27 @@ internal static class ModuleCodec
     }
 
     /// <summary>Puts the built children into a container (library block or custom module) and loads its own tensors.</summary>
-    private static nn.Module<Tensor, Tensor> Fill(NodeSpec node, nn.Module<Tensor, Tensor> container, List<nn.Module<Tensor, Tensor>> children)
+    private static nn.Module CreateRegistered(NodeSpec node)
+    {
+        var descriptor = Modules.LayerRegistry.Find(node.TypeName) ?? throw new InvalidDataException(
+            $"{node.Describe} is a layer of kind '{node.TypeName}', which is not registered: register it with {nameof(Modules.LayerRegistry)} before loading.");
+        if (node.Version > descriptor.Version)
+        {
+            throw new InvalidDataException($"{node.Describe} was written by version {node.Version} of '{node.TypeName}'; the registered descriptor reads up to version {descriptor.Version}.");
+        }
+
+        var module = descriptor.Create(node.Attributes!, node.Version);
+        if (module.GetType() != descriptor.ModuleType)
+        {
+            module.Dispose();
+            throw new InvalidOperationException($"The descriptor '{descriptor.Id}' built a {module.GetType().FullName} instead of a {descriptor.ModuleType.FullName}.");
+        }
+
+        return module;
+    }
+
+    private static T Fill<T>(NodeSpec node, T container, List<nn.Module> children)
+        where T : nn.Module
     {
         try
         {
@@ -951,11 +1144,11 @@ internal static class ModuleCodec
                     throw new InvalidDataException($"{node.Describe}: child '{node.Children[i].Name}' cannot be a {children[i].GetType().Name}: {why}.");
                 }
 
-                Modules.ModuleTree.Replace(container, node.Children[i].Name, children[i]);
+                Modules.ModuleTree.SetChild(container, node.Children[i].Name, children[i]);
                 old.Dispose();
             }
 
-            LoadOwnTensors(node, container);
+            LoadOwnTensors(node, container, node.Kind == NodeKind.Registered ? Modules.LayerCopy.OwnTensors(container) : OwnTensorsOfCustom(container));
             return container;
         }
         catch
@@ -965,11 +1158,9 @@ internal static class ModuleCodec
         }
     }
 
-    private static void LoadOwnTensors(NodeSpec node, nn.Module container)
+    private static void LoadOwnTensors(NodeSpec node, nn.Module container, List<(string Name, Tensor Tensor)> ownTensors)
     {
-        var own = container.named_parameters(recurse: false).Select(p => (p.name, (Tensor)p.parameter))
-            .Concat(container.named_buffers(recurse: false).Select(b => (b.name, b.buffer)))
-            .ToDictionary(t => t.Item1, t => t.Item2);
+        var own = ownTensors.ToDictionary(t => t.Name, t => t.Tensor);
         var storedNames = node.Named.Select(t => t.Name).ToHashSet();
         var missing = own.Keys.Where(k => !storedNames.Contains(k)).ToList();
         var extra = storedNames.Where(k => !own.ContainsKey(k)).ToList();

@@ -1,0 +1,435 @@
+using System.Runtime.CompilerServices;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Modules;
+
+/// <summary>
+/// The descriptors of TorchSharp's own layer kinds that the library copies and stores through their constructors:
+/// layers without a fixed file encoding of their own (Conv1d, Conv3d, GroupNorm, Embedding) and the natively
+/// implemented ones (recurrent layers, attention, transformer layers), whose .NET objects are thin wrappers around a
+/// native module and cannot be copied field by field.
+/// </summary>
+/// <remarks>
+/// TorchSharp 0.107 does not expose every constructor argument of its native modules. What the weights show is read
+/// from their shapes (sizes, layers, directions, biases); what changes the forward computation but is hidden (attention
+/// heads, batch-first layout, the activation of transformer layers, an RNN's non-linearity) is found by running the
+/// layer on a small probe input and keeping the candidate settings whose output matches exactly. Settings that only
+/// matter in training (dropout) or to gradients (an embedding's padding index) cannot be recovered: copies and loaded
+/// files use TorchSharp's defaults for them, as the XML docs of <see cref="LayerRegistry"/> say.
+/// </remarks>
+internal static class TorchSharpLayers
+{
+    /// <summary>Marks the library's own registrations, which cannot be removed.</summary>
+    internal abstract class BuiltIn(string id, Type type) : LayerDescriptor(id, type);
+
+    public static IEnumerable<LayerDescriptor> All() =>
+    [
+        new LinearLayer(), new ConvLayer<Conv1d>("torch.nn.Conv1d", 1), new ConvLayer<Conv2d>("torch.nn.Conv2d", 2), new ConvLayer<Conv3d>("torch.nn.Conv3d", 3),
+        new GroupNormLayer(), new EmbeddingLayer(),
+        new RecurrentLayer<GRU>("torch.nn.GRU", 3), new RecurrentLayer<LSTM>("torch.nn.LSTM", 4), new RecurrentLayer<RNN>("torch.nn.RNN", 1),
+        new AttentionLayer(), new EncoderLayer(), new EncoderStack(), new DecoderLayer(), new DecoderStack(),
+    ];
+
+    internal const long MaxSize = 1L << 30;
+
+    // ------------------------------------------------------------------ managed layers
+
+    private sealed class LinearLayer() : BuiltIn("torch.nn.Linear", typeof(Linear))
+    {
+        public override LayerAttributes GetAttributes(nn.Module module)
+        {
+            var l = (Linear)module;
+            return new LayerAttributes().Set("in", l.in_features).Set("out", l.out_features).Set("bias", l.bias is not null);
+        }
+
+        public override nn.Module Create(LayerAttributes a, int version) =>
+            nn.Linear(a.GetInt64("in", 1, MaxSize), a.GetInt64("out", 1, MaxSize), a.GetBoolean("bias"));
+
+        public override long? CountMacs(nn.Module module, Tensor input, Tensor output) => output.numel() * ((Linear)module).in_features;
+    }
+
+    private sealed class ConvLayer<T>(string id, int dims) : BuiltIn(id, typeof(T))
+        where T : Convolution
+    {
+        public override LayerAttributes GetAttributes(nn.Module module)
+        {
+            var c = (Convolution)module;
+            var a = new LayerAttributes()
+                .Set("in", c.in_channels).Set("out", c.out_channels).Set("kernel", c.kernel_size).Set("stride", c.stride)
+                .Set("dilation", c.dilation).Set("groups", c.groups).Set("bias", c.bias is not null).Set("paddingMode", c.padding_mode.ToString());
+            return c.padding_type is { } type ? a.Set("paddingType", type.ToString()) : a.Set("padding", c.padding!);
+        }
+
+        public override nn.Module Create(LayerAttributes a, int version)
+        {
+            long inC = a.GetInt64("in", 1, MaxSize), outC = a.GetInt64("out", 1, MaxSize), groups = a.GetInt64("groups", 1, MaxSize);
+            long[] kernel = Sizes(a, "kernel", 1), stride = Sizes(a, "stride", 1), dilation = Sizes(a, "dilation", 1);
+            if (inC % groups != 0 || outC % groups != 0)
+            {
+                throw new InvalidDataException($"A convolution with {inC} inputs and {outC} outputs cannot have {groups} groups.");
+            }
+
+            var mode = Parse<PaddingModes>(a.GetString("paddingMode"));
+            bool bias = a.GetBoolean("bias");
+            Convolution conv = dims switch
+            {
+                1 => nn.Conv1d(inC, outC, kernel[0], stride[0], 0, dilation[0], mode, groups, bias),
+                2 => nn.Conv2d(inC, outC, (kernel[0], kernel[1]), (stride[0], stride[1]), (0, 0), (dilation[0], dilation[1]), mode, groups, bias),
+                _ => nn.Conv3d(inC, outC, (kernel[0], kernel[1], kernel[2]), (stride[0], stride[1], stride[2]), (0, 0, 0), (dilation[0], dilation[1], dilation[2]), mode, groups, bias),
+            };
+            if (a.Contains("paddingType"))
+            {
+                conv.SetPadding(Parse<Padding>(a.GetString("paddingType")));
+            }
+            else
+            {
+                var padding = a.GetInt64Array("padding");
+                conv.SetPadding(padding.Length == dims && padding.All(p => p is >= 0 and <= 1 << 16)
+                    ? padding
+                    : throw new InvalidDataException($"Convolution attribute 'padding' is [{string.Join(", ", padding)}], not {dims} sizes in 0..65536."));
+            }
+
+            return conv;
+        }
+
+        public override long? CountMacs(nn.Module module, Tensor input, Tensor output)
+        {
+            var weight = ((Convolution)module).weight;
+            long perOutput = 1;
+            for (int d = 1; d < weight.dim(); d++)
+            {
+                perOutput *= weight.shape[d];
+            }
+
+            return output.numel() * perOutput;
+        }
+
+        private long[] Sizes(LayerAttributes a, string name, long min)
+        {
+            var v = a.GetInt64Array(name);
+            return v.Length == dims && v.All(x => x >= min && x <= 1 << 16)
+                ? v
+                : throw new InvalidDataException($"Convolution attribute '{name}' is [{string.Join(", ", v)}], not {dims} sizes in {min}..65536.");
+        }
+    }
+
+    private sealed class GroupNormLayer() : BuiltIn("torch.nn.GroupNorm", typeof(GroupNorm))
+    {
+        public override LayerAttributes GetAttributes(nn.Module module)
+        {
+            var g = (GroupNorm)module;
+            long channels = g.weight?.shape[0] ?? throw new UnsupportedModelException(null, nameof(GroupNorm), "A GroupNorm without affine parameters does not show its channel count; build it with affine: true.");
+            return new LayerAttributes().Set("groups", g.num_groups).Set("channels", channels).Set("eps", g.eps).Set("affine", g.affine);
+        }
+
+        public override nn.Module Create(LayerAttributes a, int version)
+        {
+            long groups = a.GetInt64("groups", 1, MaxSize), channels = a.GetInt64("channels", 1, MaxSize);
+            return channels % groups == 0
+                ? nn.GroupNorm(groups, channels, a.GetDouble("eps"), a.GetBoolean("affine"))
+                : throw new InvalidDataException($"A GroupNorm cannot split {channels} channels into {groups} groups.");
+        }
+    }
+
+    // ------------------------------------------------------------------ native layers
+
+    private sealed class EmbeddingLayer() : BuiltIn("torch.nn.Embedding", typeof(Embedding))
+    {
+        public override LayerAttributes GetAttributes(nn.Module module)
+        {
+            var w = ((Embedding)module).weight!;
+            return new LayerAttributes().Set("count", w.shape[0]).Set("dim", w.shape[1]);
+        }
+
+        public override nn.Module Create(LayerAttributes a, int version) => nn.Embedding(a.GetInt64("count", 1, MaxSize), a.GetInt64("dim", 1, MaxSize));
+    }
+
+    /// <summary>GRU (3 gates), LSTM (4) and RNN (1): sizes, layers, directions and biases from the weights; layout and non-linearity by probe.</summary>
+    private sealed class RecurrentLayer<T>(string id, int gates) : BuiltIn(id, typeof(T))
+        where T : nn.Module
+    {
+        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
+
+        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, Probe);
+
+        public override nn.Module Create(LayerAttributes a, int version)
+        {
+            long input = a.GetInt64("input", 1, MaxSize), hidden = a.GetInt64("hidden", 1, MaxSize), layers = a.GetInt64("layers", 1, 1024);
+            bool bias = a.GetBoolean("bias"), batchFirst = a.GetBoolean("batchFirst"), bidirectional = a.GetBoolean("bidirectional");
+            return gates switch
+            {
+                3 => nn.GRU(input, hidden, layers, bias, batchFirst, 0, bidirectional),
+                4 => nn.LSTM(input, hidden, layers, bias, batchFirst, 0, bidirectional),
+                _ => nn.RNN(input, hidden, layers, Parse<nn.NonLinearities>(a.GetString("nonlinearity")), bias, batchFirst, 0, bidirectional),
+            };
+        }
+
+        private LayerAttributes Probe(nn.Module module)
+        {
+            var state = module.state_dict();
+            if (state.Keys.Any(k => k.StartsWith("weight_hr", StringComparison.Ordinal)))
+            {
+                throw new UnsupportedModelException(null, typeof(T).Name, $"The {typeof(T).Name} has projections (proj_size), which TorchSharp's constructor cannot build.");
+            }
+
+            var w = state["weight_ih_l0"];
+            long hidden = state["weight_hh_l0"].shape[1];
+            long layers = state.Keys.Count(k => k.StartsWith("weight_ih_l", StringComparison.Ordinal) && !k.EndsWith("_reverse", StringComparison.Ordinal));
+            var basis = new LayerAttributes()
+                .Set("input", w.shape[1]).Set("hidden", hidden).Set("layers", layers)
+                .Set("bias", state.ContainsKey("bias_ih_l0")).Set("bidirectional", state.ContainsKey("weight_ih_l0_reverse"));
+            string[] nonlinearities = gates == 1 ? [nameof(nn.NonLinearities.Tanh), nameof(nn.NonLinearities.ReLU)] : [string.Empty];
+            var candidates = from batchFirst in new[] { false, true }
+                             from nl in nonlinearities
+                             select With(basis, a => { a.Set("batchFirst", batchFirst); if (nl.Length > 0) { a.Set("nonlinearity", nl); } });
+            // [3, 2, input]: time-major and batch-first read it differently, so only the right layout matches.
+            return ProbeSettings(module, candidates.ToList(), this, g => [randn([3, 2, w.shape[1]], generator: g)], Run);
+        }
+
+        private static Tensor Run(nn.Module m, Tensor[] x) => m switch
+        {
+            GRU gru => gru.forward(x[0], null).Item1,
+            LSTM lstm => lstm.forward(x[0], null).Item1,
+            RNN rnn => rnn.forward(x[0], null).Item1,
+            _ => throw new InvalidOperationException(),
+        };
+    }
+
+    private sealed class AttentionLayer() : BuiltIn("torch.nn.MultiheadAttention", typeof(MultiheadAttention))
+    {
+        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
+
+        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, Probe);
+
+        public override nn.Module Create(LayerAttributes a, int version)
+        {
+            long dim = a.GetInt64("dim", 1, MaxSize), heads = a.GetInt64("heads", 1, dim);
+            return dim % heads == 0
+                ? nn.MultiheadAttention(dim, heads, 0, a.GetBoolean("bias"), a.GetBoolean("biasKv"), a.GetBoolean("zeroAttention"), a.GetInt64("kdim", 1, MaxSize), a.GetInt64("vdim", 1, MaxSize))
+                : throw new InvalidDataException($"An attention layer of width {dim} cannot have {heads} heads.");
+        }
+
+        private LayerAttributes Probe(nn.Module module)
+        {
+            var state = module.state_dict();
+            bool packed = state.ContainsKey("in_proj_weight");
+            long dim = state["out_proj.weight"].shape[0];
+            long kdim = packed ? dim : state["k_proj_weight"].shape[1], vdim = packed ? dim : state["v_proj_weight"].shape[1];
+            var basis = new LayerAttributes().Set("dim", dim).Set("kdim", kdim).Set("vdim", vdim)
+                .Set("bias", state.ContainsKey("in_proj_bias")).Set("biasKv", state.ContainsKey("bias_k"));
+            var candidates = (from heads in Divisors(dim)
+                              from zero in new[] { false, true }
+                              select With(basis, a => a.Set("heads", heads).Set("zeroAttention", zero))).ToList();
+            return ProbeSettings(module, candidates, this, g => [randn([3, 2, dim], generator: g), randn([4, 2, kdim], generator: g), randn([4, 2, vdim], generator: g)],
+                (m, x) => ((MultiheadAttention)m).forward(x[0], x[1], x[2], null, false, null).Item1);
+        }
+    }
+
+    /// <summary>What encoder and decoder layers share: width, feed-forward size; heads and activation by probe.</summary>
+    private static LayerAttributes TransformerBasis(Dictionary<string, Tensor> state, string prefix) =>
+        new LayerAttributes().Set("dim", state[prefix + "linear1.weight"].shape[1]).Set("feedForward", state[prefix + "linear1.weight"].shape[0]);
+
+    private static List<LayerAttributes> TransformerCandidates(LayerAttributes basis, long? layers) =>
+        (from heads in Divisors(basis.GetInt64("dim"))
+         from activation in new[] { nameof(nn.Activations.ReLU), nameof(nn.Activations.GELU) }
+         select With(basis, a =>
+         {
+             a.Set("heads", heads).Set("activation", activation);
+             if (layers is { } n)
+             {
+                 a.Set("layers", n);
+             }
+         })).ToList();
+
+    private static (long Dim, long Heads, long FeedForward, nn.Activations Activation) TransformerSettings(LayerAttributes a)
+    {
+        long dim = a.GetInt64("dim", 1, MaxSize), heads = a.GetInt64("heads", 1, dim);
+        return dim % heads == 0
+            ? (dim, heads, a.GetInt64("feedForward", 1, MaxSize), Parse<nn.Activations>(a.GetString("activation")))
+            : throw new InvalidDataException($"A transformer layer of width {dim} cannot have {heads} heads.");
+    }
+
+    private static long CountLayers(Dictionary<string, Tensor> state) =>
+        state.Keys.Where(k => k.StartsWith("layers.", StringComparison.Ordinal)).Select(k => k.Split('.')[1]).Distinct().Count();
+
+    private sealed class EncoderLayer() : BuiltIn("torch.nn.TransformerEncoderLayer", typeof(TransformerEncoderLayer))
+    {
+        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
+
+        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
+        {
+            var basis = TransformerBasis(m.state_dict(), string.Empty);
+            return ProbeSettings(m, TransformerCandidates(basis, null), this, g => [randn([3, 2, basis.GetInt64("dim")], generator: g)],
+                (l, x) => ((TransformerEncoderLayer)l).forward(x[0]));
+        });
+
+        public override nn.Module Create(LayerAttributes a, int version)
+        {
+            var (dim, heads, ff, activation) = TransformerSettings(a);
+            return nn.TransformerEncoderLayer(dim, heads, ff, 0.1, activation);
+        }
+
+        public override long? CountMacs(nn.Module module, Tensor input, Tensor output) => TransformerMacs(module.state_dict(), string.Empty, input, crossAttention: false);
+    }
+
+    private sealed class EncoderStack() : BuiltIn("torch.nn.TransformerEncoder", typeof(TransformerEncoder))
+    {
+        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
+
+        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
+        {
+            var state = m.state_dict();
+            var basis = TransformerBasis(state, "layers.0.");
+            return ProbeSettings(m, TransformerCandidates(basis, CountLayers(state)), this, g => [randn([3, 2, basis.GetInt64("dim")], generator: g)],
+                (l, x) => ((TransformerEncoder)l).forward(x[0], null!, null!));
+        });
+
+        public override nn.Module Create(LayerAttributes a, int version)
+        {
+            var (dim, heads, ff, activation) = TransformerSettings(a);
+            using var layer = nn.TransformerEncoderLayer(dim, heads, ff, 0.1, activation);
+            return nn.TransformerEncoder(layer, a.GetInt64("layers", 1, 1024));
+        }
+    }
+
+    private sealed class DecoderLayer() : BuiltIn("torch.nn.TransformerDecoderLayer", typeof(TransformerDecoderLayer))
+    {
+        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
+
+        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
+        {
+            var basis = TransformerBasis(m.state_dict(), string.Empty);
+            long dim = basis.GetInt64("dim");
+            return ProbeSettings(m, TransformerCandidates(basis, null), this, g => [randn([3, 2, dim], generator: g), randn([4, 2, dim], generator: g)],
+                (l, x) => ((TransformerDecoderLayer)l).forward(x[0], x[1], null!, null!, null!, null!));
+        });
+
+        public override nn.Module Create(LayerAttributes a, int version)
+        {
+            var (dim, heads, ff, activation) = TransformerSettings(a);
+            return nn.TransformerDecoderLayer(dim, heads, ff, 0.1, activation);
+        }
+    }
+
+    private sealed class DecoderStack() : BuiltIn("torch.nn.TransformerDecoder", typeof(TransformerDecoder))
+    {
+        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
+
+        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
+        {
+            var state = m.state_dict();
+            var basis = TransformerBasis(state, "layers.0.");
+            long dim = basis.GetInt64("dim");
+            return ProbeSettings(m, TransformerCandidates(basis, CountLayers(state)), this, g => [randn([3, 2, dim], generator: g), randn([4, 2, dim], generator: g)],
+                (l, x) => ((TransformerDecoder)l).forward(x[0], x[1], null!, null, null, null));
+        });
+
+        public override nn.Module Create(LayerAttributes a, int version)
+        {
+            var (dim, heads, ff, activation) = TransformerSettings(a);
+            using var layer = nn.TransformerDecoderLayer(dim, heads, ff, 0.1, activation);
+            return nn.TransformerDecoder(layer, a.GetInt64("layers", 1, 1024));
+        }
+    }
+
+    /// <summary>MACs of an encoder layer on a time-major input [L, N, E]: projections, attention scores and mix, feed-forward.</summary>
+    private static long TransformerMacs(Dictionary<string, Tensor> state, string prefix, Tensor input, bool crossAttention)
+    {
+        if (input.dim() != 3)
+        {
+            return 0;
+        }
+
+        long length = input.shape[0], batch = input.shape[1], dim = input.shape[2];
+        long ff = state[prefix + "linear1.weight"].shape[0];
+        long tokens = length * batch;
+        long projections = tokens * 4 * dim * dim;
+        long attention = batch * 2 * length * length * dim;
+        long feedForward = tokens * 2 * dim * ff;
+        return projections + attention + feedForward + (crossAttention ? projections + attention : 0);
+    }
+
+    // ------------------------------------------------------------------ probing
+
+    /// <summary>
+    /// Runs the layer and each candidate (built from the settings, holding the layer's weights) on the same probe input,
+    /// in evaluation mode without gradients, and returns the first settings whose output matches exactly.
+    /// </summary>
+    private static LayerAttributes ProbeSettings(nn.Module module, List<LayerAttributes> candidates, LayerDescriptor descriptor, Func<Generator, Tensor[]> inputs, Func<nn.Module, Tensor[], Tensor> run)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        bool training = module.training;
+        var reference = module.parameters().FirstOrDefault();
+        try
+        {
+            module.eval();
+            using var generator = new Generator(20261204);
+            var x = inputs(generator);
+            if (reference is not null)
+            {
+                x = x.Select(t => t.to(reference.dtype, reference.device)).ToArray();
+            }
+
+            var expected = run(module, x);
+            foreach (var candidate in candidates)
+            {
+                using var built = descriptor.Create(candidate, descriptor.Version);
+                LayerCopy.CopyOwnTensors(module, built, string.Empty);
+                built.eval();
+                var actual = run(built, x);
+                if (actual.shape.SequenceEqual(expected.shape) && actual.eq(expected).all().item<bool>())
+                {
+                    return candidate;
+                }
+            }
+        }
+        finally
+        {
+            module.train(training);
+        }
+
+        throw new UnsupportedModelException(null, module.GetType().Name,
+            $"The {module.GetType().Name} has a setting that TorchSharp does not expose and that no candidate reproduces (tried {candidates.Count}); " +
+            $"it cannot be copied or stored safely. Register a descriptor of your own for it with {nameof(LayerRegistry)}.{nameof(LayerRegistry.Register)}.");
+    }
+
+    private static IEnumerable<long> Divisors(long n)
+    {
+        for (long d = 1; d <= n; d++)
+        {
+            if (n % d == 0)
+            {
+                yield return d;
+            }
+        }
+    }
+
+    private static LayerAttributes With(LayerAttributes basis, Action<LayerAttributes> change)
+    {
+        var a = new LayerAttributes();
+        foreach (var (k, v) in basis)
+        {
+            _ = v switch
+            {
+                long l => a.Set(k, l),
+                double d => a.Set(k, d),
+                bool b => a.Set(k, b),
+                string s => a.Set(k, s),
+                long[] arr => a.Set(k, arr),
+                _ => a,
+            };
+        }
+
+        change(a);
+        return a;
+    }
+
+    private static TEnum Parse<TEnum>(string text)
+        where TEnum : struct, Enum =>
+        Enum.TryParse<TEnum>(text, ignoreCase: false, out var value) && Enum.IsDefined(value)
+            ? value
+            : throw new InvalidDataException($"'{text}' is not a {typeof(TEnum).Name} ({string.Join(", ", Enum.GetNames<TEnum>())}).");
+}

@@ -1,0 +1,314 @@
+using ModelCompression.Data;
+using ModelCompression.Metrics;
+using ModelCompression.Modules;
+using ModelCompression.Quantization;
+using ModelCompression.Serialization;
+using ModelCompression.Tests.Support;
+using NUnit.Framework;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Tests.Modules;
+
+/// <summary>
+/// Layers the library did not write: TorchSharp's natively implemented modules copied through their descriptors, a
+/// third-party kind registered from this assembly, and models fed token ids.
+/// </summary>
+[TestFixture]
+public sealed class LayerRegistryTests
+{
+    private static readonly Dictionary<string, Func<nn.Module>> NativeLayers = new()
+    {
+        ["gru"] = () => nn.GRU(4, 6, numLayers: 2, batchFirst: true, bidirectional: true),
+        ["lstm"] = () => nn.LSTM(4, 5, numLayers: 2, bias: false),
+        ["rnn-relu"] = () => nn.RNN(4, 5, nonLinearity: nn.NonLinearities.ReLU, batchFirst: true),
+        ["attention"] = () => nn.MultiheadAttention(8, 4),
+        ["attention-kv"] = () => nn.MultiheadAttention(8, 2, add_bias_kv: true, kdim: 6, vdim: 6),
+        ["encoder-layer-gelu"] = () => nn.TransformerEncoderLayer(8, 2, 16, 0.0, nn.Activations.GELU),
+        ["encoder"] = () => nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 4, 12, 0.0), 2),
+        ["decoder-layer"] = () => nn.TransformerDecoderLayer(8, 2, 16, 0.0),
+        ["decoder"] = () => nn.TransformerDecoder(nn.TransformerDecoderLayer(8, 8, 12, 0.0, nn.Activations.GELU), 2),
+        ["embedding"] = () => nn.Embedding(20, 6),
+        ["conv1d"] = () => nn.Conv1d(4, 6, 3, stride: 2, padding: 1, groups: 2),
+        ["conv3d"] = () => nn.Conv3d(2, 4, 3, padding: 1),
+        ["groupnorm"] = () => nn.GroupNorm(2, 6, 1e-3),
+    };
+
+    private static IEnumerable<string> NativeLayerNames => NativeLayers.Keys;
+
+    [TestCaseSource(nameof(NativeLayerNames))]
+    public void DeepClone_TorchSharpLayer_EqualOutputsAndIndependentTensors(string name)
+    {
+        using var original = NativeLayers[name]();
+        original.eval();
+        using var copy = ModuleCloner.DeepClone(original);
+
+        Assert.That(copy.GetType(), Is.EqualTo(original.GetType()));
+        Assert.That(copy.training, Is.False);
+        Assert.That(TestModels.StateHash(copy), Is.EqualTo(TestModels.StateHash(original)));
+        Assert.That(Run(copy, name), Is.EqualTo(Run(original, name)));
+
+        string before = TestModels.StateHash(original);
+        using (no_grad())
+        {
+            foreach (var p in copy.parameters())
+            {
+                p.add_(1);
+            }
+        }
+
+        Assert.That(TestModels.StateHash(original), Is.EqualTo(before));
+        Assert.That(Run(copy, name), Is.Not.EqualTo(Run(original, name)));
+    }
+
+    [TestCaseSource(nameof(NativeLayerNames))]
+    public void Save_ModelHoldingTorchSharpLayer_LoadsWithoutArchitectureAndGivesSameOutputs(string name)
+    {
+        using var model = new Holder(NativeLayers[name](), name);
+        model.eval();
+        LayerRegistry.RegisterFactory(() => new Holder(NativeLayers[name](), name), $"tests.Holder.{name}");
+        try
+        {
+            using var stream = new MemoryStream();
+            CompressedModel.Save(model, stream);
+            stream.Position = 0;
+            using var loaded = CompressedModel.Load(stream);
+
+            Assert.That(loaded, Is.TypeOf<Holder>());
+            Assert.That(TestModels.StateHash(loaded), Is.EqualTo(TestModels.StateHash(model)));
+            Assert.That(Run(((Holder)loaded).Layer, name), Is.EqualTo(Run(model.Layer, name)));
+        }
+        finally
+        {
+            LayerRegistry.Unregister(typeof(Holder));
+        }
+    }
+
+    [Test]
+    public void DeepClone_EmbeddingClassifier_RunsAndMatches()
+    {
+        // The smallest case that used to crash the process: a copy around the wrong native handle.
+        using var model = nn.Sequential(("embed", nn.Embedding(100, 8)), ("flat", nn.Flatten()), ("head", nn.Linear(32, 3)));
+        using var tokens = randint(0, 100, [5, 4], dtype: ScalarType.Int64);
+        using var copy = ModuleCloner.DeepClone(model);
+
+        Assert.That(TestModels.Output(copy, tokens), Is.EqualTo(TestModels.Output(model, tokens)));
+    }
+
+    [Test]
+    public void DeepClone_UnregisteredNativeModule_ThrowsUnsupportedModelExceptionNamingTheLayer()
+    {
+        using var model = new BagModel();
+        string before = TestModels.StateHash(model);
+
+        var ex = Assert.Throws<UnsupportedModelException>(() => ModuleCloner.DeepClone(model));
+
+        Assert.That(ex!.LayerName, Is.EqualTo("bag"));
+        Assert.That(ex.LayerType, Is.EqualTo(nameof(EmbeddingBag)));
+        Assert.That(ex.Message, Does.Contain("'bag'").And.Contain(nameof(LayerRegistry)));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+    }
+
+    [Test]
+    public void Pipeline_TokenIdsThroughEmbeddingAndGru_MeasuresAndQuantizes()
+    {
+        manual_seed(7);
+        using var model = new GruClassifier();
+        using var tokens = randint(0, 50, [64, 6], dtype: ScalarType.Int64);
+        using var labels = model.call(tokens).argmax(1);
+        var data = new ModelCompression.Data.TensorDataset(tokens, labels);
+        string before = TestModels.StateHash(model);
+
+        var result = CompressionPipeline.Create()
+            .AddPostTrainingQuantization(QuantizationMode.DynamicInt8)
+            .WithAccuracyCheck(1.0, AccuracyCheckPolicy.SkipStep)
+            .WithLatencyMeasurement(new LatencyOptions { Warmup = 1, Repeats = 3 })
+            .Build()
+            .Run(model, new CompressionData(data, data));
+        using var compressed = result.Model;
+
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+        Assert.That(result.Report.Baseline.Accuracy, Is.EqualTo(1.0));
+        Assert.That(result.Report.Baseline.Macs, Is.GreaterThan(0));
+        Assert.That(result.Report.Steps.Single().Accepted, Is.True);
+        Assert.That(compressed.modules().OfType<QuantizedLinear>().Count(), Is.EqualTo(1));
+        Assert.That(result.Report.Final.SizeBytes, Is.LessThan(result.Report.Baseline.SizeBytes));
+    }
+
+    [Test]
+    public void ThirdPartyKind_RegisteredDescriptor_CopiesStoresAndCountsMacs()
+    {
+        LayerRegistry.Register(new ScaledLinearDescriptor());
+        try
+        {
+            using var model = nn.Sequential(("scaled", new ScaledLinear(6, 4, 2.5)), ("relu", nn.ReLU()));
+            using var input = randn(3, 6);
+            using var copy = ModuleCloner.DeepClone(model);
+            Assert.That(TestModels.Output(copy, input), Is.EqualTo(TestModels.Output(model, input)));
+            Assert.That(((ScaledLinear)copy.named_children().First().module).Scale, Is.EqualTo(2.5));
+
+            using var stream = new MemoryStream();
+            CompressedModel.Save(model, stream);
+            stream.Position = 0;
+            using var loaded = CompressedModel.Load(stream);
+            Assert.That(TestModels.Output(loaded, input), Is.EqualTo(TestModels.Output(model, input)));
+
+            Assert.That(ModelMetrics.CountMacsPerLayer(model, input)["scaled"], Is.EqualTo(24 + 4));
+        }
+        finally
+        {
+            Assert.That(LayerRegistry.Unregister(typeof(ScaledLinear)), Is.True);
+        }
+    }
+
+    [Test]
+    public void Register_DuplicateTypeOrBuiltInRemoval_Refused()
+    {
+        Assert.Throws<InvalidOperationException>(() => LayerRegistry.RegisterFactory(() => nn.Linear(1, 1)));
+        Assert.That(LayerRegistry.Unregister(typeof(GRU)), Is.False);
+        Assert.That(LayerRegistry.Find(nn.Linear(1, 1))!.Id, Is.EqualTo("torch.nn.Linear"));
+    }
+
+    [Test]
+    public void Load_UnregisteredKindInFile_InvalidDataExceptionNamingTheKind()
+    {
+        LayerRegistry.Register(new ScaledLinearDescriptor());
+        using var stream = new MemoryStream();
+        try
+        {
+            using var model = nn.Sequential(("scaled", new ScaledLinear(2, 2, 1.0)));
+            CompressedModel.Save(model, stream);
+        }
+        finally
+        {
+            LayerRegistry.Unregister(typeof(ScaledLinear));
+        }
+
+        stream.Position = 0;
+        var ex = Assert.Throws<InvalidDataException>(() => CompressedModel.Load(stream));
+        Assert.That(ex!.Message, Does.Contain("tests.ScaledLinear"));
+    }
+
+    [Test]
+    public void FallbackCloner_PinnedToTorchSharpVersion_NativeWrappersAllHaveDescriptorsOrAreKnown()
+    {
+        // The reflection fallback reads TorchSharp 0.107's private fields; a new version must be checked again.
+        Assert.That(typeof(nn.Module).Assembly.GetName().Version!.ToString(3), Is.EqualTo("0.107.0"));
+        var unregistered = typeof(nn.Module).Assembly.GetTypes()
+            .Where(t => typeof(nn.Module).IsAssignableFrom(t) && !t.IsAbstract && ModuleCloner.IsNativeWrapper(t))
+            .Where(t => LayerRegistry.Descriptors.All(d => d.ModuleType != t))
+            .Select(t => t.Name)
+            .Order()
+            .ToList();
+        Assert.That(unregistered, Is.EqualTo(new[] { "EmbeddingBag", "GRUCell", "HookableModule`2", "LSTMCell", "RNNCell", "Transformer" }));
+    }
+
+    private static float[] Run(nn.Module module, string name)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        manual_seed(3);
+        var x = randn(3, 2, 8);
+        Tensor y = module switch
+        {
+            GRU gru => gru.call(randn(3, 2, 4)).Item1,
+            LSTM lstm => lstm.call(randn(3, 2, 4)).Item1,
+            RNN rnn => rnn.call(randn(3, 2, 4)).Item1,
+            MultiheadAttention mha when name == "attention-kv" => mha.call(x, randn(4, 2, 6), randn(4, 2, 6), need_weights: false).Item1,
+            MultiheadAttention mha => mha.call(x, x, x, need_weights: false).Item1,
+            TransformerEncoderLayer l => l.call(x),
+            TransformerEncoder e => e.call(x),
+            TransformerDecoderLayer d => d.call(x, randn(4, 2, 8)),
+            TransformerDecoder d => d.call(x, randn(4, 2, 8)),
+            Embedding e => e.call(randint(0, 20, [3, 5], dtype: ScalarType.Int64)),
+            Conv1d c => c.call(randn(2, 4, 9)),
+            Conv3d c => c.call(randn([1, 2, 4, 4, 4])),
+            GroupNorm g => g.call(randn([2, 6, 3])),
+            _ => throw new ArgumentException(name),
+        };
+        return y.contiguous().data<float>().ToArray();
+    }
+
+    /// <summary>A user module holding one layer of any kind in a field typed as the base module.</summary>
+    private sealed class Holder : nn.Module<Tensor, Tensor>
+    {
+        private readonly nn.Module layer;
+
+        public Holder(nn.Module layer, string name)
+            : base("Holder_" + name)
+        {
+            this.layer = layer;
+            RegisterComponents();
+        }
+
+        public nn.Module Layer => layer;
+
+        public override Tensor forward(Tensor input) => input;
+    }
+
+    private sealed class BagModel : nn.Module<Tensor, Tensor>
+    {
+        private readonly EmbeddingBag bag = nn.EmbeddingBag(10, 4);
+
+        public BagModel()
+            : base(nameof(BagModel)) => RegisterComponents();
+
+        public override Tensor forward(Tensor input) => bag.call(input, null, null);
+    }
+
+    private sealed class GruClassifier : nn.Module<Tensor, Tensor>
+    {
+        private readonly Embedding embed = nn.Embedding(50, 8);
+        private readonly GRU gru = nn.GRU(8, 12, batchFirst: true);
+        private readonly nn.Module<Tensor, Tensor> head = nn.Linear(12, 3);
+
+        public GruClassifier()
+            : base(nameof(GruClassifier)) => RegisterComponents();
+
+        public override Tensor forward(Tensor tokens)
+        {
+            using var scope = NewDisposeScope();
+            var (output, _) = gru.call(embed.call(tokens));
+            return head.call(output.select(1, -1)).MoveToOuterDisposeScope();
+        }
+    }
+
+    /// <summary>A third-party layer kind whose constructor takes settings: y = scale · (W x + b).</summary>
+    internal sealed class ScaledLinear : nn.Module<Tensor, Tensor>
+    {
+        private readonly Parameter weight;
+        private readonly Parameter bias;
+
+        public ScaledLinear(long inputs, long outputs, double scale)
+            : base(nameof(ScaledLinear))
+        {
+            weight = new Parameter(randn(outputs, inputs));
+            bias = new Parameter(zeros(outputs));
+            Scale = scale;
+            RegisterComponents();
+        }
+
+        public double Scale { get; }
+
+        public long Inputs => weight.shape[1];
+
+        public long Outputs => weight.shape[0];
+
+        public override Tensor forward(Tensor input) => nn.functional.linear(input, weight, bias).mul(Scale);
+    }
+
+    internal sealed class ScaledLinearDescriptor() : LayerDescriptor("tests.ScaledLinear", typeof(ScaledLinear))
+    {
+        public override LayerAttributes GetAttributes(nn.Module module)
+        {
+            var s = (ScaledLinear)module;
+            return new LayerAttributes().Set("in", s.Inputs).Set("out", s.Outputs).Set("scale", s.Scale);
+        }
+
+        public override nn.Module Create(LayerAttributes attributes, int version) =>
+            new ScaledLinear(attributes.GetInt64("in", 1, 1 << 20), attributes.GetInt64("out", 1, 1 << 20), attributes.GetDouble("scale"));
+
+        public override long? CountMacs(nn.Module module, Tensor input, Tensor output) => (output.numel() * ((ScaledLinear)module).Inputs) + output.numel();
+    }
+}
