@@ -297,8 +297,10 @@ internal static class ChannelGroupTracer
         return BuildGroups(state.Spaces);
     }
 
+    // NaN counts as equal to NaN: a model whose forward yields a NaN somewhere (torchvision's GoogLeNet does, now and
+    // then, on its first call here) is still traced by where its tensors came from.
     private static bool Close(Tensor a, Tensor b, double rtol = 1e-5, double atol = 1e-6) =>
-        a.shape.SequenceEqual(b.shape) && a.allclose(b, rtol, atol);
+        a.shape.SequenceEqual(b.shape) && a.allclose(b, rtol, atol, equal_nan: true);
 
     /// <summary>Finds where a layer's input (or the model's output) came from; records tensors computed between layers.</summary>
     private static Seen Resolve(Tensor x, string consumer, string? consumerType, TraceState state)
@@ -373,7 +375,7 @@ internal static class ChannelGroupTracer
             foreach (var (a, b) in pairs)
             {
                 using var scope = NewDisposeScope();
-                if (!activation(a.Value + b.Value).allclose(value, rtol: 1e-4, atol: 1e-5))
+                if (!activation(a.Value + b.Value).allclose(value, rtol: 1e-4, atol: 1e-5, equal_nan: true))
                 {
                     continue;
                 }
@@ -452,7 +454,7 @@ internal static class ChannelGroupTracer
             foreach (var c in candidates)
             {
                 using var scope = NewDisposeScope();
-                if (activation(c.Value).allclose(value, rtol: 1e-5, atol: 1e-6))
+                if (activation(c.Value).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true))
                 {
                     return (c.Layout, c.Expansion);
                 }
@@ -474,7 +476,7 @@ internal static class ChannelGroupTracer
         foreach (var c in candidates)
         {
             using var scope = NewDisposeScope();
-            if (c.Value.reshape(value.shape).allclose(value, rtol: 1e-5, atol: 1e-6))
+            if (c.Value.reshape(value.shape).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true))
             {
                 long spatial = c.Value.shape.Skip(2).Aggregate(1L, (p, d) => p * d);
                 return (c.Layout, c.Expansion * spatial);
@@ -499,8 +501,8 @@ internal static class ChannelGroupTracer
         foreach (var c in candidates)
         {
             using var scope = NewDisposeScope();
-            if (c.Value.mean(spatial, keepdim: true).allclose(value, rtol: 1e-4, atol: 1e-5)
-                || c.Value.amax(spatial, keepdim: true).allclose(value, rtol: 1e-5, atol: 1e-6))
+            if (c.Value.mean(spatial, keepdim: true).allclose(value, rtol: 1e-4, atol: 1e-5, equal_nan: true)
+                || c.Value.amax(spatial, keepdim: true).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true))
             {
                 return (c.Layout, 1);
             }
@@ -539,7 +541,7 @@ internal static class ChannelGroupTracer
                 }
 
                 using var scope = NewDisposeScope();
-                if (value.narrow(1, offset, width).allclose(c.Value, rtol: 1e-5, atol: 1e-6))
+                if (value.narrow(1, offset, width).allclose(c.Value, rtol: 1e-5, atol: 1e-6, equal_nan: true))
                 {
                     piece = c;
                     break;
