@@ -7,13 +7,13 @@ namespace ModelCompression.Pruning.Structured;
 /// <summary>How a layer touches a group of coupled channels.</summary>
 internal enum ChannelRole
 {
-    /// <summary>Produces the channels (Linear outputs, Conv2d output channels): its output rows are removed.</summary>
+    /// <summary>Produces the channels (Linear outputs, convolution output channels): its output rows are removed.</summary>
     Producer,
 
-    /// <summary>Carries the channels through with one parameter per channel (BatchNorm, depthwise Conv2d): sliced alike.</summary>
+    /// <summary>Carries the channels through with one parameter per channel (BatchNorm, LayerNorm, GroupNorm, depthwise convolution): sliced alike.</summary>
     PassThrough,
 
-    /// <summary>Reads the channels (Linear inputs, Conv2d input channels): its input columns are removed.</summary>
+    /// <summary>Reads the channels (Linear inputs, convolution input channels): its input columns are removed.</summary>
     Consumer,
 }
 
@@ -22,7 +22,18 @@ internal enum ChannelRole
 /// <param name="Module">The layer.</param>
 /// <param name="Role">How it touches the group.</param>
 /// <param name="Expansion">For consumers behind a Flatten: input features per channel (the spatial size), else 1.</param>
-internal sealed record GroupMember(string Name, nn.Module Module, ChannelRole Role, long Expansion = 1);
+/// <param name="Offset">
+/// Where the group's first channel sits in the channel dimension the layer sees (not 0 when the layer reads a
+/// concatenation of several groups' channels); producers always have 0.
+/// </param>
+/// <param name="Width">The number of channels in the channel dimension the layer sees (before <paramref name="Expansion"/>).</param>
+internal sealed record GroupMember(string Name, nn.Module Module, ChannelRole Role, long Expansion, long Offset, long Width);
+
+/// <summary>Why a group of channels cannot be pruned: the layer where the tracer lost track, its type, and why.</summary>
+/// <param name="Layer">The dotted name of the layer (or a phrase such as "the model's output").</param>
+/// <param name="LayerType">The layer's type name, or null.</param>
+/// <param name="Why">What the tracer could not follow.</param>
+internal sealed record UnresolvedReason(string Layer, string? LayerType, string Why);
 
 /// <summary>
 /// A set of channels that must be pruned together: everything one producer's output channels flow into, joined with
@@ -46,7 +57,13 @@ internal sealed class ChannelGroup
     public string? Fixed { get; set; }
 
     /// <summary>Gets or sets the layer whose dependency could not be resolved, with why, or null.</summary>
-    public string? Unresolved { get; set; }
+    public UnresolvedReason? Unresolved { get; set; }
+
+    /// <summary>
+    /// Gets or sets the number of equal blocks the channels fall into (a GroupNorm's groups): every block must keep the
+    /// same number of channels. 1 when there is no such constraint.
+    /// </summary>
+    public long Blocks { get; set; } = 1;
 
     public IEnumerable<GroupMember> Producers => Members.Where(m => m.Role == ChannelRole.Producer);
 
@@ -55,60 +72,91 @@ internal sealed class ChannelGroup
 
 /// <summary>
 /// Finds which layers' channels are coupled by running one sample through the model with hooks on every leaf layer,
-/// matching each layer's input to the output that produced it. An input no layer produced is explained, when it can
-/// be, as the sum of two earlier outputs (a residual addition, which couples their channels) or a copy of one; an
-/// input that cannot be explained is a dependency the tracer cannot resolve, reported with the consuming layer's name.
+/// matching each layer's input (read before the layer runs, so in-place layers do not hide it) to the output that
+/// produced it. An input no layer produced is explained, when it can be, by what models commonly compute between
+/// layers: the sum of two earlier outputs (a residual addition, which couples their channels), optionally followed by
+/// an activation; an activation of one output; a concatenation along the channel dimension; a flatten; a global
+/// pooling. An input that cannot be explained marks every channel group seen so far as unresolved, naming the
+/// consuming layer: the step refuses to prune those groups instead of guessing.
 /// </summary>
 internal static class ChannelGroupTracer
 {
     private static readonly HashSet<Type> ElementwiseTypes =
     [
         typeof(ReLU), typeof(ReLU6), typeof(LeakyReLU), typeof(GELU), typeof(SiLU), typeof(Sigmoid), typeof(Tanh),
-        typeof(Hardswish), typeof(Hardtanh), typeof(Mish), typeof(ELU), typeof(Dropout), typeof(Dropout2d), typeof(Identity),
-        typeof(MaxPool2d), typeof(AvgPool2d), typeof(AdaptiveAvgPool2d), typeof(AdaptiveMaxPool2d), typeof(MaxPool1d), typeof(AvgPool1d),
+        typeof(Hardswish), typeof(Hardtanh), typeof(Hardsigmoid), typeof(Mish), typeof(ELU), typeof(SELU), typeof(CELU),
+        typeof(Softplus), typeof(Softsign), typeof(LogSigmoid), typeof(Tanhshrink), typeof(Hardshrink), typeof(Softshrink),
+        typeof(Dropout), typeof(Dropout1d), typeof(Dropout2d), typeof(Dropout3d), typeof(AlphaDropout), typeof(Identity),
+        typeof(MaxPool1d), typeof(MaxPool2d), typeof(MaxPool3d), typeof(AvgPool1d), typeof(AvgPool2d),
+        typeof(AdaptiveAvgPool1d), typeof(AdaptiveAvgPool2d), typeof(AdaptiveMaxPool1d), typeof(AdaptiveMaxPool2d),
     ];
 
+    /// <summary>Activations models apply outside any layer (e.g. <c>x.add_(identity).relu_()</c>), tried when explaining a tensor.</summary>
+    private static readonly (string Name, Func<Tensor, Tensor> Apply)[] Activations =
+    [
+        ("", t => t),
+        ("relu", t => t.relu()),
+        ("relu6", t => t.clamp(0, 6)),
+    ];
+
+    private const int MaxCandidates = 64;
+
+    /// <summary>A channel space: channels that flow together; joined with others (union-find) where tensors are added.</summary>
     private sealed class Space(long channels)
     {
         public Space? Parent;
         public long Channels = channels;
         public bool ModelInput;
         public bool ModelOutput;
+        public long Blocks = 1;
         public readonly List<GroupMember> Members = [];
-        public string? Unresolved;
+        public UnresolvedReason? Unresolved;
 
         public Space Root() => Parent is null ? this : (Parent = Parent.Root());
 
-        public void MarkUnresolved(string why) => Root().Unresolved ??= why;
+        public void MarkUnresolved(UnresolvedReason why) => Root().Unresolved ??= why;
     }
 
-    /// <summary>A tensor seen during the trace: its channel space (dim 1) and, behind a Flatten, the expansion.</summary>
-    private sealed record Seen(Tensor Value, Space? Space, long Expansion);
+    /// <summary>
+    /// A tensor seen during the trace: a snapshot of its values, the channel spaces laid end to end along dim 1 (one
+    /// unless it is a concatenation; null for tensors with no channel dimension) and, behind a flatten, the features
+    /// per channel.
+    /// </summary>
+    private sealed record Seen(Tensor Value, Space[]? Layout, long Expansion);
+
+    private sealed class TraceState
+    {
+        public readonly List<Seen> Seen = [];
+        public readonly Dictionary<Tensor, Seen> ByObject = new(ReferenceEqualityComparer.Instance);
+        public readonly List<Space> Spaces = [];
+
+        public Space NewSpace(long channels)
+        {
+            var s = new Space(channels);
+            Spaces.Add(s);
+            return s;
+        }
+
+        public Seen Record(Tensor original, Space[]? layout, long expansion)
+        {
+            var copy = new Seen(original.detach().clone().DetachFromDisposeScope(), layout, expansion);
+            Seen.Add(copy);
+            ByObject[original] = copy;
+            return copy;
+        }
+    }
 
     public static IReadOnlyList<ChannelGroup> Trace(nn.Module<Tensor, Tensor> model, Tensor sample)
     {
         var leaves = model.named_modules().Where(m => !m.module.named_children().Any()).ToList();
-        var seen = new List<Seen>();
-        var byObject = new Dictionary<Tensor, Seen>(ReferenceEqualityComparer.Instance);
+        var state = new TraceState();
+        var calls = new Dictionary<nn.Module, int>(ReferenceEqualityComparer.Instance);
         var touched = new Dictionary<nn.Module, List<Space>>(ReferenceEqualityComparer.Instance);
+
+        // Inputs resolved by the pre-hooks, per layer, waiting for the layer's output (a stack: a layer may be called again).
+        var pending = new Dictionary<nn.Module, Stack<Seen>>(ReferenceEqualityComparer.Instance);
         var removers = new List<Action>();
-        var spaces = new List<Space>();
         Exception? failure = null;
-
-        Space NewSpace(long channels)
-        {
-            var s = new Space(channels);
-            spaces.Add(s);
-            return s;
-        }
-
-        Seen Record(Tensor original, Space? space, long expansion)
-        {
-            var copy = new Seen(original.detach().clone().DetachFromDisposeScope(), space, expansion);
-            seen.Add(copy);
-            byObject[original] = copy;
-            return copy;
-        }
 
         bool wasTraining = model.training;
         try
@@ -117,13 +165,15 @@ internal static class ChannelGroupTracer
             using var noGrad = no_grad();
             model.eval();
             var input = sample.detach().clone();
-            var inputSpace = input.dim() >= 2 ? NewSpace(input.shape[1]) : null;
-            if (inputSpace is not null)
+            Space[]? inputLayout = null;
+            if (input.dim() >= 2)
             {
+                var inputSpace = state.NewSpace(input.shape[1]);
                 inputSpace.ModelInput = true;
+                inputLayout = [inputSpace];
             }
 
-            Record(input, inputSpace, 1);
+            state.Record(input, inputLayout, 1);
 
             foreach (var (name, module) in leaves)
             {
@@ -133,6 +183,28 @@ internal static class ChannelGroupTracer
                 }
 
                 string layerName = name;
+
+                // The input is read before the layer runs: an in-place layer (ReLU(inplace: true)) overwrites it, and the
+                // forward hook would see the changed values.
+                var preRemover = layer.register_forward_pre_hook((m, x) =>
+                {
+                    if (failure is null)
+                    {
+                        try
+                        {
+                            var source = Resolve(x, layerName, m.GetType().Name, state);
+                            (pending.TryGetValue(m, out var stack) ? stack : pending[m] = new Stack<Seen>()).Push(source);
+                        }
+                        catch (Exception ex)
+                        {
+                            failure = ex;
+                        }
+                    }
+
+                    return x;
+                });
+                removers.Add(preRemover.remove);
+
                 var remover = layer.register_forward_hook((m, x, y) =>
                 {
                     if (failure is not null)
@@ -142,17 +214,18 @@ internal static class ChannelGroupTracer
 
                     try
                     {
-                        bool again = touched.ContainsKey(m);
+                        int count = calls[m] = calls.GetValueOrDefault(m) + 1;
                         var spacesOfLayer = touched.TryGetValue(m, out var list) ? list : touched[m] = [];
-                        var source = Resolve(x, layerName, seen, byObject, NewSpace);
-                        var (space, expansion) = Propagate(layerName, m, source, x, y, NewSpace, spacesOfLayer);
-                        if (again && m.parameters().Any())
+                        var source = pending[m].Pop();
+                        var (layout, expansion) = Propagate(layerName, m, source, x, y, state, spacesOfLayer);
+                        if (count > 1 && m.parameters().Any())
                         {
-                            // A layer used twice would need one slicing to fit every group it touches.
-                            spacesOfLayer.ForEach(s => s.MarkUnresolved($"'{layerName}' is called more than once"));
+                            // A layer with weights used twice would need one slicing to fit every group it touches.
+                            var why = new UnresolvedReason(layerName, m.GetType().Name, "the layer is called more than once in one forward pass, and its weights would have to fit every place it is used");
+                            spacesOfLayer.ForEach(s => s.MarkUnresolved(why));
                         }
 
-                        Record(y, space, expansion);
+                        state.Record(y, layout, expansion);
                     }
                     catch (Exception ex)
                     {
@@ -177,12 +250,15 @@ internal static class ChannelGroupTracer
                 string containerName = name;
                 var remover = container.register_forward_hook((m, x, y) =>
                 {
-                    string why = $"'{containerName}' ({m.GetType().Name}) holds parameters of its own, used outside any layer";
+                    var why = new UnresolvedReason(containerName, m.GetType().Name, "the module holds parameters or buffers of its own, used outside any layer");
                     foreach (var t in new[] { x, y })
                     {
-                        if (byObject.TryGetValue(t, out var s))
+                        if (state.ByObject.TryGetValue(t, out var s))
                         {
-                            s.Space?.MarkUnresolved(why);
+                            foreach (var space in s.Layout ?? [])
+                            {
+                                space.MarkUnresolved(why);
+                            }
                         }
                     }
 
@@ -197,10 +273,10 @@ internal static class ChannelGroupTracer
                 throw failure;
             }
 
-            var outSeen = Resolve(output, "the model's output", seen, byObject, NewSpace);
-            if (outSeen.Space is { } outSpace)
+            var outSeen = Resolve(output, "the model's output", null, state);
+            foreach (var space in outSeen.Layout ?? [])
             {
-                outSpace.Root().ModelOutput = true;
+                space.Root().ModelOutput = true;
             }
         }
         finally
@@ -210,7 +286,7 @@ internal static class ChannelGroupTracer
                 remove();
             }
 
-            foreach (var s in seen)
+            foreach (var s in state.Seen)
             {
                 s.Value.Dispose();
             }
@@ -218,168 +294,447 @@ internal static class ChannelGroupTracer
             model.train(wasTraining);
         }
 
-        return BuildGroups(spaces);
+        return BuildGroups(state.Spaces);
     }
 
-    private static Seen Resolve(Tensor x, string consumer, List<Seen> seen, Dictionary<Tensor, Seen> byObject, Func<long, Space> newSpace)
+    // NaN counts as equal to NaN: a model whose forward yields a NaN somewhere (torchvision's GoogLeNet does, now and
+    // then, on its first call here) is still traced by where its tensors came from.
+    private static bool Close(Tensor a, Tensor b, double rtol = 1e-5, double atol = 1e-6) =>
+        a.shape.SequenceEqual(b.shape) && a.allclose(b, rtol, atol, equal_nan: true);
+
+    /// <summary>Finds where a layer's input (or the model's output) came from; records tensors computed between layers.</summary>
+    private static Seen Resolve(Tensor x, string consumer, string? consumerType, TraceState state)
     {
         using var scope = NewDisposeScope();
         var value = x.detach();
 
         // The same tensor object a layer produced, unchanged since (an in-place op would have changed its values).
-        if (byObject.TryGetValue(x, out var known) && known.Value.shape.SequenceEqual(value.shape) && known.Value.allclose(value, rtol: 1e-5, atol: 1e-6))
+        state.ByObject.TryGetValue(x, out var known);
+        if (known is not null && Close(known.Value, value))
         {
             return known;
         }
 
-        var candidates = seen.Where(s => s.Value.shape.SequenceEqual(value.shape)).Reverse().Take(64).ToList();
-        Seen? copy = candidates.FirstOrDefault(c => c.Value.allclose(value, rtol: 1e-5, atol: 1e-6));
+        var explained = ExplainSum(value, known, consumer, consumerType, state)
+            ?? ExplainCopy(value, state)
+            ?? ExplainFlatten(value, state)
+            ?? ExplainPooling(value, state)
+            ?? ExplainConcatenation(value, state);
+        if (explained is not null)
+        {
+            // Later readers of the same tensor (a residual identity, a second branch) find it directly.
+            return state.Record(x, explained.Value.Layout, explained.Value.Expansion);
+        }
 
-        // Look for a sum of two outputs even when one output alone matches: x + 0 (a branch that is exactly zero on
-        // this sample) still couples the two branches' channels.
+        // The tensor may have been computed from anything seen so far: none of those channels may be pruned.
+        var why = new UnresolvedReason(consumer, consumerType, "its input is computed outside any layer by code the tracer cannot follow (it understands additions, activations, concatenation along the channel dimension, flattening and global pooling of layer outputs)");
+        foreach (var space in state.Spaces)
+        {
+            space.MarkUnresolved(why);
+        }
+
+        Space[]? layout = null;
+        if (value.dim() >= 2)
+        {
+            var unknown = state.NewSpace(value.shape[1]);
+            unknown.MarkUnresolved(why);
+            layout = [unknown];
+        }
+
+        return state.Record(x, layout, 1);
+    }
+
+    private static List<Seen> Candidates(Func<Seen, bool> fits, TraceState state) =>
+        state.Seen.AsEnumerable().Reverse().Where(fits).Take(MaxCandidates).ToList();
+
+    /// <summary>
+    /// The sum of two outputs, possibly followed by an activation: a residual addition. Tried even when one output
+    /// alone matches: x + 0 (a branch that is exactly zero on this sample) still couples the two branches' channels.
+    /// </summary>
+    private static (Space[]? Layout, long Expansion)? ExplainSum(Tensor value, Seen? known, string consumer, string? consumerType, TraceState state)
+    {
+        var candidates = Candidates(s => s.Value.shape.SequenceEqual(value.shape), state);
+
+        // An in-place addition (x.add_(identity)) leaves the result in one operand's tensor: try that operand first.
+        var pairs = new List<(Seen A, Seen B)>();
+        if (known is not null && known.Value.shape.SequenceEqual(value.shape))
+        {
+            pairs.AddRange(candidates.Where(c => !ReferenceEquals(c, known)).Select(c => (known, c)));
+        }
+
         for (int i = 0; i < candidates.Count; i++)
         {
             for (int j = i + 1; j < candidates.Count; j++)
             {
-                if ((candidates[i].Value + candidates[j].Value).allclose(value, rtol: 1e-4, atol: 1e-5))
+                pairs.Add((candidates[i], candidates[j]));
+            }
+        }
+
+        foreach (var (_, activation) in Activations)
+        {
+            foreach (var (a, b) in pairs)
+            {
+                using var scope = NewDisposeScope();
+                if (!activation(a.Value + b.Value).allclose(value, rtol: 1e-4, atol: 1e-5, equal_nan: true))
                 {
-                    // A residual addition: both operands' channels meet here and must be pruned together.
-                    var a = candidates[i];
-                    var b = candidates[j];
-                    if (a.Expansion != b.Expansion || (a.Space is null) != (b.Space is null))
-                    {
-                        throw new Unresolvable(consumer, "its input adds two tensors laid out differently");
-                    }
+                    continue;
+                }
 
-                    if (a.Space is not null && b.Space is not null)
-                    {
-                        var ra = a.Space.Root();
-                        var rb = b.Space.Root();
-                        if (!ReferenceEquals(ra, rb))
-                        {
-                            rb.Parent = ra;
-                            ra.ModelInput |= rb.ModelInput;
-                            ra.ModelOutput |= rb.ModelOutput;
-                            ra.Unresolved ??= rb.Unresolved;
-                            ra.Members.AddRange(rb.Members);
-                            rb.Members.Clear();
-                        }
+                // Both operands' channels meet here and must be pruned together.
+                return (Join(a, b, consumer, consumerType), a.Expansion);
+            }
+        }
 
-                        if (ra.Channels != rb.Channels)
-                        {
-                            throw new Unresolvable(consumer, "its input adds tensors with different channel counts");
-                        }
-                    }
+        return null;
+    }
 
-                    return new Seen(a.Value, a.Space, a.Expansion);
+    private static Space[]? Join(Seen a, Seen b, string consumer, string? consumerType)
+    {
+        if (a.Layout is null || b.Layout is null)
+        {
+            return a.Layout ?? b.Layout;
+        }
+
+        if (a.Expansion != b.Expansion || a.Layout.Length != b.Layout.Length
+            || a.Layout.Zip(b.Layout).Any(p => p.First.Root().Channels != p.Second.Root().Channels))
+        {
+            // Channels laid out differently on the two sides: nothing can be pruned on either.
+            var why = new UnresolvedReason(consumer, consumerType, "its input adds two tensors whose channels are laid out differently");
+            foreach (var s in a.Layout.Concat(b.Layout))
+            {
+                s.MarkUnresolved(why);
+            }
+
+            return a.Layout;
+        }
+
+        for (int i = 0; i < a.Layout.Length; i++)
+        {
+            Union(a.Layout[i], b.Layout[i]);
+        }
+
+        return a.Layout;
+    }
+
+    private static void Union(Space first, Space second)
+    {
+        var ra = first.Root();
+        var rb = second.Root();
+        if (ReferenceEquals(ra, rb))
+        {
+            return;
+        }
+
+        rb.Parent = ra;
+        ra.ModelInput |= rb.ModelInput;
+        ra.ModelOutput |= rb.ModelOutput;
+        ra.Unresolved ??= rb.Unresolved;
+        ra.Blocks = Lcm(ra.Blocks, rb.Blocks);
+        ra.Members.AddRange(rb.Members);
+        rb.Members.Clear();
+    }
+
+    private static long Lcm(long a, long b)
+    {
+        long x = a, y = b;
+        while (y != 0)
+        {
+            (x, y) = (y, x % y);
+        }
+
+        return a / x * b;
+    }
+
+    /// <summary>A copy of one output, or an activation of it (e.g. <c>functional.relu(x)</c>).</summary>
+    private static (Space[]? Layout, long Expansion)? ExplainCopy(Tensor value, TraceState state)
+    {
+        var candidates = Candidates(s => s.Value.shape.SequenceEqual(value.shape), state);
+        foreach (var (_, activation) in Activations)
+        {
+            foreach (var c in candidates)
+            {
+                using var scope = NewDisposeScope();
+                if (activation(c.Value).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true))
+                {
+                    return (c.Layout, c.Expansion);
                 }
             }
         }
 
-        if (copy is not null)
-        {
-            return copy;
-        }
-
-        throw new Unresolvable(consumer, "its input is computed by code outside any layer that the tracer cannot explain (only additions of two layer outputs are understood)");
+        return null;
     }
 
-    private static (Space? Space, long Expansion) Propagate(string name, nn.Module module, Seen source, Tensor x, Tensor y, Func<long, Space> newSpace, List<Space> touched)
+    /// <summary><c>x.flatten(1)</c> of an output with spatial dimensions: each channel becomes a run of features.</summary>
+    private static (Space[]? Layout, long Expansion)? ExplainFlatten(Tensor value, TraceState state)
     {
-        var space = source.Space?.Root();
-        var (result, expansion) = PropagateOnce(name, module, source, space, x, y, newSpace);
-        if (space is not null)
+        if (value.dim() != 2)
         {
-            touched.Add(space);
+            return null;
         }
 
-        if (result is not null)
+        var candidates = Candidates(s => s.Value.dim() > 2 && s.Value.shape[0] == value.shape[0] && s.Value.numel() == value.numel(), state);
+        foreach (var c in candidates)
         {
-            touched.Add(result);
+            using var scope = NewDisposeScope();
+            if (c.Value.reshape(value.shape).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true))
+            {
+                long spatial = c.Value.shape.Skip(2).Aggregate(1L, (p, d) => p * d);
+                return (c.Layout, c.Expansion * spatial);
+            }
         }
 
+        return null;
+    }
+
+    /// <summary>A global average or max pooling (<c>functional.adaptive_avg_pool2d(x, 1)</c>): channels unchanged.</summary>
+    private static (Space[]? Layout, long Expansion)? ExplainPooling(Tensor value, TraceState state)
+    {
+        if (value.dim() < 3 || value.shape.Skip(2).Any(d => d != 1))
+        {
+            return null;
+        }
+
+        var candidates = Candidates(
+            s => s.Value.dim() == value.dim() && s.Value.shape[0] == value.shape[0] && s.Value.shape[1] == value.shape[1] && s.Expansion == 1,
+            state);
+        long[] spatial = Enumerable.Range(2, (int)value.dim() - 2).Select(d => (long)d).ToArray();
+        foreach (var c in candidates)
+        {
+            using var scope = NewDisposeScope();
+            if (c.Value.mean(spatial, keepdim: true).allclose(value, rtol: 1e-4, atol: 1e-5, equal_nan: true)
+                || c.Value.amax(spatial, keepdim: true).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true))
+            {
+                return (c.Layout, 1);
+            }
+        }
+
+        return null;
+    }
+
+    /// <summary>
+    /// <c>torch.cat(outputs, 1)</c>: consecutive slices of the channel dimension, each one earlier output (an Inception
+    /// block's branches). The concatenation's channels are those outputs' channel spaces laid end to end.
+    /// </summary>
+    private static (Space[]? Layout, long Expansion)? ExplainConcatenation(Tensor value, TraceState state)
+    {
+        if (value.dim() < 2)
+        {
+            return null;
+        }
+
+        bool SameExceptChannels(Tensor t) =>
+            t.dim() == value.dim() && t.shape[1] < value.shape[1] && t.shape.Select((d, i) => i == 1 || d == value.shape[i]).All(b => b);
+
+        var candidates = Candidates(s => s.Layout is not null && SameExceptChannels(s.Value), state);
+        var layout = new List<Space>();
+        long expansion = -1;
+        long offset = 0;
+        while (offset < value.shape[1])
+        {
+            Seen? piece = null;
+            foreach (var c in candidates)
+            {
+                long width = c.Value.shape[1];
+                if (offset + width > value.shape[1] || (expansion != -1 && c.Expansion != expansion))
+                {
+                    continue;
+                }
+
+                using var scope = NewDisposeScope();
+                if (value.narrow(1, offset, width).allclose(c.Value, rtol: 1e-5, atol: 1e-6, equal_nan: true))
+                {
+                    piece = c;
+                    break;
+                }
+            }
+
+            if (piece is null)
+            {
+                return null;
+            }
+
+            expansion = piece.Expansion;
+            layout.AddRange(piece.Layout!);
+            offset += piece.Value.shape[1];
+        }
+
+        return layout.Count < 2 ? null : (layout.ToArray(), expansion);
+    }
+
+    private static (Space[]? Layout, long Expansion) Propagate(string name, nn.Module module, Seen source, Tensor x, Tensor y, TraceState state, List<Space> touched)
+    {
+        var (result, expansion) = PropagateOnce(name, module, source, x, y, state);
+        touched.AddRange(source.Layout ?? []);
+        touched.AddRange(result ?? []);
         return (result, expansion);
     }
 
-    private static (Space? Space, long Expansion) PropagateOnce(string name, nn.Module module, Seen source, Space? space, Tensor x, Tensor y, Func<long, Space> newSpace)
+    /// <summary>Adds a member to every segment of a layout, with the segment's offset in the layer's channel dimension.</summary>
+    private static void AddToEach(Space[] layout, string name, nn.Module module, ChannelRole role, long expansion)
     {
+        long width = layout.Sum(s => s.Root().Channels);
+        long offset = 0;
+        foreach (var segment in layout)
+        {
+            var root = segment.Root();
+            root.Members.Add(new GroupMember(name, module, role, expansion, offset, width));
+            offset += root.Channels;
+        }
+    }
+
+    private static void MarkEach(Space[]? layout, UnresolvedReason why)
+    {
+        foreach (var s in layout ?? [])
+        {
+            s.MarkUnresolved(why);
+        }
+    }
+
+    private static Space[] Produce(string name, nn.Module module, long channels, TraceState state)
+    {
+        var produced = state.NewSpace(channels);
+        produced.Members.Add(new GroupMember(name, module, ChannelRole.Producer, 1, 0, channels));
+        return [produced];
+    }
+
+    private static (Space[]? Layout, long Expansion) PropagateOnce(string name, nn.Module module, Seen source, Tensor x, Tensor y, TraceState state)
+    {
+        var layout = source.Layout;
+        UnresolvedReason Why(string why) => new(name, module.GetType().Name, why);
 
         switch (module)
         {
             case Linear linear:
-                if (space is not null && source.Value.dim() >= 2 && x.dim() == 2)
+                if (layout is not null && x.dim() == 2)
                 {
-                    space.Members.Add(new GroupMember(name, module, ChannelRole.Consumer, source.Expansion));
+                    AddToEach(layout, name, module, ChannelRole.Consumer, source.Expansion);
                 }
                 else
                 {
-                    space?.MarkUnresolved($"'{name}' reads a {x.dim()}-D input whose last dimension is not the channel dimension");
+                    MarkEach(layout, Why($"the layer reads a {x.dim()}-D input whose last dimension is not the channel dimension"));
                 }
 
-                var produced = newSpace(linear.out_features);
-                produced.Members.Add(new GroupMember(name, module, ChannelRole.Producer));
-                return (produced, 1);
+                return (Produce(name, module, linear.out_features, state), 1);
 
-            case Conv2d conv when conv.groups == 1:
-                if (space is not null)
+            case Conv1d or Conv2d when ((Convolution)module).groups == 1:
+                if (layout is not null)
                 {
                     if (source.Expansion != 1)
                     {
-                        space.MarkUnresolved($"'{name}' reads a flattened tensor");
+                        MarkEach(layout, Why("the layer reads a flattened tensor"));
                     }
 
-                    space.Members.Add(new GroupMember(name, module, ChannelRole.Consumer));
+                    AddToEach(layout, name, module, ChannelRole.Consumer, 1);
                 }
 
-                var convOut = newSpace(conv.out_channels);
-                convOut.Members.Add(new GroupMember(name, module, ChannelRole.Producer));
-                return (convOut, 1);
+                return (Produce(name, module, ((Convolution)module).out_channels, state), 1);
 
-            case Conv2d conv when conv.groups == conv.in_channels && conv.out_channels == conv.in_channels:
+            case Conv1d or Conv2d when ((Convolution)module) is var conv && conv.groups == conv.in_channels && conv.out_channels == conv.in_channels:
                 // Depthwise: channel c in → channel c out, with its own filter.
-                space?.Members.Add(new GroupMember(name, module, ChannelRole.PassThrough));
-                return (space, source.Expansion);
+                if (layout is not null)
+                {
+                    AddToEach(layout, name, module, ChannelRole.PassThrough, 1);
+                }
 
-            case Conv2d:
-                space?.MarkUnresolved($"'{name}' is a grouped convolution, which couples channels in blocks");
-                return (space is null ? null : newSpace(y.shape[1]), 1);
+                return (layout, source.Expansion);
+
+            case Conv1d or Conv2d:
+                MarkEach(layout, Why("the layer is a grouped convolution, which couples channels in blocks"));
+
+                // Its output channels come in blocks too: they are not pruned, and their readers keep them all.
+                return (layout is null ? null : [state.NewSpace(y.shape[1])], 1);
 
             case BatchNorm1d or BatchNorm2d:
                 if (source.Expansion != 1)
                 {
                     // One BatchNorm feature per flattened position, not per channel.
-                    space?.MarkUnresolved($"'{name}' normalises a flattened tensor");
+                    MarkEach(layout, Why("the layer normalises a flattened tensor (one feature per position, not per channel)"));
                 }
 
-                space?.Members.Add(new GroupMember(name, module, ChannelRole.PassThrough));
-                return (space, source.Expansion);
+                if (layout is not null)
+                {
+                    AddToEach(layout, name, module, ChannelRole.PassThrough, 1);
+                }
+
+                return (layout, source.Expansion);
+
+            case LayerNorm norm:
+            {
+                long first = x.dim() - norm.normalized_shape.Length;
+                if (first >= 2)
+                {
+                    // Normalises within each channel: the channels pass through untouched.
+                    return (layout, source.Expansion);
+                }
+
+                if (first != 1 || source.Expansion != 1)
+                {
+                    MarkEach(layout, Why(first != 1 ? "the layer normalises over the batch dimension" : "the layer normalises a flattened tensor"));
+                }
+
+                if (layout is not null)
+                {
+                    // Over the channels (and what follows them): one weight per channel (row), sliced with them.
+                    AddToEach(layout, name, module, ChannelRole.PassThrough, 1);
+                }
+
+                return (layout, source.Expansion);
+            }
+
+            case GroupNorm norm:
+                if (layout is not null)
+                {
+                    if (layout.Length != 1 || source.Expansion != 1)
+                    {
+                        MarkEach(layout, Why("the layer normalises a concatenated or flattened tensor in groups"));
+                    }
+                    else
+                    {
+                        // Each group must keep the same number of channels for GroupNorm to apply.
+                        var root = layout[0].Root();
+                        root.Blocks = Lcm(root.Blocks, norm.num_groups);
+                    }
+
+                    AddToEach(layout, name, module, ChannelRole.PassThrough, 1);
+                }
+
+                return (layout, source.Expansion);
 
             case Flatten flatten:
-                if (x.dim() == 4 && flatten.start_dim == 1 && (flatten.end_dim == -1 || flatten.end_dim == 3))
+            {
+                long end = flatten.end_dim < 0 ? x.dim() + flatten.end_dim : flatten.end_dim;
+                if (x.dim() > 2 && flatten.start_dim == 1 && end == x.dim() - 1)
                 {
-                    return (space, x.shape[2] * x.shape[3]);
+                    return (layout, source.Expansion * x.shape.Skip(2).Aggregate(1L, (p, d) => p * d));
                 }
 
                 if (x.dim() == 2)
                 {
-                    return (space, source.Expansion);
+                    return (layout, source.Expansion);
                 }
 
-                space?.MarkUnresolved($"'{name}' flattens dimensions {flatten.start_dim}..{flatten.end_dim}, which the tracer does not map");
+                MarkEach(layout, Why($"the layer flattens dimensions {flatten.start_dim}..{flatten.end_dim}, which the tracer does not map"));
                 return (null, 1);
+            }
 
             default:
                 if (ElementwiseTypes.Contains(module.GetType()) && x.dim() == y.dim() && (x.dim() < 2 || x.shape[1] == y.shape[1]))
                 {
-                    return (space, source.Expansion);
+                    return (layout, source.Expansion);
                 }
 
-                // Anything else (normalisations across channels, softmax over channels, shuffles, custom layers) may
-                // mix channels in ways the tracer cannot know: its groups are not pruned.
-                space?.MarkUnresolved($"'{name}' ({module.GetType().Name}) is a layer whose effect on channels is unknown");
-                var unknown = y.dim() >= 2 ? newSpace(y.shape[1]) : null;
-                unknown?.MarkUnresolved($"'{name}' ({module.GetType().Name}) is a layer whose effect on channels is unknown");
-                return (unknown, 1);
+                // Anything else (softmax over channels, shuffles, custom layers) may mix channels in ways the tracer
+                // cannot know: its groups are not pruned.
+                var unknownWhy = Why("the layer's effect on channels is unknown");
+                MarkEach(layout, unknownWhy);
+                if (y.dim() < 2)
+                {
+                    return (null, 1);
+                }
+
+                var unknown = state.NewSpace(y.shape[1]);
+                unknown.MarkUnresolved(unknownWhy);
+                return ([unknown], 1);
         }
     }
 
@@ -397,18 +752,12 @@ internal static class ChannelGroupTracer
             {
                 Fixed = root.ModelInput ? "it carries the model's input channels" : root.ModelOutput ? "it carries the model's output" : null,
                 Unresolved = root.Unresolved,
+                Blocks = root.Blocks,
             };
-            group.Members.AddRange(root.Members.DistinctBy(m => (m.Name, m.Role)));
+            group.Members.AddRange(root.Members.DistinctBy(m => (m.Name, m.Role, m.Offset)));
             groups.Add(group);
         }
 
         return groups;
-    }
-
-    /// <summary>A dependency the tracer cannot resolve, naming the layer.</summary>
-    internal sealed class Unresolvable(string layer, string why)
-        : ArgumentException($"Structured pruning cannot resolve the channel dependencies at {(layer.StartsWith("the ", StringComparison.Ordinal) ? layer : $"layer '{layer}'")}: {why}.")
-    {
-        public string Layer { get; } = layer;
     }
 }

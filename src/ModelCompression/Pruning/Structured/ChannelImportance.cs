@@ -19,7 +19,7 @@ public sealed class ChannelImportanceContext
     /// <summary>Gets the dotted name of the producing layer.</summary>
     public string LayerName { get; }
 
-    /// <summary>Gets the producing layer (Linear or Conv2d).</summary>
+    /// <summary>Gets the producing layer (Linear, Conv1d or Conv2d).</summary>
     public nn.Module Layer { get; }
 
     /// <summary>Gets the BatchNorm layers that normalise these channels (two in a residual group, one per branch; none without BatchNorm).</summary>

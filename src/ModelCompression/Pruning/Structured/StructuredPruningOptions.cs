@@ -1,5 +1,6 @@
 using ModelCompression.Modules;
 using ModelCompression.Training;
+using TorchSharp.Modules;
 
 namespace ModelCompression.Pruning;
 
@@ -18,8 +19,12 @@ public sealed class StructuredPruningOptions : IValidatableOptions
     public IChannelImportance Importance { get; set; } = new L1Importance();
 
     /// <summary>Gets or sets the producing layers that may lose channels; a group is pruned only when all its producers are selected.</summary>
-    /// <value>The default is every Linear and Conv2d layer. The layer that produces the model's output is never pruned.</value>
-    public LayerSelection Layers { get; set; } = LayerSelection.Default;
+    /// <value>
+    /// The default is every Linear, Conv1d and Conv2d layer (wider than <see cref="LayerSelection.Default"/>, which names
+    /// Linear and Conv2d only: a selection without Conv1d leaves a Conv1d model unpruned, and the step says so in its
+    /// notes). The layer that produces the model's output is never pruned.
+    /// </value>
+    public LayerSelection Layers { get; set; } = new() { Types = [typeof(Linear), typeof(Conv1d), typeof(Conv2d)] };
 
     /// <summary>Gets or sets the multiple the kept channel count is rounded to (e.g. 8 for vector-friendly widths).</summary>
     /// <value>The default is 1. Must be between 1 and 1024.</value>

@@ -11,11 +11,12 @@ using static TorchSharp.torch;
 namespace ModelCompression.Pruning;
 
 /// <summary>
-/// Structured pruning: removes whole neurons (Linear outputs) and filters (Conv2d output channels) and physically
-/// shrinks the model — the layer, its BatchNorm, and every layer that reads those channels (including a Linear behind a
-/// Flatten), with channels that meet at a residual addition removed together. Which channels are coupled is found by
-/// tracing one sample through the model; a dependency the tracer cannot resolve is an exception naming the layer,
-/// raised before anything changes.
+/// Structured pruning: removes whole neurons (Linear outputs) and filters (Conv1d and Conv2d output channels) and
+/// physically shrinks the model — the layer, its BatchNorm, LayerNorm or GroupNorm, depthwise convolutions, and every
+/// layer that reads those channels (including a Linear behind a flatten, and layers reading a concatenation of several
+/// layers' channels), with channels that meet at a residual addition removed together. Which channels are coupled is
+/// found by tracing one sample through the model; a dependency the tracer cannot resolve is an
+/// <see cref="UnsupportedModelException"/> naming the layer, raised before anything changes.
 /// </summary>
 public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRequirements
 {
@@ -41,9 +42,12 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
     public bool RequiresTrainingData => _options.FineTuning is not null || _options.Importance.NeedsTaylorScores;
 
     /// <inheritdoc/>
+    /// <exception cref="UnsupportedModelException">
+    /// A channel dependency of a layer to prune cannot be resolved, or a layer that would lose channels cannot be
+    /// rebuilt. The exception names the layer; nothing has changed.
+    /// </exception>
     /// <exception cref="ArgumentException">
-    /// A channel dependency of a layer to prune cannot be resolved, the selection names an unknown layer, or a ratio
-    /// would leave a group with no channel. Nothing has changed.
+    /// The selection names an unknown layer, or a ratio would leave a group with no channel. Nothing has changed.
     /// </exception>
     public nn.Module<Tensor, Tensor> Apply(nn.Module<Tensor, Tensor> model, CompressionContext context)
     {
@@ -51,20 +55,21 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
         ArgumentNullException.ThrowIfNull(context);
         _options.Layers.ThrowIfUnknownNames(model);
 
-        var stray = _options.LayerRatio.Keys.FirstOrDefault(k => !model.named_modules().Any(m => m.name == k && m.module is Linear or Conv2d));
+        var stray = _options.LayerRatio.Keys.FirstOrDefault(k => !model.named_modules().Any(m => m.name == k && m.module is Linear or Conv1d or Conv2d));
         if (stray is not null)
         {
-            throw new ArgumentException($"{nameof(StructuredPruningOptions.LayerRatio)} names '{stray}', which is not a Linear or Conv2d layer of the model.", nameof(model));
+            throw new ArgumentException($"{nameof(StructuredPruningOptions.LayerRatio)} names '{stray}', which is not a Linear, Conv1d or Conv2d layer of the model.", nameof(model));
         }
 
         var root = model;
         var originalChannels = new Dictionary<string, long>(StringComparer.Ordinal);
         var summary = new List<string>();
+        var notes = new List<string>();
         for (int round = 1; round <= _options.Rounds; round++)
         {
             context.CancellationToken.ThrowIfCancellationRequested();
             context.ReportProgress(CompressionPhase.Applying, (round - 1.0) / _options.Rounds);
-            var plans = Plan(root, context, round, originalChannels);
+            var plans = Plan(root, context, round, originalChannels, notes);
             if (plans.Count == 0)
             {
                 break;
@@ -80,12 +85,24 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
         }
 
         context.AddNote(summary.Count == 0 ? "no prunable channel group" : $"channels kept: {string.Join(", ", summary)}");
+        foreach (var note in notes)
+        {
+            context.AddNote(note);
+        }
+
         return root;
     }
 
     private sealed record GroupPlan(ChannelGroup Group, long[] Keep);
 
-    private List<GroupPlan> Plan(nn.Module<Tensor, Tensor> model, CompressionContext context, int round, Dictionary<string, long> originalChannels)
+    private static long OutChannels(nn.Module module) => module switch
+    {
+        Linear linear => linear.out_features,
+        Convolution conv => conv.out_channels,
+        _ => throw new InvalidOperationException($"{module.GetType().Name} produces no channels."),
+    };
+
+    private List<GroupPlan> Plan(nn.Module<Tensor, Tensor> model, CompressionContext context, int round, Dictionary<string, long> originalChannels, List<string> notes)
     {
         IReadOnlyList<ChannelGroup> groups;
         using (NewDisposeScope())
@@ -104,12 +121,22 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
 
             if (!group.Producers.All(p => _options.Layers.Matches(p.Name, p.Module)))
             {
+                // A producer whose type the selection does not name (a Conv1d under a Linear/Conv2d-only selection)
+                // is said out loud: otherwise such a model would come back unchanged without a word.
+                var unnamedTypes = group.Producers.Where(p => !_options.Layers.Types.Any(t => t.IsInstanceOfType(p.Module))).ToList();
+                if (round == 1 && unnamedTypes.Count > 0)
+                {
+                    string note = $"{group.Describe()} not pruned: {string.Join(", ", unnamedTypes.Select(p => p.Module.GetType().Name).Distinct())} is not among the selected layer types ({_options.Layers})";
+                    context.Logger.LogWarning("{Step}: {Note}", Name, note);
+                    notes.Add(note);
+                }
+
                 continue;
             }
 
-            if (group.Unresolved is not null)
+            if (group.Unresolved is { } unresolved)
             {
-                throw new ArgumentException($"Structured pruning cannot prune the channels of {group.Describe()}: {group.Unresolved}. Exclude those layers from the selection.");
+                throw Unsupported(group, unresolved);
             }
 
             selected.Add(group);
@@ -138,6 +165,10 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                 double removedShare = ratio * round / _options.Rounds;
                 long keep = (long)Math.Round(original * (1 - removedShare));
                 keep = Math.Max(_options.RoundTo, (long)Math.Round((double)keep / _options.RoundTo) * _options.RoundTo);
+
+                // A GroupNorm needs the same number of channels in each of its groups.
+                long blocks = group.Blocks;
+                keep = Math.Max(blocks, (long)Math.Round((double)keep / blocks) * blocks);
                 keep = Math.Min(keep, group.Channels);
 
                 if (keep == group.Channels)
@@ -147,7 +178,10 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
 
                 using var scope = NewDisposeScope();
                 var scores = zeros(group.Channels, dtype: float32);
-                var batchNorms = group.Members.Where(m => m.Role == ChannelRole.PassThrough && m.Module is BatchNorm1d or BatchNorm2d).Select(m => m.Module).ToList();
+                var batchNorms = group.Members
+                    .Where(m => m.Role == ChannelRole.PassThrough && m.Module is BatchNorm1d or BatchNorm2d && m.Offset == 0 && m.Width == group.Channels)
+                    .Select(m => m.Module)
+                    .ToList();
                 foreach (var producer in group.Producers)
                 {
                     var ctx = new ChannelImportanceContext(producer.Name, producer.Module, batchNorms, taylor?.GetValueOrDefault(producer.Name));
@@ -160,9 +194,12 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                     scores.add_(s);
                 }
 
-                // Keep the highest scores; ties go to the lower index, so the choice is deterministic.
-                var (_, order) = scores.neg().sort(stable: true);
-                var kept = order.narrow(0, 0, keep).sort().Values.data<long>().ToArray();
+                // Keep the highest scores (within each block, when there are blocks); ties go to the lower index, so
+                // the choice is deterministic.
+                long blockSize = group.Channels / blocks;
+                var (_, order) = scores.view(blocks, blockSize).neg().sort(dim: 1, stable: true);
+                var chosen = order.narrow(1, 0, keep / blocks) + (arange(blocks, dtype: int64) * blockSize).unsqueeze(1);
+                var kept = chosen.flatten().sort().Values.data<long>().ToArray();
                 plans.Add(new GroupPlan(group, kept));
             }
         }
@@ -177,6 +214,19 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
         return plans;
     }
 
+    private UnsupportedModelException Unsupported(ChannelGroup group, UnresolvedReason reason)
+    {
+        bool isLayer = !reason.Layer.StartsWith("the ", StringComparison.Ordinal);
+        string where = isLayer ? $"layer '{reason.Layer}'{(reason.LayerType is null ? string.Empty : $" ({reason.LayerType})")}" : reason.Layer;
+        string producers = string.Join(", ", group.Producers.Select(p => $"\"{p.Name}\""));
+        return new UnsupportedModelException(
+            isLayer ? reason.Layer : null,
+            reason.LayerType,
+            $"Structured pruning cannot follow the channels produced by {group.Describe()} at {where}: {reason.Why}. Nothing has been changed. " +
+            $"To prune the rest of the model, leave these channels alone by excluding their producers from {nameof(StructuredPruningOptions)}.{nameof(StructuredPruningOptions.Layers)} " +
+            $"(e.g. Layers = options.Layers.Except({producers})).");
+    }
+
     /// <summary>
     /// First-order Taylor scores of every producer's output channels: a zero "probe" tensor is added to each producer's
     /// output so that its gradient after backward is the gradient of the loss with respect to that output.
@@ -186,7 +236,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
         var data = context.TrainingData ?? throw new InvalidOperationException("The Taylor criterion needs training data.");
         int batches = ((TaylorImportance)_options.Importance).Batches;
         var producers = groups.SelectMany(g => g.Producers).DistinctBy(p => p.Name).ToList();
-        var sums = producers.ToDictionary(p => p.Name, p => zeros(p.Module is Linear l ? l.out_features : ((Conv2d)p.Module).out_channels, dtype: float32).DetachFromDisposeScope());
+        var sums = producers.ToDictionary(p => p.Name, p => zeros(OutChannels(p.Module), dtype: float32).DetachFromDisposeScope());
         var probes = new Dictionary<string, (Tensor Output, Tensor Probe)>();
         var removers = new List<Action>();
         bool wasTraining = model.training;
@@ -278,52 +328,87 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
         probes.Clear();
     }
 
+    /// <summary>The channels one layer loses: output channels (rows) and input channels or features (columns).</summary>
+    private sealed class LayerEdit(nn.Module module)
+    {
+        public nn.Module Module { get; } = module;
+
+        public long OutWidth { get; private set; } = -1;
+
+        public long InWidth { get; private set; } = -1;
+
+        public HashSet<long> OutRemoved { get; } = [];
+
+        public HashSet<long> InRemoved { get; } = [];
+
+        public long[]? OutKeep => Keep(OutWidth, OutRemoved);
+
+        public long[]? InKeep => Keep(InWidth, InRemoved);
+
+        public void RemoveOut(string name, long width, IEnumerable<long> removed) => OutWidth = Remove(name, OutWidth, width, OutRemoved, removed);
+
+        public void RemoveIn(string name, long width, IEnumerable<long> removed) => InWidth = Remove(name, InWidth, width, InRemoved, removed);
+
+        private static long Remove(string name, long known, long width, HashSet<long> set, IEnumerable<long> removed)
+        {
+            if (known != -1 && known != width)
+            {
+                throw new InvalidOperationException($"The channel groups disagree about the width of layer '{name}' ({known} and {width}).");
+            }
+
+            set.UnionWith(removed);
+            return width;
+        }
+
+        private static long[]? Keep(long width, HashSet<long> removed) =>
+            removed.Count == 0 ? null : Enumerable.Range(0, (int)width).Select(i => (long)i).Where(i => !removed.Contains(i)).ToArray();
+    }
+
     private static nn.Module<Tensor, Tensor> Rewrite(nn.Module<Tensor, Tensor> root, IReadOnlyList<GroupPlan> plans, CompressionContext context)
     {
-        // Gather every layer's new output and input channels first, so that conflicting plans fail before any change.
-        var edits = new Dictionary<string, (nn.Module Module, long[]? Out, long[]? In)>(StringComparer.Ordinal);
+        // Gather every layer's removed output and input channels from all groups first (a layer reading a
+        // concatenation loses channels of several groups), so that nothing changes before every layer is checked.
+        var edits = new Dictionary<string, LayerEdit>(StringComparer.Ordinal);
         foreach (var plan in plans)
         {
+            var kept = plan.Keep.ToHashSet();
+            var removed = Enumerable.Range(0, (int)plan.Group.Channels).Select(i => (long)i).Where(i => !kept.Contains(i)).ToArray();
             foreach (var member in plan.Group.Members)
             {
-                var (module, outKeep, inKeep) = edits.GetValueOrDefault(member.Name, (member.Module, null, null));
+                var edit = edits.TryGetValue(member.Name, out var e) ? e : edits[member.Name] = new LayerEdit(member.Module);
+                var shifted = removed.Select(c => c + member.Offset);
                 switch (member.Role)
                 {
                     case ChannelRole.Producer:
+                        edit.RemoveOut(member.Name, member.Width, shifted);
+                        break;
                     case ChannelRole.PassThrough:
-                        if (outKeep is not null && !outKeep.SequenceEqual(plan.Keep))
+                        edit.RemoveOut(member.Name, member.Width, shifted);
+                        if (member.Module is Convolution)
                         {
-                            throw new ArgumentException($"Layer '{member.Name}' would need two different channel selections.");
-                        }
-
-                        outKeep = plan.Keep;
-                        if (member.Role == ChannelRole.PassThrough && member.Module is Conv2d)
-                        {
-                            inKeep = plan.Keep;
+                            // Depthwise: its input channels go with its output channels.
+                            edit.RemoveIn(member.Name, member.Width, shifted);
                         }
 
                         break;
                     case ChannelRole.Consumer:
-                        var expanded = Expand(plan.Keep, member.Expansion);
-                        if (inKeep is not null && !inKeep.SequenceEqual(expanded))
-                        {
-                            throw new ArgumentException($"Layer '{member.Name}' would need two different input channel selections.");
-                        }
-
-                        inKeep = expanded;
+                        // Behind a flatten each channel is a run of Expansion features.
+                        long expansion = member.Expansion;
+                        edit.RemoveIn(member.Name, member.Width * expansion, shifted.SelectMany(c => Enumerable.Range(0, (int)expansion).Select(i => (c * expansion) + i)));
                         break;
                 }
-
-                edits[member.Name] = (module, outKeep, inKeep);
             }
         }
 
         // Every layer must be replaceable before the first one is replaced.
-        foreach (var (name, (module, _, _)) in edits)
+        foreach (var (name, edit) in edits)
         {
-            if (ModuleTree.WhyCannotReplace(root, name, module.GetType()) is { } why)
+            if (ModuleTree.WhyCannotReplace(root, name, edit.Module.GetType()) is { } why)
             {
-                throw new ArgumentException($"Structured pruning cannot rebuild layer '{name}': {why}.");
+                throw new UnsupportedModelException(
+                    name,
+                    edit.Module.GetType().Name,
+                    $"Structured pruning cannot rebuild layer '{name}': {why}. Nothing has been changed. Exclude the layers whose channels reach it from {nameof(StructuredPruningOptions)}.{nameof(StructuredPruningOptions.Layers)}.");
             }
         }
 
@@ -332,9 +417,9 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
         {
             using (no_grad())
             {
-                foreach (var (name, (module, outKeep, inKeep)) in edits)
+                foreach (var (name, edit) in edits)
                 {
-                    replacements.Add((name, module, Shrink(name, module, outKeep, inKeep)));
+                    replacements.Add((name, edit.Module, Shrink(name, edit)));
                 }
             }
         }
@@ -366,13 +451,13 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
         }
     }
 
-    private static long[] Expand(long[] keep, long expansion) =>
-        expansion == 1 ? keep : keep.SelectMany(c => Enumerable.Range(0, (int)expansion).Select(i => (c * expansion) + i)).ToArray();
+    private static Tensor Select(Tensor t, int dim, long[]? keep) => keep is null ? t : t.index_select(dim, tensor(keep, device: t.device));
 
-    private static nn.Module<Tensor, Tensor> Shrink(string name, nn.Module module, long[]? outKeep, long[]? inKeep)
+    private static nn.Module<Tensor, Tensor> Shrink(string name, LayerEdit edit)
     {
         using var scope = NewDisposeScope();
-        Tensor Select(Tensor t, int dim, long[]? keep) => keep is null ? t : t.index_select(dim, tensor(keep, device: t.device));
+        var module = edit.Module;
+        var (outKeep, inKeep) = (edit.OutKeep, edit.InKeep);
         switch (module)
         {
             case Linear linear:
@@ -384,8 +469,9 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                 return result;
             }
 
-            case Conv2d conv:
+            case Conv1d or Conv2d:
             {
+                var conv = (Convolution)module;
                 bool depthwise = conv.groups > 1;
                 var w = Select(conv.weight!.detach(), 0, outKeep);
                 if (!depthwise)
@@ -395,13 +481,15 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
 
                 long outChannels = w.shape[0];
                 long inChannels = depthwise ? outChannels : w.shape[1];
-                var kernel = (conv.kernel_size[0], conv.kernel_size[1]);
-                var stride = (conv.stride[0], conv.stride[1]);
-                var dilation = (conv.dilation[0], conv.dilation[1]);
                 long groups = depthwise ? outChannels : 1;
-                var result = conv.padding_type is { } paddingType
-                    ? nn.Conv2d(inChannels, outChannels, kernel, paddingType, stride, dilation, conv.padding_mode, groups, conv.bias is not null, w.device, w.dtype)
-                    : nn.Conv2d(inChannels, outChannels, kernel, stride, (conv.padding![0], conv.padding![1]), dilation, conv.padding_mode, groups, conv.bias is not null, w.device, w.dtype);
+                bool hasBias = conv.bias is not null;
+                Convolution result = module is Conv2d
+                    ? conv.padding_type is { } paddingType
+                        ? nn.Conv2d(inChannels, outChannels, (conv.kernel_size[0], conv.kernel_size[1]), paddingType, (conv.stride[0], conv.stride[1]), (conv.dilation[0], conv.dilation[1]), conv.padding_mode, groups, hasBias, w.device, w.dtype)
+                        : nn.Conv2d(inChannels, outChannels, (conv.kernel_size[0], conv.kernel_size[1]), (conv.stride[0], conv.stride[1]), (conv.padding![0], conv.padding![1]), (conv.dilation[0], conv.dilation[1]), conv.padding_mode, groups, hasBias, w.device, w.dtype)
+                    : conv.padding_type is { } paddingType1
+                        ? nn.Conv1d(inChannels, outChannels, conv.kernel_size[0], paddingType1, conv.stride[0], conv.dilation[0], conv.padding_mode, groups, hasBias, w.device, w.dtype)
+                        : nn.Conv1d(inChannels, outChannels, conv.kernel_size[0], conv.stride[0], conv.padding![0], conv.dilation[0], conv.padding_mode, groups, hasBias, w.device, w.dtype);
                 CopyWeightAndBias(result.weight!, result.bias, w, conv.weight!, conv.bias, outKeep);
                 result.train(conv.training);
                 return result;
@@ -410,36 +498,64 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
             case BatchNorm1d or BatchNorm2d:
             {
                 var bn = (NormBase)module;
+                var (device, dtype) = Placement(module);
                 long channels = outKeep?.Length ?? bn.num_features;
-                var reference = bn.parameters().Cast<Tensor>().Concat(bn.buffers()).FirstOrDefault(t => t.is_floating_point());
-                var device = reference?.device ?? CPU;
-                var dtype = reference?.dtype ?? ScalarType.Float32;
                 NormBase result = module is BatchNorm2d
                     ? nn.BatchNorm2d(channels, bn.eps, bn.momentum ?? 0.1, bn.affine, bn.track_running_stats, device, dtype)
                     : nn.BatchNorm1d(channels, bn.eps, bn.momentum ?? 0.1, bn.affine, bn.track_running_stats, device, dtype);
                 result.momentum = bn.momentum;
-                foreach (var (key, p) in module.named_parameters(recurse: false))
-                {
-                    result.named_parameters(recurse: false).First(q => q.name == key).parameter.requires_grad = p.requires_grad;
-                }
+                return CopyNormState(module, result, bn.num_features, outKeep);
+            }
 
-                var target = result.state_dict();
-                foreach (var (key, value) in module.state_dict())
-                {
-                    if (!target.TryGetValue(key, out var destination))
-                    {
-                        continue;
-                    }
+            case LayerNorm norm:
+            {
+                // Normalised over the channels and what follows them: the first normalised dimension shrinks.
+                var (device, dtype) = Placement(module);
+                long[] shape = [outKeep?.Length ?? norm.normalized_shape[0], .. norm.normalized_shape.Skip(1)];
+                var result = nn.LayerNorm(shape, norm.eps, norm.elementwise_affine, norm.bias is not null, device, dtype);
+                return CopyNormState(module, result, norm.normalized_shape[0], outKeep);
+            }
 
-                    destination.copy_(value.dim() == 1 && value.shape[0] == bn.num_features ? Select(value.detach(), 0, outKeep) : value.detach());
-                }
-
-                result.train(module.training);
-                return (nn.Module<Tensor, Tensor>)(nn.Module)result;
+            case GroupNorm norm:
+            {
+                // The planner kept the same number of channels in every group, so the group count stays.
+                var (device, dtype) = Placement(module);
+                long channels = outKeep?.Length ?? edit.OutWidth;
+                var result = nn.GroupNorm(norm.num_groups, channels, norm.eps, norm.affine, device, dtype);
+                return CopyNormState(module, result, edit.OutWidth, outKeep);
             }
 
             default:
-                throw new ArgumentException($"Structured pruning cannot shrink layer '{name}' of type {module.GetType().Name}.");
+                throw new UnsupportedModelException(name, module.GetType().Name, $"Structured pruning cannot shrink layer '{name}' of type {module.GetType().Name}. Nothing has been changed. Exclude the layers whose channels reach it from {nameof(StructuredPruningOptions)}.{nameof(StructuredPruningOptions.Layers)}.");
         }
+    }
+
+    private static (Device Device, ScalarType DType) Placement(nn.Module module)
+    {
+        var reference = module.parameters().Cast<Tensor>().Concat(module.buffers()).FirstOrDefault(t => t.is_floating_point());
+        return (reference?.device ?? CPU, reference?.dtype ?? ScalarType.Float32);
+    }
+
+    /// <summary>Copies a normalisation layer's parameters and buffers into its smaller replacement, slicing every per-channel tensor.</summary>
+    private static nn.Module<Tensor, Tensor> CopyNormState(nn.Module old, nn.Module result, long channels, long[]? keep)
+    {
+        foreach (var (key, p) in old.named_parameters(recurse: false))
+        {
+            result.named_parameters(recurse: false).First(q => q.name == key).parameter.requires_grad = p.requires_grad;
+        }
+
+        var target = result.state_dict();
+        foreach (var (key, value) in old.state_dict())
+        {
+            if (!target.TryGetValue(key, out var destination))
+            {
+                continue;
+            }
+
+            destination.copy_(value.dim() >= 1 && value.shape[0] == channels ? Select(value.detach(), 0, keep) : value.detach());
+        }
+
+        result.train(old.training);
+        return (nn.Module<Tensor, Tensor>)result;
     }
 }
