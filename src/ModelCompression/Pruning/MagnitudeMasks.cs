@@ -117,7 +117,7 @@ internal static class MagnitudeMasks
     /// <param name="sparsity">The fraction of all the weights pruned.</param>
     /// <param name="minKeptFraction">The fraction of each layer kept at least; 0 for the plain global threshold.</param>
     /// <returns>The masks, and for each layer the floor held: the fraction the threshold alone would have kept, or <see langword="null"/>.</returns>
-    public static (List<Tensor> Masks, double?[] Floored) Global(IReadOnlyList<Tensor> weights, double sparsity, double minKeptFraction)
+    public static (List<Tensor> Masks, double?[] Floored) GlobalWithFloor(IReadOnlyList<Tensor> weights, double sparsity, double minKeptFraction)
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();

@@ -101,7 +101,7 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
         foreach (var (layer, alone) in floored)
         {
             context.Logger.LogWarning(
-                "{Step}: the global threshold would keep {Alone:P1} of {Layer}; it keeps its largest weights up to the floor of {Floor:P1} instead",
+                "{Step}: the global threshold would keep {Alone:0.0%} of {Layer}; it keeps its largest weights up to the floor of {Floor:0.0#%} instead",
                 Name, alone, layer, _options.MinLayerKeptFraction);
         }
 
@@ -200,7 +200,7 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
 
         if (pooled.Count > 0)
         {
-            var (global, under) = MagnitudeMasks.Global(pooled.Select(p => (Tensor)p.Weight).ToList(), atFinal(_options.Sparsity), _options.MinLayerKeptFraction);
+            var (global, under) = MagnitudeMasks.GlobalWithFloor(pooled.Select(p => (Tensor)p.Weight).ToList(), atFinal(_options.Sparsity), _options.MinLayerKeptFraction);
             for (int i = 0; i < pooled.Count; i++)
             {
                 masks.Add(pooled[i].Name, pooled[i].Weight, global[i]);
