@@ -128,6 +128,7 @@ public sealed class RankBudget
     /// <see cref="MinRankFraction"/> of its full rank, at most its full rank; a layer whose floor would not store fewer
     /// parameters than its dense weight stays dense. Layers the allocation holds at their floor are named in a
     /// warning on the context's logger and in the step's report notes; a budget the floors cannot meet is an error.
+    /// Only the budget is floored: a per-layer <see cref="SvdFactorizationOptions.Rank"/> rule gives the rank it is asked for.
     /// </summary>
     /// <value>
     /// The default is 4: the greedy allocation otherwise takes layers whose singular values look cheap down to rank 1

@@ -57,7 +57,9 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
     /// threshold, so that no layer is silently cut away (one global threshold can empty a layer whose weights are all
     /// small, such as a classifier). The threshold is applied first; a layer it leaves under the floor keeps its
     /// ⌈floor × n⌉ largest-magnitude weights, and the threshold is recomputed over the other layers for the weights
-    /// that remain, so the overall <see cref="Sparsity"/> is still met exactly (to one weight). Each protected layer
+    /// that remain, so the overall <see cref="Sparsity"/> is still met exactly (the same round(Sparsity × n) weights
+    /// pruned; only when the floors, rounded up per layer, add up to more than that does the model keep those few
+    /// more). Each protected layer
     /// is named in a warning on the context's logger and in the step's report notes. Ignored by layer-wise pruning,
     /// by layers with a <see cref="LayerSparsity"/> override, and by <see cref="Quality"/> and <see cref="Pattern"/>.
     /// </summary>
