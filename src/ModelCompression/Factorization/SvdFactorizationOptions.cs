@@ -123,9 +123,44 @@ public sealed class RankBudget
     /// <value>The default is <see cref="RankAllocation.EnergyPerCost"/>.</value>
     public RankAllocation Allocation { get; set; } = RankAllocation.EnergyPerCost;
 
+    /// <summary>
+    /// Gets or sets the lowest rank the budget may give a layer. A layer's floor is the larger of this and
+    /// <see cref="MinRankFraction"/> of its full rank, at most its full rank; a layer whose floor would not store fewer
+    /// parameters than its dense weight stays dense. Layers the allocation holds at their floor are named in a
+    /// warning on the context's logger and in the step's report notes; a budget the floors cannot meet is an error.
+    /// Only the budget is floored: a per-layer <see cref="SvdFactorizationOptions.Rank"/> rule gives the rank it is asked for.
+    /// </summary>
+    /// <value>
+    /// The default is 4: the greedy allocation otherwise takes layers whose singular values look cheap down to rank 1
+    /// (every output a multiple of one vector, a classifier's logits all in one direction), which fine-tuning rarely
+    /// repairs. At least 1; 1 turns the absolute floor off.
+    /// </value>
+    public int MinRank { get; set; } = 4;
+
+    /// <summary>Gets or sets the lowest rank the budget may give a layer, as a fraction of its full rank min(rows, columns), rounded up (see <see cref="MinRank"/>).</summary>
+    /// <value>
+    /// The default is 0.05: a 320-wide layer keeps at least rank 16, while the floors of all layers together cost at
+    /// most about a tenth of their dense parameters (r·(m + n) ≤ 0.05·min(m, n)·(m + n) ≤ 0.1·m·n), so common budgets
+    /// stay reachable. In [0, 1]; 0 turns the relative floor off.
+    /// </value>
+    public double MinRankFraction { get; set; } = 0.05;
+
+    /// <summary>The rank below which the budget does not take a layer of <paramref name="fullRank"/>.</summary>
+    internal long Floor(long fullRank) => Math.Min(fullRank, Math.Max(MinRank, (long)Math.Ceiling((MinRankFraction * fullRank) - 1e-9)));
+
     internal IReadOnlyList<string> Validate()
     {
         var errors = new List<string>();
+        if (MinRank < 1)
+        {
+            errors.Add($"{nameof(RankBudget)}.{nameof(MinRank)} must be at least 1 (was {MinRank}).");
+        }
+
+        if (!(MinRankFraction is >= 0 and <= 1))
+        {
+            errors.Add($"{nameof(RankBudget)}.{nameof(MinRankFraction)} must be in [0, 1] (was {MinRankFraction}).");
+        }
+
         if (!(Fraction > 0 && Fraction < 1))
         {
             errors.Add($"{nameof(RankBudget)}.{nameof(Fraction)} must be in (0, 1) (was {Fraction}).");
@@ -146,6 +181,15 @@ public sealed class RankBudget
 
     /// <inheritdoc/>
     public override string ToString() => $"{1 / Fraction:0.##}× fewer {(Kind == BudgetKind.Parameters ? "parameters" : "MACs")}, {Allocation}";
+
+    internal RankBudget Clone() => new()
+    {
+        Kind = Kind,
+        Fraction = Fraction,
+        Allocation = Allocation,
+        MinRank = MinRank,
+        MinRankFraction = MinRankFraction,
+    };
 }
 
 /// <summary>Options of <see cref="SvdFactorizationStep"/>. Set exactly one of <see cref="Rank"/> and <see cref="Budget"/>.</summary>
@@ -209,7 +253,7 @@ public sealed class SvdFactorizationOptions : IValidatableOptions
     internal SvdFactorizationOptions Clone() => new()
     {
         Rank = Rank,
-        Budget = Budget is null ? null : new RankBudget { Kind = Budget.Kind, Fraction = Budget.Fraction, Allocation = Budget.Allocation },
+        Budget = Budget?.Clone(),
         ConvDecomposition = ConvDecomposition,
         Layers = Layers.Copy(),
         FineTuning = FineTuning?.Clone(),

@@ -82,8 +82,9 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
                 throw new ArgumentException($"The layer selection ({_options.Layers}) selects no Linear or ungrouped Conv2d layer to factorize.", nameof(model));
             }
 
+            var heldAtFloor = new List<string>();
             var ranks = _options.Budget is { } budget
-                ? Allocate(budget, entries, model, context)
+                ? Allocate(budget, entries, model, context, heldAtFloor)
                 : entries.Select(e => (long)_options.Rank!.Choose(e.SingularValues, e.Shape)).ToList();
 
             var root = model;
@@ -119,6 +120,11 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
 
             context.Logger.LogInformation("{Step}: {Ranks}", Name, string.Join(", ", chosen));
             context.AddNote(chosen.Count == 0 ? "no layer factorized" : $"ranks: {string.Join(", ", chosen)}");
+            if (heldAtFloor.Count > 0)
+            {
+                context.AddNote($"held at the minimum rank (the budget would have gone lower): {string.Join(", ", heldAtFloor)}");
+            }
+
             if (alone.Count > 0)
             {
                 context.AddNote($"left alone, no gain: {string.Join(", ", alone)}");
@@ -305,13 +311,14 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
         }
     }
 
-    private List<long> Allocate(RankBudget budget, IReadOnlyList<Entry> entries, nn.Module<Tensor, Tensor> model, CompressionContext context)
+    private List<long> Allocate(RankBudget budget, IReadOnlyList<Entry> entries, nn.Module<Tensor, Tensor> model, CompressionContext context, List<string> heldAtFloor)
     {
         long Weight(Entry e) => budget.Kind == BudgetKind.Macs ? e.Shape.MacsPerParameter : 1;
         double target = budget.Fraction * entries.Sum(e => e.Shape.DenseCost * Weight(e));
 
-        // Each layer walks down a ladder of ranks; index -1 is the dense layer.
-        var ladders = entries.Select(e => Ladder(e, budget.Allocation)).ToList();
+        // Each layer walks down a ladder of ranks, no lower than its floor; index -1 is the dense layer.
+        var floors = entries.Select(e => budget.Floor(e.Shape.FullRank)).ToList();
+        var ladders = entries.Select((e, k) => Ladder(e, budget.Allocation, floors[k])).ToList();
         var losses = budget.Allocation == RankAllocation.Sensitivity
             ? MeasureSensitivity(entries, ladders, model, context)
             : entries.Select((e, k) => ladders[k].Select(r => EnergyLost(e, r)).ToArray()).ToList();
@@ -344,7 +351,9 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
             if (best < 0)
             {
                 throw new ArgumentException(
-                    $"The budget ({budget}) cannot be met: at the lowest ranks allowed the selected layers still keep {total:N0} of the {target:N0} allowed.");
+                    $"The budget ({budget}) cannot be met: at the lowest ranks allowed (each layer at least rank {budget.MinRank} and " +
+                    $"{budget.MinRankFraction:0.###} of its full rank, see {nameof(RankBudget)}.{nameof(RankBudget.MinRank)} and " +
+                    $"{nameof(RankBudget.MinRankFraction)}) the selected layers still keep {total:N0} of the {target:N0} allowed.");
             }
 
             double before = Cost(best);
@@ -352,22 +361,38 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
             total += Cost(best) - before;
         }
 
+        // A layer at the bottom of a ladder the floor cut short is where the budget wanted to go lower.
+        for (int k = 0; k < entries.Count; k++)
+        {
+            if (ladders[k].Length > 0 && position[k] == ladders[k].Length - 1 && floors[k] > 1)
+            {
+                context.Logger.LogWarning(
+                    "{Step}: {Layer} held at its minimum rank {Rank} of {FullRank} (RankBudget.MinRank {MinRank}, MinRankFraction {MinRankFraction})",
+                    Name, entries[k].Name, floors[k], entries[k].Shape.FullRank, budget.MinRank, budget.MinRankFraction);
+                heldAtFloor.Add($"{entries[k].Name} rank {floors[k]} of {entries[k].Shape.FullRank}");
+            }
+        }
+
         return entries.Select((e, k) => position[k] < 0 ? e.Shape.FullRank : ladders[k][position[k]]).ToList();
     }
 
-    /// <summary>The ranks a layer may take, largest first: every useful rank by energy, or a halving ladder by sensitivity.</summary>
-    private static long[] Ladder(Entry e, RankAllocation allocation)
+    /// <summary>
+    /// The ranks a layer may take, largest first, none below <paramref name="floor"/>: every useful rank by energy, or
+    /// a halving ladder ending at the floor by sensitivity. Empty when even the floor would not be smaller than dense.
+    /// </summary>
+    private static long[] Ladder(Entry e, RankAllocation allocation, long floor)
     {
         long top = Math.Min(e.Shape.LargestUsefulRank, e.Shape.FullRank);
-        if (top < 1)
+        floor = Math.Max(1, floor);
+        if (top < floor)
         {
             return [];
         }
 
         if (allocation == RankAllocation.EnergyPerCost)
         {
-            var all = new long[top];
-            for (long r = top; r >= 1; r--)
+            var all = new long[top - floor + 1];
+            for (long r = top; r >= floor; r--)
             {
                 all[top - r] = r;
             }
@@ -376,9 +401,14 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
         }
 
         var ladder = new List<long>();
-        for (long r = top; r >= 1; r /= 2)
+        for (long r = top; r >= floor; r /= 2)
         {
             ladder.Add(r);
+        }
+
+        if (ladder[^1] != floor)
+        {
+            ladder.Add(floor);
         }
 
         return [.. ladder];

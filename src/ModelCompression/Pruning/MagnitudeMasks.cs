@@ -73,13 +73,21 @@ internal static class MagnitudeMasks
         return mask.view_as(weight).to(weight.dtype).MoveToOuterDisposeScope();
     }
 
-    /// <summary>One threshold across all the weights: prunes round(sparsity × Σn) of the smallest |w| of them together.</summary>
-    public static List<Tensor> Global(IReadOnlyList<Tensor> weights, double sparsity)
+    /// <summary>
+    /// One threshold across all the weights: prunes round(sparsity × Σn) of the smallest |w| of them together
+    /// (exactly <paramref name="exact"/> of them when given).
+    /// </summary>
+    public static List<Tensor> Global(IReadOnlyList<Tensor> weights, double sparsity, long? exact = null)
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
+        if (weights.Count == 0)
+        {
+            return [];
+        }
+
         var flat = cat(weights.Select(w => w.detach().abs().flatten().to(float32)).ToList(), 0);
-        long k = (long)Math.Round(sparsity * flat.numel());
+        long k = exact ?? (long)Math.Round(sparsity * flat.numel());
         var mask = ones_like(flat);
         if (k > 0)
         {
@@ -96,6 +104,80 @@ internal static class MagnitudeMasks
         }
 
         return result;
+    }
+
+    /// <summary>
+    /// One threshold across all the weights, with a floor: prunes round(sparsity × Σn) of the smallest |w| of them
+    /// together, except that no layer keeps fewer than ⌈<paramref name="minKeptFraction"/> × n⌉ of its own weights.
+    /// A layer the threshold leaves under its floor keeps exactly its floor (its largest |w|), and the threshold is
+    /// recomputed over the other layers for the weights that remain, repeating while that leaves another layer under
+    /// its floor: the total kept stays round((1 − sparsity) × Σn) whenever the floors fit in it.
+    /// </summary>
+    /// <param name="weights">The layers' weights.</param>
+    /// <param name="sparsity">The fraction of all the weights pruned.</param>
+    /// <param name="minKeptFraction">The fraction of each layer kept at least; 0 for the plain global threshold.</param>
+    /// <returns>The masks, and for each layer the floor held: the fraction the threshold alone would have kept, or <see langword="null"/>.</returns>
+    public static (List<Tensor> Masks, double?[] Floored) GlobalWithFloor(IReadOnlyList<Tensor> weights, double sparsity, double minKeptFraction)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        long total = weights.Sum(w => w.numel());
+        long keep = total - (long)Math.Round(sparsity * total);
+        var floors = weights.Select(w => Math.Min(w.numel(), (long)Math.Ceiling((minKeptFraction * w.numel()) - 1e-9))).ToArray();
+        var floored = new double?[weights.Count];
+        var masks = new Tensor?[weights.Count];
+        while (true)
+        {
+            // The threshold over the layers not (yet) held at their floor, for what the floors leave of the budget.
+            var free = Enumerable.Range(0, weights.Count).Where(i => floored[i] is null).ToList();
+            long budget = Math.Max(0, keep - Enumerable.Range(0, weights.Count).Where(i => floored[i] is not null).Sum(i => floors[i]));
+            long freeTotal = free.Sum(i => weights[i].numel());
+            var pooled = Global(free.Select(i => weights[i]).ToList(), freeTotal == 0 ? 0 : 1 - ((double)budget / freeTotal), exact: freeTotal - budget);
+            var under = new List<int>();
+            for (int j = 0; j < free.Count; j++)
+            {
+                int i = free[j];
+                masks[i]?.Dispose();
+                masks[i] = pooled[j];
+                long kept = pooled[j].count_nonzero().item<long>();
+                if (kept < floors[i])
+                {
+                    under.Add(i);
+                    // Reported as what the plain threshold gave the layer, the first time it fell under its floor.
+                    floored[i] = (double)kept / weights[i].numel();
+                }
+            }
+
+            if (under.Count == 0)
+            {
+                break;
+            }
+
+            foreach (int i in under)
+            {
+                masks[i]!.Dispose();
+                masks[i] = KeepLargest(weights[i], floors[i]);
+            }
+        }
+
+        return (masks.Select(m => m!.MoveToOuterDisposeScope()).ToList(), floored);
+    }
+
+    /// <summary>Keeps exactly the <paramref name="count"/> largest |w| of a layer (ties broken by position).</summary>
+    public static Tensor KeepLargest(Tensor weight, long count)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var flat = weight.detach().abs().flatten().to(float32);
+        long prune = flat.numel() - count;
+        var mask = ones_like(flat);
+        if (prune > 0)
+        {
+            var (_, order) = flat.sort(stable: true);
+            mask.index_fill_(0, order.narrow(0, 0, prune), 0);
+        }
+
+        return mask.view_as(weight).to(weight.dtype).MoveToOuterDisposeScope();
     }
 
     /// <summary>Han et al.'s rule: keep |w| ≥ quality × std(W).</summary>

@@ -52,6 +52,25 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
     /// <value>The default is <see cref="PruningScope.LayerWise"/>.</value>
     public PruningScope Scope { get; set; } = PruningScope.LayerWise;
 
+    /// <summary>
+    /// Gets or sets the smallest fraction of its weights each layer keeps under a <see cref="PruningScope.Global"/>
+    /// threshold, so that no layer is silently cut away (one global threshold can empty a layer whose weights are all
+    /// small, such as a classifier). The threshold is applied first; a layer it leaves under the floor keeps its
+    /// ⌈floor × n⌉ largest-magnitude weights, and the threshold is recomputed over the other layers for the weights
+    /// that remain, so the overall <see cref="Sparsity"/> is still met exactly (the same round(Sparsity × n) weights
+    /// pruned; only when the floors, rounded up per layer, add up to more than that does the model keep those few
+    /// more). Each protected layer
+    /// is named in a warning on the context's logger and in the step's report notes. Ignored by layer-wise pruning,
+    /// by layers with a <see cref="LayerSparsity"/> override, and by <see cref="Quality"/> and <see cref="Pattern"/>.
+    /// </summary>
+    /// <value>
+    /// The default is 0.02: 2% of a layer keeps a path through it (256 of a 1280 × 10 classifier's weights) while
+    /// costing the other layers at most 2% of the floored layers' size, and it leaves every global sparsity up to 98%
+    /// valid. Must be in [0, 1), and under a global scope at most the kept fraction 1 − <see cref="Sparsity"/>
+    /// (a larger floor could not meet the target). 0 restores the plain global threshold.
+    /// </value>
+    public double MinLayerKeptFraction { get; set; } = 0.02;
+
     /// <summary>Gets per-layer sparsities (by dotted name) that replace <see cref="Sparsity"/> for those layers.</summary>
     public IDictionary<string, double> LayerSparsity { get; init; } = new Dictionary<string, double>(StringComparer.Ordinal);
 
@@ -102,6 +121,17 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
         if (!Enum.IsDefined(Scope))
         {
             errors.Add($"{Name}.{nameof(Scope)} is not a known scope (was {(int)Scope}).");
+        }
+
+        if (!(MinLayerKeptFraction >= 0 && MinLayerKeptFraction < 1))
+        {
+            errors.Add($"{Name}.{nameof(MinLayerKeptFraction)} must be in [0, 1) (was {MinLayerKeptFraction}).");
+        }
+        else if (Scope == PruningScope.Global && Sparsity is >= 0 and < 1 && Quality is null && Pattern is null && MinLayerKeptFraction > 1 - Sparsity + 1e-12)
+        {
+            errors.Add(
+                $"{Name}.{nameof(MinLayerKeptFraction)} ({MinLayerKeptFraction}) is above the fraction global pruning keeps, 1 − {nameof(Sparsity)} = {1 - Sparsity:0.####}: " +
+                $"every layer at the floor would still miss the target. Lower it (0 turns the floor off).");
         }
 
         if (!Enum.IsDefined(SparseExecution))
@@ -186,6 +216,7 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
     {
         Sparsity = Sparsity,
         Scope = Scope,
+        MinLayerKeptFraction = MinLayerKeptFraction,
         LayerSparsity = new Dictionary<string, double>(LayerSparsity, StringComparer.Ordinal),
         Quality = Quality,
         Pattern = Pattern,

@@ -58,11 +58,13 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
         }
 
         var schedule = _options.Schedule;
+        // The layers the last masks held at the per-layer floor (every computation replaces it; the last one stands).
+        var floored = new Dictionary<string, double>(StringComparer.Ordinal);
         for (int round = 0; round < schedule.Rounds; round++)
         {
             context.CancellationToken.ThrowIfCancellationRequested();
             context.ReportProgress(CompressionPhase.Applying, (double)round / schedule.Rounds);
-            using var masks = ComputeMasks(targets, final => schedule.RoundSparsity(round, final), round);
+            using var masks = ComputeMasks(targets, final => schedule.RoundSparsity(round, final), round, floored);
             masks.ApplyToWeights();
             context.Logger.LogInformation("{Step}: round {Round} pruned to {Sparsity:P1} sparsity", Name, round + 1, Sparsity(targets));
 
@@ -78,7 +80,7 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
                         if (schedule.SparsityDuringTraining(info.Step, info.TotalSteps, _options.Sparsity) is not null)
                         {
                             // Gradual pruning: recompute the masks from the current magnitudes at the scheduled sparsity.
-                            using var updated = ComputeMasks(targets, final => schedule.SparsityDuringTraining(info.Step, info.TotalSteps, final) ?? final, round);
+                            using var updated = ComputeMasks(targets, final => schedule.SparsityDuringTraining(info.Step, info.TotalSteps, final) ?? final, round, floored);
                             updated.ApplyToWeights();
                             current.TakeFrom(updated);
                         }
@@ -92,8 +94,22 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
         // A gradual schedule whose fine-tuning ended early still leaves the model at the final sparsity.
         if (schedule is GradualPruning)
         {
-            using var final = ComputeMasks(targets, f => f, 0);
+            using var final = ComputeMasks(targets, f => f, 0, floored);
             final.ApplyToWeights();
+        }
+
+        foreach (var (layer, alone) in floored)
+        {
+            context.Logger.LogWarning(
+                "{Step}: the global threshold would keep {Alone:0.0%} of {Layer}; it keeps its largest weights up to the floor of {Floor:0.0#%} instead",
+                Name, alone, layer, _options.MinLayerKeptFraction);
+        }
+
+        if (floored.Count > 0)
+        {
+            context.AddNote(
+                $"held at the per-layer floor of {_options.MinLayerKeptFraction * 100:0.##}% (the global threshold alone would have kept): " +
+                string.Join(", ", floored.Select(f => $"{f.Key} {f.Value * 100:0.0}%")));
         }
 
         double sparsity = Sparsity(targets);
@@ -137,8 +153,10 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
     }
 
     /// <summary>Masks for every target; <paramref name="atFinal"/> maps a layer's final sparsity to the sparsity wanted now.</summary>
-    private MaskSet ComputeMasks(IReadOnlyList<(string Name, nn.Module Module, Parameter Weight)> targets, Func<double, double> atFinal, int round)
+    private MaskSet ComputeMasks(IReadOnlyList<(string Name, nn.Module Module, Parameter Weight)> targets, Func<double, double> atFinal, int round, Dictionary<string, double> floored)
     {
+        // Filled with the layers this call holds at the per-layer floor, and what the threshold alone would have kept.
+        floored.Clear();
         var masks = new MaskSet();
         using var scope = NewDisposeScope();
         if (_options.Pattern is { } pattern)
@@ -182,10 +200,14 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
 
         if (pooled.Count > 0)
         {
-            var global = MagnitudeMasks.Global(pooled.Select(p => (Tensor)p.Weight).ToList(), atFinal(_options.Sparsity));
+            var (global, under) = MagnitudeMasks.GlobalWithFloor(pooled.Select(p => (Tensor)p.Weight).ToList(), atFinal(_options.Sparsity), _options.MinLayerKeptFraction);
             for (int i = 0; i < pooled.Count; i++)
             {
                 masks.Add(pooled[i].Name, pooled[i].Weight, global[i]);
+                if (under[i] is { } alone)
+                {
+                    floored[pooled[i].Name] = alone;
+                }
             }
         }
 

@@ -18,6 +18,14 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
     /// The default (<see langword="null"/>) is <see cref="QuantizationGranularity.PerChannel"/> for 8 bits and
     /// <see cref="QuantizationGranularity.PerGroup"/>(64) for 4 bits, which needs groups.
     /// </value>
+    /// <remarks>
+    /// Groups run along each output's K inputs (a convolution's input channels × kernel height × width). A layer with
+    /// K at most the group size gets one group per row, the whole row: its <see cref="IQuantizedLayer.WeightGranularity"/>
+    /// reports <see cref="QuantizationGranularity.PerGroup"/>(K) (e.g. per-group(27) for a 3-channel 3×3 convolution
+    /// under the default 64), and the report's notes list such layers. When K is larger but not a multiple of the group
+    /// size, each row ends with a shorter group of the K mod size remaining inputs, with its own scale (e.g. 784
+    /// inputs in groups of 64: twelve groups of 64 and one of 16). Either way the layer saves and loads exactly.
+    /// </remarks>
     public QuantizationGranularity? WeightGranularity { get; set; }
 
     /// <summary>Gets or sets how <see cref="QuantizationMode.DynamicInt8"/> ranges activations at run time.</summary>

@@ -175,6 +175,19 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             context.AddNote(
                 $"{kept.Count} layer(s) quantized on the {Int8Kernel.BestPath} kernel path " +
                 $"({string.Join(", ", kept.Select(q => $"{q.Target.Name} {(q.Info.SqnrDb is { } s ? $"{s:0.0} dB" : "int")}"))})");
+            if (_options.EffectiveGranularity is PerGroupGranularity requested)
+            {
+                // A layer with fewer inputs than the group has one scale per row: say so, as its granularity does.
+                var wholeRow = kept
+                    .Where(q => q.Info.WeightGranularity is PerGroupGranularity own && own.Size < requested.Size)
+                    .Select(q => $"{q.Target.Name} ({q.Info.WeightGranularity})")
+                    .ToList();
+                if (wholeRow.Count > 0)
+                {
+                    context.AddNote($"fewer inputs than the group size {requested.Size}, one group per row: {string.Join(", ", wholeRow)}");
+                }
+            }
+
             if (fallbackRestored.Count > 0)
             {
                 context.AddNote($"kept in float by the fallback: {string.Join(", ", fallbackRestored)}");

@@ -16,7 +16,11 @@ public abstract class QuantizationGranularity
     /// <summary>Gets one scale per output channel (row of a Linear weight, filter of a convolution).</summary>
     public static QuantizationGranularity PerChannel { get; } = new PerChannelGranularity();
 
-    /// <summary>One scale per output channel and group of <paramref name="size"/> consecutive inputs.</summary>
+    /// <summary>
+    /// One scale per output channel and group of <paramref name="size"/> consecutive inputs. A layer with fewer inputs
+    /// than <paramref name="size"/> uses its whole row as one group and reports PerGroup(its input count); a layer whose
+    /// inputs are not a multiple of <paramref name="size"/> ends each row with a shorter group.
+    /// </summary>
     /// <param name="size">The inputs per group: a positive multiple of 8.</param>
     /// <returns>The granularity (validated by the options that use it).</returns>
     public static QuantizationGranularity PerGroup(int size) => new PerGroupGranularity(size);
@@ -52,7 +56,10 @@ public sealed class PerGroupGranularity : QuantizationGranularity
 {
     internal PerGroupGranularity(int size) => Size = size;
 
-    /// <summary>Gets the inputs per group.</summary>
+    /// <summary>
+    /// Gets the inputs per group. Options take a positive multiple of 8; a layer reports its own input count here
+    /// (any positive number) when that is smaller, its whole row being one group.
+    /// </summary>
     public int Size { get; }
 
     /// <inheritdoc/>

@@ -728,7 +728,9 @@ internal static class ModuleCodec
                 long n = I[0], k = I[1];
                 int bits = (int)I[2];
                 long groupSize = I[4];
-                if ((I[3] == 2) != (groupSize > 0) || (groupSize > 0 && groupSize > k))
+                // A group longer than the row is accepted: files written before groups were capped at K hold one
+                // (e.g. 64 for a 16-input layer); it is one scale per row, as the count below says.
+                if ((I[3] == 2) != (groupSize > 0))
                 {
                     throw r.Fail($"{at} has granularity {I[3]} with group size {groupSize} for {k} inputs");
                 }
@@ -1084,6 +1086,11 @@ internal static class ModuleCodec
         if (bits == 4 && I[3] != 2)
         {
             throw new InvalidDataException($"{node.Describe} stores 4-bit weights without groups.");
+        }
+
+        if (I[3] == 2 && I[4] < k && I[4] % 8 != 0)
+        {
+            throw new InvalidDataException($"{node.Describe} has groups of {I[4]} inputs; a group shorter than the row ({k}) is a multiple of 8.");
         }
 
         var matrix = QuantizedMatrix.FromLevels(n, k, bits, granularity, q, scales, bias);

@@ -136,7 +136,9 @@ public sealed class SvdFactorizationStepTests
         using (train)
         using (test)
         {
-            var options = new SvdFactorizationOptions { Budget = new RankBudget { Fraction = 0.7, Allocation = RankAllocation.Sensitivity } };
+            // Layers of full rank 4 and 3: the default floor (rank 4) would keep both dense. This test is about the
+            // allocation meeting the budget, so the floors are off.
+            var options = new SvdFactorizationOptions { Budget = new RankBudget { Fraction = 0.7, Allocation = RankAllocation.Sensitivity, MinRank = 1, MinRankFraction = 0 } };
             var context = new CompressionContext(new CompressionData(train, test), model);
             var result = new SvdFactorizationStep(options).Apply(ModuleCloner.DeepClone(model), context);
             long weights = result.modules().Sum(m => m switch
@@ -216,5 +218,120 @@ public sealed class SvdFactorizationStepTests
         var layers = ModelCompression.Metrics.ModelMetrics.Measure(result, [50]).Layers;
         var fc = layers.Single();
         Assert.That((fc.Name, fc.Rank, fc.Parameters, fc.Macs), Is.EqualTo(("fc", (int?)5, 5L * 90 + 40, 5L * 90)));
+    }
+
+    /// <summary>
+    /// fc1: a random 64→64 layer; fc2: 64→48 of rank 1 plus noise 1e-4, so dropping all but one singular value costs
+    /// it almost no energy and the energy-per-parameter allocation takes it to rank 1 first.
+    /// </summary>
+    private static nn.Module<Tensor, Tensor> ModelWithANearlyRankOneLayer()
+    {
+        manual_seed(31);
+        var fc2 = nn.Linear(64, 48);
+        using (no_grad())
+        {
+            fc2.weight!.copy_(outer(randn(48), randn(64)) + (1e-4 * randn(48, 64)));
+        }
+
+        return nn.Sequential(("fc1", nn.Linear(64, 64)), ("fc2", fc2));
+    }
+
+    private static long Rank(nn.Module<Tensor, Tensor> model, string name) => ((LowRankLinear)ModuleTree.GetSubmodule(model, name)).Rank!.Value;
+
+    private static long Stored(nn.Module<Tensor, Tensor> model) =>
+        new[] { "fc1", "fc2" }.Sum(n => ModuleTree.GetSubmodule(model, n) is LowRankLinear low ? (long)low.Rank!.Value * (low.InFeatures + low.OutFeatures) : 64L * (n == "fc1" ? 64 : 48));
+
+    [Test]
+    public void Budget_NeverGoesBelowTheMinimumRank_AndSaysWhichLayersItHeld()
+    {
+        using var model = ModelWithANearlyRankOneLayer();
+        var logger = new CapturingLogger();
+        var context = new CompressionContext(new CompressionData(null, new TensorDataset(randn(8, 64), zeros(8, dtype: int64))), model, logger: logger);
+        var budget = new RankBudget { Fraction = 0.3 };
+        Assert.That((budget.MinRank, budget.MinRankFraction), Is.EqualTo((4, 0.05)), "the defaults");
+
+        var result = new SvdFactorizationStep(new SvdFactorizationOptions { Budget = budget }).Apply(ModuleCloner.DeepClone(model), context);
+
+        // fc2's floor: max(4, ⌈0.05 · 48⌉ = 3) = 4; fc1's: max(4, ⌈0.05 · 64⌉ = 4) = 4. Dense: 4096 + 3072 = 7168.
+        Assert.That(Rank(result, "fc2"), Is.EqualTo(4));
+        Assert.That(Rank(result, "fc1"), Is.GreaterThanOrEqualTo(4));
+        Assert.That(Stored(result), Is.LessThanOrEqualTo((long)(0.3 * 7168)).And.GreaterThan((long)(0.3 * 7168) - 128), "the budget is still met, one rank of fc1 at most below it");
+        var warning = logger.Entries.Single(e => e.Level == Microsoft.Extensions.Logging.LogLevel.Warning);
+        Assert.That(warning.Message, Does.Contain("fc2").And.Contain("minimum rank 4 of 48"));
+        Assert.That(context.Notes, Has.Some.Contains("held at the minimum rank").And.Contains("fc2 rank 4 of 48"));
+    }
+
+    [Test]
+    public void Budget_WithTheFloorsOff_TakesTheLayerToRankOne()
+    {
+        using var model = ModelWithANearlyRankOneLayer();
+        var context = Context(model, 64);
+        var options = new SvdFactorizationOptions { Budget = new RankBudget { Fraction = 0.3, MinRank = 1, MinRankFraction = 0 } };
+
+        var result = new SvdFactorizationStep(options).Apply(ModuleCloner.DeepClone(model), context);
+
+        Assert.That(Rank(result, "fc2"), Is.EqualTo(1));
+        Assert.That(context.Notes, Has.None.Contains("held at the minimum rank"));
+    }
+
+    [TestCase(RankAllocation.EnergyPerCost)]
+    [TestCase(RankAllocation.Sensitivity)]
+    public void Budget_MinRankFraction_FloorsEachLayerAtItsShareOfTheFullRank(RankAllocation allocation)
+    {
+        using var model = ModelWithANearlyRankOneLayer();
+        var context = Context(model, 64);
+        // fc2: ⌈0.25 · 48⌉ = 12 (1,344 parameters); fc1: ⌈0.25 · 64⌉ = 16 (2,048). 0.55 of 7168 = 3,942 leaves fc1 room
+        // above its floor.
+        var options = new SvdFactorizationOptions { Budget = new RankBudget { Fraction = 0.55, MinRank = 1, MinRankFraction = 0.25, Allocation = allocation } };
+
+        var result = new SvdFactorizationStep(options).Apply(ModuleCloner.DeepClone(model), context);
+
+        Assert.That(Rank(result, "fc2"), Is.GreaterThanOrEqualTo(12));
+        Assert.That(Rank(result, "fc1"), Is.GreaterThanOrEqualTo(16));
+        Assert.That(Stored(result), Is.LessThanOrEqualTo((long)(0.55 * 7168)));
+        if (allocation == RankAllocation.EnergyPerCost)
+        {
+            // Energy takes the nearly rank-1 fc2 to its floor, and fc1 to the largest rank that fits: 20 · 128 + 1,344 = 3,904.
+            Assert.That((Rank(result, "fc2"), Rank(result, "fc1")), Is.EqualTo((12L, 20L)));
+        }
+    }
+
+    [Test]
+    public void Budget_TheFloorsCannotMeet_ThrowsNamingThemBeforeAnyChange()
+    {
+        using var model = ModelWithANearlyRankOneLayer();
+        string before = TestModels.StateHash(model);
+        // At rank 16 and 12 the layers keep 2048 + 1344 = 3392 > 0.3 · 7168.
+        var options = new SvdFactorizationOptions { Budget = new RankBudget { Fraction = 0.3, MinRank = 1, MinRankFraction = 0.25 } };
+        var ex = Assert.Throws<ArgumentException>(() => new SvdFactorizationStep(options).Apply(model, Context(model, 64)));
+        Assert.That(ex!.Message, Does.Contain("cannot be met").And.Contain("MinRank").And.Contain("MinRankFraction"));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+    }
+
+    [Test]
+    public void Options_MinimumRankOutOfRange_AreAllListed()
+    {
+        var ex = Assert.Throws<OptionsValidationException>(() => new SvdFactorizationStep(new SvdFactorizationOptions
+        {
+            Budget = new RankBudget { MinRank = 0, MinRankFraction = 1.5 },
+        }));
+        Assert.That(ex!.Errors, Has.Count.EqualTo(2));
+        Assert.That(ex.Errors, Has.Some.Contains("MinRank must be at least 1 (was 0)"));
+        Assert.That(ex.Errors, Has.Some.Contains("MinRankFraction must be in [0, 1] (was 1.5)"));
+        Assert.Throws<OptionsValidationException>(() => new SvdFactorizationStep(new SvdFactorizationOptions { Budget = new RankBudget { MinRankFraction = double.NaN } }));
+        Assert.That(new SvdFactorizationOptions { Budget = new RankBudget { MinRank = 1, MinRankFraction = 0 } }.Validate(), Is.Empty);
+    }
+
+    private sealed class CapturingLogger : Microsoft.Extensions.Logging.ILogger
+    {
+        public List<(Microsoft.Extensions.Logging.LogLevel Level, string Message)> Entries { get; } = [];
+
+        public IDisposable? BeginScope<TState>(TState state)
+            where TState : notnull => null;
+
+        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
+
+        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
+            Entries.Add((logLevel, formatter(state, exception)));
     }
 }

@@ -260,4 +260,121 @@ public sealed class MagnitudePruningStepTests
         step.Apply(model, context);
         Assert.That(Tensor.TotalCount, Is.EqualTo(before));
     }
+
+    /// <summary>
+    /// fc1 32→64 and fc2 64→32 with ordinary weights, and "tiny" 50→10 whose 500 weights are all a thousand times
+    /// smaller: one global threshold at 50% takes every one of them.
+    /// </summary>
+    private static nn.Module<Tensor, Tensor> ModelWithATinyLayer()
+    {
+        manual_seed(21);
+        var tiny = nn.Linear(50, 10);
+        using (no_grad())
+        {
+            tiny.weight!.mul_(1e-3);
+        }
+
+        return nn.Sequential(("fc1", nn.Linear(32, 64)), ("fc2", nn.Linear(64, 32)), ("tiny", tiny));
+    }
+
+    private static long NonZero(nn.Module model, string name)
+    {
+        using var nz = model.named_parameters().Single(p => p.name == name).parameter.count_nonzero();
+        return nz.item<long>();
+    }
+
+    [Test]
+    public void Apply_GlobalWithALayerOfTinyWeights_TheFloorKeepsItsLargestWeightsAndTheSparsityHolds()
+    {
+        using var model = ModelWithATinyLayer();
+        var tinyBefore = ((Tensor)model.state_dict()["tiny.weight"]).detach().abs().flatten().clone();
+        var logger = new CapturingLogger();
+        var context = new CompressionContext(new CompressionData(_train, _test), model, logger: logger);
+        var options = new MagnitudePruningOptions { Sparsity = 0.5, Scope = PruningScope.Global, SparseExecution = SparseExecution.Never };
+        Assert.That(options.MinLayerKeptFraction, Is.EqualTo(0.02), "the default floor");
+
+        var result = new MagnitudePruningStep(options).Apply(model, context);
+
+        // 4,596 weights, 2,298 pruned; tiny keeps ⌈0.02 · 500⌉ = 10, and the others give up those 10 instead.
+        Assert.That(NonZero(result, "tiny.weight"), Is.EqualTo(10));
+        Assert.That(NonZero(result, "fc1.weight") + NonZero(result, "fc2.weight") + NonZero(result, "tiny.weight"), Is.EqualTo(2298));
+        using var kept = ((Tensor)result.state_dict()["tiny.weight"]).flatten().nonzero().flatten();
+        using var largest = tinyBefore.topk(10).indexes.sort().Values;
+        Assert.That(kept.data<long>().ToArray(), Is.EqualTo(largest.data<long>().ToArray()), "the floor keeps the layer's largest-magnitude weights");
+        var warning = logger.Entries.Single(e => e.Level == Microsoft.Extensions.Logging.LogLevel.Warning);
+        Assert.That(warning.Message, Does.Contain("tiny").And.Contain("0.0%").And.Contain("2.0%"));
+        Assert.That(context.Notes, Has.Some.Contains("per-layer floor").And.Contains("tiny 0.0%"));
+        tinyBefore.Dispose();
+    }
+
+    [Test]
+    public void Apply_GlobalWithTheFloorOff_RemovesTheTinyLayerAsBefore()
+    {
+        using var model = ModelWithATinyLayer();
+        var logger = new CapturingLogger();
+        var context = new CompressionContext(new CompressionData(_train, _test), model, logger: logger);
+        var options = new MagnitudePruningOptions { Sparsity = 0.5, Scope = PruningScope.Global, MinLayerKeptFraction = 0, SparseExecution = SparseExecution.Never };
+
+        var result = new MagnitudePruningStep(options).Apply(model, context);
+
+        Assert.That(NonZero(result, "tiny.weight"), Is.Zero);
+        Assert.That(NonZero(result, "fc1.weight") + NonZero(result, "fc2.weight"), Is.EqualTo(2298));
+        Assert.That(logger.Entries.Where(e => e.Level == Microsoft.Extensions.Logging.LogLevel.Warning), Is.Empty);
+        Assert.That(context.Notes, Has.None.Contains("per-layer floor"));
+    }
+
+    [Test]
+    public void GlobalMasks_ALayerPushedUnderItsFloorByAnotherLayersFloor_IsHeldToo()
+    {
+        // c: 1000 weights 1 + j/999; b: six at 1.885 (just above the 50% threshold) and 94 at 1e-3; a: 100 at 1e-4.
+        // Keep 120 of 1200: the threshold alone keeps 115 of c, 5 of b (its floor, 5%) and none of a. Holding a at 5
+        // leaves 115 for b and c, which c's 115 weights above 1.885 take: b falls to 0 and is held at 5 as well.
+        using var c = linspace(1, 2, 1000).reshape(10, 100);
+        var bValues = Enumerable.Repeat(1e-3f, 100).ToArray();
+        Array.Fill(bValues, 1.885f, 0, 6);
+        using var b = tensor(bValues).reshape(10, 10);
+        using var a = full(10, 10, 1e-4f);
+
+        var (masks, floored) = ModelCompression.Pruning.MagnitudeMasks.GlobalWithFloor([a, b, c], 0.9, 0.05);
+
+        Assert.That(masks.Select(m => m.count_nonzero().item<long>()), Is.EqualTo(new long[] { 5, 5, 110 }));
+        Assert.That(floored, Is.EqualTo(new double?[] { 0.0, 0.0, null }));
+        Assert.That(masks[1].flatten().narrow(0, 0, 6).sum().item<float>(), Is.EqualTo(5f), "b keeps five of its six large weights");
+        var (plain, none) = ModelCompression.Pruning.MagnitudeMasks.GlobalWithFloor([a, b, c], 0.9, 0.0);
+        Assert.That(plain.Select(m => m.count_nonzero().item<long>()), Is.EqualTo(new long[] { 0, 5, 115 }));
+        Assert.That(none, Is.All.Null);
+        masks.Concat(plain).ToList().ForEach(m => m.Dispose());
+    }
+
+    [TestCase(-0.01)]
+    [TestCase(1.0)]
+    [TestCase(double.NaN)]
+    public void Options_FloorOutOfRange_IsRejected(double floor)
+    {
+        var ex = Assert.Throws<OptionsValidationException>(() => new MagnitudePruningStep(new MagnitudePruningOptions { MinLayerKeptFraction = floor }));
+        Assert.That(ex!.Errors, Has.Count.EqualTo(1).And.Some.Contains("MinLayerKeptFraction").And.Some.Contains("[0, 1)"));
+    }
+
+    [Test]
+    public void Options_GlobalFloorAboveTheKeptFraction_IsRejectedAndLayerWiseIgnoresIt()
+    {
+        // 99% global keeps 1% overall: a 2% floor on every layer could not meet it.
+        var ex = Assert.Throws<OptionsValidationException>(() => new MagnitudePruningStep(new MagnitudePruningOptions { Sparsity = 0.99, Scope = PruningScope.Global }));
+        Assert.That(ex!.Errors, Has.Count.EqualTo(1).And.Some.Contains("MinLayerKeptFraction (0.02)").And.Some.Contains("0.01"));
+        Assert.That(new MagnitudePruningOptions { Sparsity = 0.99, Scope = PruningScope.Global, MinLayerKeptFraction = 0.01 }.Validate(), Is.Empty);
+        Assert.That(new MagnitudePruningOptions { Sparsity = 0.99 }.Validate(), Is.Empty);
+    }
+
+    private sealed class CapturingLogger : Microsoft.Extensions.Logging.ILogger
+    {
+        public List<(Microsoft.Extensions.Logging.LogLevel Level, string Message)> Entries { get; } = [];
+
+        public IDisposable? BeginScope<TState>(TState state)
+            where TState : notnull => null;
+
+        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
+
+        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
+            Entries.Add((logLevel, formatter(state, exception)));
+    }
 }

@@ -427,6 +427,110 @@ public sealed class PostTrainingQuantizationStepTests
         Assert.That(Tensor.TotalCount - before, Is.EqualTo(result.state_dict().Count - oldState));
     }
 
+    /// <summary>
+    /// Layers whose K inputs (a convolution's channels × kernel) are fewer than the group, or not a multiple of it:
+    /// the layer reports the groups it really uses, its weight is exactly the group rule applied to its rows (the last
+    /// group shorter), and the file holds it exactly. Each case: layer, mode, group size (0 = the default 64), the
+    /// group size the layer reports, the scales per row.
+    /// </summary>
+    private static IEnumerable<TestCaseData> GroupCases()
+    {
+        yield return new TestCaseData("linear16", QuantizationMode.WeightOnlyInt4, 0, 16, 1).SetName("int4 Linear(16, 32): one group of 16 per row");
+        yield return new TestCaseData("conv3x3", QuantizationMode.WeightOnlyInt4, 0, 27, 1).SetName("int4 Conv2d(3, 8, 3): one group of 27 per row");
+        yield return new TestCaseData("linear16", QuantizationMode.WeightOnlyInt8, 64, 16, 1).SetName("int8 per-group(64) Linear(16, 32): one group of 16 per row");
+        yield return new TestCaseData("linear64", QuantizationMode.WeightOnlyInt4, 0, 64, 1).SetName("int4 Linear(64, 32): K equal to the group");
+        yield return new TestCaseData("linear80", QuantizationMode.WeightOnlyInt4, 32, 32, 3).SetName("int4 per-group(32) Linear(80, 32): 32 + 32 + 16");
+        yield return new TestCaseData("conv3x5", QuantizationMode.WeightOnlyInt4, 0, 64, 2).SetName("int4 Conv2d(3, 8, 5): 64 + 11");
+    }
+
+    [TestCaseSource(nameof(GroupCases))]
+    public void WeightOnly_InputsNotWholeGroups_ReportsItsGroupsAndSavesAndLoadsExactly(string kind, QuantizationMode mode, int groupSize, int reportedGroup, int groupsPerRow)
+    {
+        manual_seed(11);
+        bool conv = kind.StartsWith("conv", StringComparison.Ordinal);
+        int k = kind switch { "linear16" => 16, "linear64" => 64, "linear80" => 80, "conv3x3" => 27, _ => 75 };
+        nn.Module<Tensor, Tensor> layer = conv ? nn.Conv2d(3, 8, kind == "conv3x3" ? 3 : 5, padding: 1) : nn.Linear(k, 32);
+        using var original = nn.Sequential(("layer", layer));
+        original.eval();
+        var floatWeight = ((Tensor)original.state_dict()["layer.weight"]).detach().reshape(conv ? 8 : 32, k).data<float>().ToArray();
+        using var model = ModuleCloner.DeepClone(original);
+        using var generator = new Generator(5);
+        using var inputs = conv ? randn([8, 3, 9, 9], generator: generator) : randn([8, k], generator: generator);
+        using var data = new TensorDataset(inputs, zeros(8, dtype: int64));
+        var options = new PostTrainingQuantizationOptions { Mode = mode, WeightGranularity = groupSize == 0 ? null : QuantizationGranularity.PerGroup(groupSize) };
+        var context = Context(original, data);
+
+        using var result = new PostTrainingQuantizationStep(options).Apply(model, context);
+
+        var quantized = (QuantizedLayer)ModuleTree.GetSubmodule(result, "layer");
+        Assert.That(quantized.WeightGranularity, Is.TypeOf<PerGroupGranularity>());
+        Assert.That(((PerGroupGranularity)quantized.WeightGranularity).Size, Is.EqualTo(reportedGroup));
+        Assert.That(quantized.ToString(), Does.Contain($"per-group({reportedGroup})"));
+        Assert.That(quantized.state_dict()["weight_scale"].shape, Is.EqualTo(new long[] { conv ? 8 : 32, groupsPerRow }));
+        if (reportedGroup < (groupSize == 0 ? 64 : groupSize))
+        {
+            Assert.That(context.Notes, Has.Some.Contains("one group per row").And.Contains($"layer (per-group({reportedGroup}))"));
+        }
+
+        // The stored weight is the group rule applied row by row, the last group of a row shorter when K is not whole groups.
+        int bits = mode == QuantizationMode.WeightOnlyInt4 ? 4 : 8;
+        int size = groupSize == 0 ? 64 : groupSize;
+        using var dequantized = quantized.DequantizedWeight();
+        var actual = dequantized.reshape(-1).data<float>().ToArray();
+        var expected = GroupRule(floatWeight, k, size, bits);
+        Assert.That(actual.Zip(expected).Max(p => Math.Abs(p.First - p.Second)), Is.LessThanOrEqualTo(1e-6));
+
+        using var stream = new MemoryStream();
+        ModelCompression.Serialization.CompressedModel.Save(result, stream);
+        stream.Position = 0;
+        using var loaded = ModelCompression.Serialization.CompressedModel.Load(stream);
+        var reloaded = (QuantizedLayer)ModuleTree.GetSubmodule(loaded, "layer");
+        Assert.That(reloaded.WeightGranularity.ToString(), Is.EqualTo(quantized.WeightGranularity.ToString()));
+        using (no_grad())
+        {
+            using var before = result.call(inputs);
+            using var after = loaded.call(inputs);
+            Assert.That(after.equal(before).all().item<bool>(), Is.True, "outputs are bit-identical after the round trip");
+        }
+
+        using var again = new MemoryStream();
+        ModelCompression.Serialization.CompressedModel.Save(loaded, again);
+        Assert.That(again.ToArray(), Is.EqualTo(stream.ToArray()), "the loaded model saves to the same bytes");
+    }
+
+    /// <summary>
+    /// The symmetric group rule written out independently of the library: groups of <paramref name="size"/> along each
+    /// row (the whole row when shorter, the last one shorter when K is not whole groups), scale max|w| / qmax (as
+    /// float16 at 4 bits, as stored), levels rounded half to even.
+    /// </summary>
+    private static float[] GroupRule(float[] weight, int k, int size, int bits)
+    {
+        int qmax = (1 << (bits - 1)) - 1;
+        var result = new float[weight.Length];
+        for (int row = 0; row < weight.Length / k; row++)
+        {
+            for (int start = 0; start < k; start += size)
+            {
+                int end = Math.Min(k, start + size);
+                float max = 0;
+                for (int i = start; i < end; i++)
+                {
+                    max = MathF.Max(max, MathF.Abs(weight[(row * k) + i]));
+                }
+
+                float scale = max == 0 ? 1f : max / qmax;
+                scale = bits == 4 ? (float)(Half)Math.Max(scale, 1e-4f) : scale;
+                for (int i = start; i < end; i++)
+                {
+                    float level = Math.Clamp(MathF.Round(weight[(row * k) + i] / scale, MidpointRounding.ToEven), -qmax, qmax);
+                    result[(row * k) + i] = level * scale;
+                }
+            }
+        }
+
+        return result;
+    }
+
     /// <summary>Yields the given input batches as they are (a TensorDataset would refuse NaN or empty data).</summary>
     private sealed class FixedBatches(params Tensor[] inputs) : IBatchSource
     {

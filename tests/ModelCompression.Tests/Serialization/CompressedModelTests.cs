@@ -174,6 +174,57 @@ public sealed class CompressedModelTests
     }
 
     [Test]
+    public void Load_GroupLongerThanTheRow_AsEarlierVersionsWroteIt_LoadsAsOneGroupPerRow()
+    {
+        // Before groups were capped at the row, Linear(16, 8) at int4 per-group(32) was written with group size 32,
+        // which the reader refused. Rebuild that file from today's (group 16) by patching the one field, and load it.
+        manual_seed(3);
+        using var model = nn.Sequential(("layer", QuantizedLinear.FromLinear(nn.Linear(16, 8), bits: 4, granularity: QuantizationGranularity.PerGroup(32), weightOnly: true)));
+        using var input = randn(4, 16);
+        using var stream = new MemoryStream();
+        CompressedModel.Save(model, stream);
+        var file = stream.ToArray();
+        // The layer's first fields as zig-zag varints: n = 8, k = 16, bits = 4, granularity 2 (per group), group 16.
+        byte[] today = [0x10, 0x20, 0x08, 0x04, 0x20];
+        int at = file.AsSpan().IndexOf(today);
+        Assert.That(at, Is.GreaterThan(0));
+        Assert.That(file.AsSpan(at + 1).IndexOf(today), Is.EqualTo(-1), "the fields are found once");
+        file[at + 4] = 0x40;
+        FormatFuzzer.FixChecksums(file);
+
+        using var loaded = CompressedModel.Load(new MemoryStream(file));
+
+        var layer = (QuantizedLinear)loaded.named_modules().Single(m => m.name == "layer").module;
+        Assert.That(layer.WeightGranularity.ToString(), Is.EqualTo("per-group(16)"));
+        using (no_grad())
+        {
+            using var expected = model.call(input);
+            using var actual = loaded.call(input);
+            Assert.That(actual.equal(expected).all().item<bool>(), Is.True, "outputs are bit-identical");
+        }
+    }
+
+    [Test]
+    public void Load_GroupShorterThanTheRowNotAMultipleOf8_IsRejected()
+    {
+        // Linear(80, 8) at per-group(32) stores group 32 and 3 scales a row; a group of 28 (zig-zag 56) has as many
+        // scales but is not one the kernel can run: the reader must say so instead of failing inside the kernel.
+        using var model = nn.Sequential(("layer", QuantizedLinear.FromLinear(nn.Linear(80, 8), bits: 4, granularity: QuantizationGranularity.PerGroup(32), weightOnly: true)));
+        using var stream = new MemoryStream();
+        CompressedModel.Save(model, stream);
+        var file = stream.ToArray();
+        byte[] fields = [0x10, 0xA0, 0x01, 0x08, 0x04, 0x40];
+        int at = file.AsSpan().IndexOf(fields);
+        Assert.That(at, Is.GreaterThan(0));
+        file[at + 5] = 0x38;
+        FormatFuzzer.FixChecksums(file);
+
+        Assert.That(
+            () => CompressedModel.Load(new MemoryStream(file)),
+            Throws.TypeOf<InvalidDataException>().With.Message.Contains("groups of 28 inputs"));
+    }
+
+    [Test]
     public void Save_InterruptedWrite_LeavesThePreviousFileIntact()
     {
         string path = Path.Combine(directory, "model.mcmf");

@@ -22,8 +22,10 @@ internal sealed unsafe class QuantizedMatrix
         Q = q;
         Scales = scales;
         Bias = bias;
-        // The kernel runs 4-bit weights from nibbles and every other width (1–8 bits) from bytes.
-        Packed = PackedWeights.Create(q, n, k, bits == 4 ? 4 : 8, groupSize, ExpandScales(), bias ?? []);
+        // The kernel runs 4-bit weights from nibbles and every other width (1–8 bits) from bytes. Its blocks are whole
+        // multiples of 8 inputs: a whole-row group of K inputs packs as one block of ⌈K/8⌉·8, padded with zero weights.
+        int packedGroup = groupSize == k ? PackedWeights.RoundUp(k, 8) : groupSize;
+        Packed = PackedWeights.Create(q, n, k, bits == 4 ? 4 : 8, packedGroup, ExpandScales(), bias ?? []);
     }
 
     public int N { get; }
@@ -34,7 +36,10 @@ internal sealed unsafe class QuantizedMatrix
 
     public QuantizationGranularity Granularity { get; }
 
-    /// <summary>Gets the inputs per scale, or 0 for one scale per row (per channel or per tensor).</summary>
+    /// <summary>
+    /// Gets the inputs per scale, or 0 for one scale per row (per channel or per tensor). Never more than
+    /// <see cref="K"/>: a group of K is the whole row; with K not a multiple of it, the last group of each row is shorter.
+    /// </summary>
     public int GroupSize { get; }
 
     /// <summary>Gets the integer weights, row-major [N, K].</summary>
@@ -50,6 +55,13 @@ internal sealed unsafe class QuantizedMatrix
     /// <summary>Gets the number of scales per row.</summary>
     public int GroupsPerRow => GroupSize == 0 ? 1 : (K + GroupSize - 1) / GroupSize;
 
+    /// <summary>
+    /// The granularity a matrix of <paramref name="k"/> inputs really has: a group of more than K inputs is the whole
+    /// row, <see cref="QuantizationGranularity.PerGroup"/>(K), so the layer reports (and the file stores) the group it uses.
+    /// </summary>
+    public static QuantizationGranularity ForInputs(QuantizationGranularity granularity, int k) =>
+        granularity is PerGroupGranularity g && g.Size > k ? QuantizationGranularity.PerGroup(k) : granularity;
+
     /// <summary>The largest integer magnitude of a <paramref name="bits"/>-bit symmetric weight (1 for binary ±1 weights).</summary>
     public static int MaxLevel(int bits) => bits == 1 ? 1 : (1 << (bits - 1)) - 1;
 
@@ -59,6 +71,7 @@ internal sealed unsafe class QuantizedMatrix
     /// </summary>
     public static QuantizedMatrix FromFloat(ReadOnlySpan<float> weight, int n, int k, int bits, QuantizationGranularity granularity, ReadOnlySpan<float> bias, bool hasBias)
     {
+        granularity = ForInputs(granularity, k);
         int qmax = MaxLevel(bits);
         int groupSize = granularity is PerGroupGranularity g ? g.Size : 0;
         int groups = groupSize == 0 ? 1 : (k + groupSize - 1) / groupSize;
@@ -86,6 +99,8 @@ internal sealed unsafe class QuantizedMatrix
     /// <summary>Quantizes a float weight with the given scales (one, N, or N × groups), rounding to nearest.</summary>
     public static QuantizedMatrix FromScales(ReadOnlySpan<float> weight, int n, int k, int bits, QuantizationGranularity granularity, float[] scales, ReadOnlySpan<float> bias, bool hasBias)
     {
+        // A group longer than the row had one scale per row already (⌈K/size⌉ = 1): the scales need no change.
+        granularity = ForInputs(granularity, k);
         int qmax = MaxLevel(bits);
         int groupSize = granularity is PerGroupGranularity g ? g.Size : 0;
         int groups = groupSize == 0 ? 1 : (k + groupSize - 1) / groupSize;
@@ -109,9 +124,16 @@ internal sealed unsafe class QuantizedMatrix
         return new QuantizedMatrix(n, k, bits, granularity, groupSize, q, scales, hasBias ? bias.ToArray() : null);
     }
 
-    /// <summary>Rebuilds a matrix from stored integer weights and scales (the file format's reader; counts already checked).</summary>
-    public static QuantizedMatrix FromLevels(int n, int k, int bits, QuantizationGranularity granularity, sbyte[] q, float[] scales, float[]? bias) =>
-        new(n, k, bits, granularity, granularity is PerGroupGranularity g ? g.Size : 0, q, scales, bias);
+    /// <summary>
+    /// Rebuilds a matrix from stored integer weights and scales (the file format's reader; counts already checked).
+    /// A stored group longer than the row (written before groups were capped at K) becomes the whole-row group it
+    /// always was: one scale per row, the same outputs.
+    /// </summary>
+    public static QuantizedMatrix FromLevels(int n, int k, int bits, QuantizationGranularity granularity, sbyte[] q, float[] scales, float[]? bias)
+    {
+        granularity = ForInputs(granularity, k);
+        return new(n, k, bits, granularity, granularity is PerGroupGranularity g ? g.Size : 0, q, scales, bias);
+    }
 
     /// <summary>Returns the float weight the integers stand for, row-major [N, K].</summary>
     public float[] Dequantize()
