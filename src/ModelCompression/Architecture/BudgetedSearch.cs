@@ -291,7 +291,7 @@ public sealed class BudgetedSearchStep : ICompressionStep, ICompressionStepRequi
                 {
                     pruned = new StructuredPruningStep(new StructuredPruningOptions { Ratio = ratio, Layers = LayerSelection.Named(names) }).Apply(candidate, quiet);
                 }
-                catch (ArgumentException)
+                catch (Exception ex) when (ex is ArgumentException or UnsupportedModelException)
                 {
                     candidate.Dispose();
                     break;
