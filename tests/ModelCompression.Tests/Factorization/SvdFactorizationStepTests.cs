@@ -321,17 +321,4 @@ public sealed class SvdFactorizationStepTests
         Assert.Throws<OptionsValidationException>(() => new SvdFactorizationStep(new SvdFactorizationOptions { Budget = new RankBudget { MinRankFraction = double.NaN } }));
         Assert.That(new SvdFactorizationOptions { Budget = new RankBudget { MinRank = 1, MinRankFraction = 0 } }.Validate(), Is.Empty);
     }
-
-    private sealed class CapturingLogger : Microsoft.Extensions.Logging.ILogger
-    {
-        public List<(Microsoft.Extensions.Logging.LogLevel Level, string Message)> Entries { get; } = [];
-
-        public IDisposable? BeginScope<TState>(TState state)
-            where TState : notnull => null;
-
-        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
-
-        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
-            Entries.Add((logLevel, formatter(state, exception)));
-    }
 }

@@ -116,16 +116,9 @@ public sealed class LayerRegistryTests
         manual_seed(7);
         using var model = new GruClassifier();
         using var tokens = randint(0, 50, [64, 6], dtype: ScalarType.Int64);
-        using var labels = model.call(tokens).argmax(1);
-        var data = new ModelCompression.Data.TensorDataset(tokens, labels);
         string before = TestModels.StateHash(model);
 
-        var result = CompressionPipeline.Create()
-            .AddPostTrainingQuantization(QuantizationMode.DynamicInt8)
-            .WithAccuracyCheck(1.0, AccuracyCheckPolicy.SkipStep)
-            .WithLatencyMeasurement(new LatencyOptions { Warmup = 1, Repeats = 3 })
-            .Build()
-            .Run(model, new CompressionData(data, data));
+        var result = QuantizeOnItsOwnPredictions(model, tokens, new LatencyOptions { Warmup = 1, Repeats = 3 });
         using var compressed = result.Model;
 
         Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
@@ -159,16 +152,9 @@ public sealed class LayerRegistryTests
         manual_seed(5);
         using var model = new EncoderClassifier();
         using var tokens = randint(0, 30, [48, 5], dtype: ScalarType.Int64);
-        using var labels = model.call(tokens).argmax(1);
-        var data = new ModelCompression.Data.TensorDataset(tokens, labels);
         string before = TestModels.StateHash(model);
 
-        var result = CompressionPipeline.Create()
-            .AddPostTrainingQuantization(QuantizationMode.DynamicInt8)
-            .WithAccuracyCheck(1.0, AccuracyCheckPolicy.SkipStep)
-            .WithLatencyMeasurement(new LatencyOptions { Enabled = false })
-            .Build()
-            .Run(model, new CompressionData(data, data));
+        var result = QuantizeOnItsOwnPredictions(model, tokens, new LatencyOptions { Enabled = false });
         using var compressed = result.Model;
 
         Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
@@ -248,6 +234,19 @@ public sealed class LayerRegistryTests
             .Order()
             .ToList();
         Assert.That(unregistered, Is.EqualTo(new[] { "EmbeddingBag", "GRUCell", "HookableModule`2", "LSTMCell", "RNNCell", "Transformer" }));
+    }
+
+    /// <summary>Dynamic int8 through a pipeline, the labels being the model's own predictions (so accuracy is agreement).</summary>
+    private static CompressionResult QuantizeOnItsOwnPredictions(nn.Module<Tensor, Tensor> model, Tensor tokens, LatencyOptions latency)
+    {
+        using var labels = model.call(tokens).argmax(1);
+        var data = new ModelCompression.Data.TensorDataset(tokens, labels);
+        return CompressionPipeline.Create()
+            .AddPostTrainingQuantization(QuantizationMode.DynamicInt8)
+            .WithAccuracyCheck(1.0, AccuracyCheckPolicy.SkipStep)
+            .WithLatencyMeasurement(latency)
+            .Build()
+            .Run(model, new CompressionData(data, data));
     }
 
     private static float[] Run(nn.Module module, string name)

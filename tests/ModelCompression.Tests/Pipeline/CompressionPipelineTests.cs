@@ -162,19 +162,6 @@ public sealed class CompressionPipelineTests
     public void WithLogger_Null_IsRejected() =>
         Assert.Throws<ArgumentNullException>(() => CompressionPipeline.Create().WithLogger(null!));
 
-    private sealed class CapturingLogger : Microsoft.Extensions.Logging.ILogger
-    {
-        public List<(Microsoft.Extensions.Logging.LogLevel Level, string Message)> Entries { get; } = [];
-
-        public IDisposable? BeginScope<TState>(TState state)
-            where TState : notnull => null;
-
-        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
-
-        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
-            Entries.Add((logLevel, formatter(state, exception)));
-    }
-
     [Test]
     public void StopKeepBestPolicy_DestructiveStep_StopsAndReturnsTheLastAcceptedModel()
     {

@@ -364,17 +364,4 @@ public sealed class MagnitudePruningStepTests
         Assert.That(new MagnitudePruningOptions { Sparsity = 0.99, Scope = PruningScope.Global, MinLayerKeptFraction = 0.01 }.Validate(), Is.Empty);
         Assert.That(new MagnitudePruningOptions { Sparsity = 0.99 }.Validate(), Is.Empty);
     }
-
-    private sealed class CapturingLogger : Microsoft.Extensions.Logging.ILogger
-    {
-        public List<(Microsoft.Extensions.Logging.LogLevel Level, string Message)> Entries { get; } = [];
-
-        public IDisposable? BeginScope<TState>(TState state)
-            where TState : notnull => null;
-
-        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
-
-        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
-            Entries.Add((logLevel, formatter(state, exception)));
-    }
 }
