@@ -161,9 +161,9 @@ public static class ModelMetrics
 
     /// <summary>
     /// Counts the multiply-accumulates of one sample, per layer, by running <paramref name="sample"/> through the model
-    /// with forward hooks on every <see cref="ICompressedLayer"/> and every tensor-to-tensor layer whose
-    /// <see cref="Modules.LayerDescriptor"/> counts MACs (Linear, convolutions, transformer encoder layers, and kinds
-    /// registered by the application). Custom modules must call their children with <c>call()</c> for the hooks to fire.
+    /// with forward hooks on every <see cref="ICompressedLayer"/> and every layer whose <see cref="Modules.LayerDescriptor"/>
+    /// counts MACs (Linear, convolutions, recurrent, attention and transformer layers, and kinds registered by the
+    /// application). Custom modules must call their children with <c>call()</c> for the hooks to fire.
     /// </summary>
     /// <param name="model">The model.</param>
     /// <param name="sample">An input batch; MACs are divided by its first dimension.</param>
@@ -189,22 +189,25 @@ public static class ModelMetrics
             {
                 // A compressed layer counts its own MACs; the modules inside it are not counted again.
                 bool inside = name.Length > 0 && compressed.Any(prefix => name.StartsWith(prefix, StringComparison.Ordinal));
-                if (module is not nn.Module<Tensor, Tensor> layer || !IsCounted(module) || inside)
+                if (inside)
                 {
                     continue;
                 }
 
                 string key = name;
-                var remover = layer.register_forward_hook((m, input, output) =>
+                void Add(long macs) => counts[key] = counts.GetValueOrDefault(key) + macs;
+                if (module is ICompressedLayer compressedLayer && module is nn.Module<Tensor, Tensor> layer)
                 {
-                    if (CountLayerMacs(m, input, output) is { } macs)
+                    removers.Add(layer.register_forward_hook((m, input, output) =>
                     {
-                        counts[key] = counts.GetValueOrDefault(key) + macs;
-                    }
-
-                    return output;
-                });
-                removers.Add(remover.remove);
+                        Add(compressedLayer.CountMacs(input, output));
+                        return output;
+                    }).remove);
+                }
+                else if (Modules.LayerRegistry.Find(module)?.AttachMacsCounter(module, Add) is { } remove)
+                {
+                    removers.Add(remove);
+                }
             }
 
             model.eval();
@@ -336,8 +339,6 @@ public static class ModelMetrics
     }
 
     private static int BitsOf(Tensor? tensor) => tensor is null ? 32 : (int)(tensor.ElementSize * 8);
-
-    private static bool IsCounted(nn.Module module) => module is ICompressedLayer || Modules.LayerRegistry.Find(module) is not null;
 
     /// <summary>MACs of one call of a layer, over the whole batch: a compressed layer counts itself, other kinds through their descriptor.</summary>
     internal static long LayerMacs(nn.Module module, Tensor input, Tensor output) => CountLayerMacs(module, input, output) ?? 0;

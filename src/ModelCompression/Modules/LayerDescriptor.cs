@@ -88,6 +88,32 @@ public abstract class LayerDescriptor
     /// <param name="output">The output of the call.</param>
     /// <returns>The multiply-accumulates of the call, or <see langword="null"/>.</returns>
     public virtual long? CountMacs(nn.Module module, Tensor input, Tensor output) => null;
+
+    /// <summary>
+    /// Attaches a counter of multiply-accumulates to a layer for one measurement: every call through <c>call()</c>
+    /// adds its MACs (over the whole batch) to <paramref name="add"/>. The default hooks a tensor-to-tensor layer with
+    /// <see cref="CountMacs"/>; override it for a layer whose forward takes or returns something else (a recurrent or
+    /// attention layer), using the typed <c>register_forward_hook</c> of its TorchSharp base class.
+    /// </summary>
+    /// <param name="module">The layer.</param>
+    /// <param name="add">Receives the MACs of each call.</param>
+    /// <returns>What removes the hook after the measurement, or <see langword="null"/> when the layer's MACs are not counted.</returns>
+    public virtual Action? AttachMacsCounter(nn.Module module, Action<long> add)
+    {
+        ArgumentNullException.ThrowIfNull(module);
+        ArgumentNullException.ThrowIfNull(add);
+        return module is nn.Module<Tensor, Tensor> layer
+            ? layer.register_forward_hook((m, input, output) =>
+            {
+                if (CountMacs(m, input, output) is { } macs)
+                {
+                    add(macs);
+                }
+
+                return output;
+            }).remove
+            : null;
+    }
 }
 
 /// <summary>A descriptor for a module kind with a parameterless constructor (a factory): no attributes, built by the factory.</summary>

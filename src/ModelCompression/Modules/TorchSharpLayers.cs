@@ -188,6 +188,29 @@ internal static class TorchSharpLayers
             return ProbeSettings(module, candidates.ToList(), this, g => [randn([3, 2, w.shape[1]], generator: g)], Run);
         }
 
+        public override Action? AttachMacsCounter(nn.Module module, Action<long> add)
+        {
+            ArgumentNullException.ThrowIfNull(add);
+            var a = GetAttributes(module);
+            long hidden = a.GetInt64("hidden"), input = a.GetInt64("input"), layers = a.GetInt64("layers");
+            long directions = a.GetBoolean("bidirectional") ? 2 : 1;
+            long perToken = 0;
+            for (long l = 0; l < layers; l++)
+            {
+                // Each gate multiplies the step's input and the previous hidden state by its weights.
+                perToken += directions * gates * hidden * ((l == 0 ? input : hidden * directions) + hidden);
+            }
+
+            long Macs(Tensor x) => (x.dim() == 3 ? x.shape[0] * x.shape[1] : x.shape[0]) * perToken;
+            return module switch
+            {
+                GRU gru => gru.register_forward_hook((m, x, h, output) => { add(Macs(x)); return output; }).remove,
+                LSTM lstm => lstm.register_forward_hook((m, x, h, output) => { add(Macs(x)); return output; }).remove,
+                RNN rnn => rnn.register_forward_hook((m, x, h, output) => { add(Macs(x)); return output; }).remove,
+                _ => null,
+            };
+        }
+
         private static Tensor Run(nn.Module m, Tensor[] x) => m switch
         {
             GRU gru => gru.forward(x[0], null).Item1,
@@ -209,6 +232,24 @@ internal static class TorchSharpLayers
             return dim % heads == 0
                 ? nn.MultiheadAttention(dim, heads, 0, a.GetBoolean("bias"), a.GetBoolean("biasKv"), a.GetBoolean("zeroAttention"), a.GetInt64("kdim", 1, MaxSize), a.GetInt64("vdim", 1, MaxSize))
                 : throw new InvalidDataException($"An attention layer of width {dim} cannot have {heads} heads.");
+        }
+
+        public override Action? AttachMacsCounter(nn.Module module, Action<long> add)
+        {
+            ArgumentNullException.ThrowIfNull(add);
+            var a = GetAttributes(module);
+            long dim = a.GetInt64("dim"), kdim = a.GetInt64("kdim"), vdim = a.GetInt64("vdim");
+            return ((MultiheadAttention)module).register_forward_hook((m, q, k, v, padding, weights, mask, output) =>
+            {
+                if (q.dim() == 3 && k.dim() == 3)
+                {
+                    long lq = q.shape[0], lk = k.shape[0], batch = q.shape[1];
+                    // Query, key, value and output projections, then scores and the weighted sum of values.
+                    add((lq * batch * dim * dim * 2) + (lk * batch * dim * (kdim + vdim)) + (2 * lq * lk * batch * dim));
+                }
+
+                return output;
+            }).remove;
         }
 
         private LayerAttributes Probe(nn.Module module)
@@ -271,7 +312,7 @@ internal static class TorchSharpLayers
             return nn.TransformerEncoderLayer(dim, heads, ff, 0.1, activation);
         }
 
-        public override long? CountMacs(nn.Module module, Tensor input, Tensor output) => TransformerMacs(module.state_dict(), string.Empty, input, crossAttention: false);
+        public override long? CountMacs(nn.Module module, Tensor input, Tensor output) => TransformerMacs(input, input, GetAttributes(module).GetInt64("feedForward"), crossAttention: false);
     }
 
     private sealed class EncoderStack() : BuiltIn("torch.nn.TransformerEncoder", typeof(TransformerEncoder))
@@ -292,6 +333,18 @@ internal static class TorchSharpLayers
             using var layer = nn.TransformerEncoderLayer(dim, heads, ff, 0.1, activation);
             return nn.TransformerEncoder(layer, a.GetInt64("layers", 1, 1024));
         }
+
+        public override Action? AttachMacsCounter(nn.Module module, Action<long> add)
+        {
+            ArgumentNullException.ThrowIfNull(add);
+            var a = GetAttributes(module);
+            long layers = a.GetInt64("layers"), ff = a.GetInt64("feedForward");
+            return ((TransformerEncoder)module).register_forward_hook((m, src, mask, padding, output) =>
+            {
+                add(layers * TransformerMacs(src, src, ff, crossAttention: false));
+                return output;
+            }).remove;
+        }
     }
 
     private sealed class DecoderLayer() : BuiltIn("torch.nn.TransformerDecoderLayer", typeof(TransformerDecoderLayer))
@@ -310,6 +363,17 @@ internal static class TorchSharpLayers
         {
             var (dim, heads, ff, activation) = TransformerSettings(a);
             return nn.TransformerDecoderLayer(dim, heads, ff, 0.1, activation);
+        }
+
+        public override Action? AttachMacsCounter(nn.Module module, Action<long> add)
+        {
+            ArgumentNullException.ThrowIfNull(add);
+            long ff = GetAttributes(module).GetInt64("feedForward");
+            return ((TransformerDecoderLayer)module).register_forward_hook((m, target, memory, targetMask, memoryMask, targetPadding, memoryPadding, output) =>
+            {
+                add(TransformerMacs(target, memory, ff, crossAttention: true));
+                return output;
+            }).remove;
         }
     }
 
@@ -332,23 +396,36 @@ internal static class TorchSharpLayers
             using var layer = nn.TransformerDecoderLayer(dim, heads, ff, 0.1, activation);
             return nn.TransformerDecoder(layer, a.GetInt64("layers", 1, 1024));
         }
+
+        public override Action? AttachMacsCounter(nn.Module module, Action<long> add)
+        {
+            ArgumentNullException.ThrowIfNull(add);
+            var a = GetAttributes(module);
+            long layers = a.GetInt64("layers"), ff = a.GetInt64("feedForward");
+            return ((TransformerDecoder)module).register_forward_hook((m, target, memory, targetMask, memoryMask, targetPadding, memoryPadding, output) =>
+            {
+                add(layers * TransformerMacs(target, memory, ff, crossAttention: true));
+                return output;
+            }).remove;
+        }
     }
 
-    /// <summary>MACs of an encoder layer on a time-major input [L, N, E]: projections, attention scores and mix, feed-forward.</summary>
-    private static long TransformerMacs(Dictionary<string, Tensor> state, string prefix, Tensor input, bool crossAttention)
+    /// <summary>
+    /// MACs of one transformer layer on time-major inputs [L, N, E]: the self-attention's projections, scores and mix,
+    /// for a decoder layer also the cross-attention over the memory [M, N, E], and the feed-forward block.
+    /// </summary>
+    private static long TransformerMacs(Tensor input, Tensor memory, long feedForward, bool crossAttention)
     {
-        if (input.dim() != 3)
+        if (input.dim() != 3 || memory.dim() != 3)
         {
             return 0;
         }
 
-        long length = input.shape[0], batch = input.shape[1], dim = input.shape[2];
-        long ff = state[prefix + "linear1.weight"].shape[0];
+        long length = input.shape[0], batch = input.shape[1], dim = input.shape[2], memoryLength = memory.shape[0];
         long tokens = length * batch;
-        long projections = tokens * 4 * dim * dim;
-        long attention = batch * 2 * length * length * dim;
-        long feedForward = tokens * 2 * dim * ff;
-        return projections + attention + feedForward + (crossAttention ? projections + attention : 0);
+        long selfAttention = (tokens * 4 * dim * dim) + (batch * 2 * length * length * dim);
+        long cross = crossAttention ? (tokens * 2 * dim * dim) + (memoryLength * batch * 2 * dim * dim) + (batch * 2 * length * memoryLength * dim) : 0;
+        return selfAttention + cross + (tokens * 2 * dim * feedForward);
     }
 
     // ------------------------------------------------------------------ probing

@@ -11,6 +11,10 @@ namespace ModelCompression.Quantization;
 /// <see cref="HalfPrecisionLayer"/>, is handled as <see cref="HalfPrecisionOptions.FixedTypeLayers"/> says: by default
 /// it keeps its type with its parameters rounded to the 16-bit values.
 /// </summary>
+/// <remarks>
+/// Each layer checks its native 16-bit kernel on a probe input (see <see cref="HalfPrecisionLayer.ComputeType"/>); the
+/// step logs a warning and adds a note naming the layers whose kernel was wrong and that compute in float32 instead.
+/// </remarks>
 public sealed class HalfPrecisionStep : ICompressionStep
 {
     /// <summary>The base name of the step in reports.</summary>
@@ -63,6 +67,8 @@ public sealed class HalfPrecisionStep : ICompressionStep
             model, targets.Select(t => t.Name), typeof(HalfPrecisionLayer), _options.FixedTypeLayers, Name, nameof(HalfPrecisionOptions));
         var dtype = _options.Format == HalfPrecisionFormat.BFloat16 ? ScalarType.BFloat16 : ScalarType.Float16;
         var root = model;
+        var fallbacks = new List<string>();
+        var unverified = new List<string>();
         using (NewDisposeScope())
         using (no_grad())
         {
@@ -82,8 +88,31 @@ public sealed class HalfPrecisionStep : ICompressionStep
 
                 var layer = new HalfPrecisionLayer((nn.Module<Tensor, Tensor>)module, dtype);
                 root = ModuleTree.Replace(root, name, layer);
-                context.Logger.LogDebug("Converted {Layer} to {Type}", name, dtype);
+                context.Logger.LogDebug("Converted {Layer} to {Type} (computes in {ComputeType}, probe error {Error})", name, dtype, layer.ComputeType, layer.ProbeError);
+                if (layer.ComputeType != dtype)
+                {
+                    // The weights are still stored in 16 bits; only the arithmetic is wider, so the user should know why
+                    // this layer is not faster.
+                    context.Logger.LogWarning(
+                        "The native {Type} kernel of {Layer} is wrong on this machine (relative error {Error:G3} on a probe input); it computes in float32 from its {Type} weights",
+                        dtype, name, layer.ProbeError, dtype);
+                    fallbacks.Add($"{name} ({layer.ProbeError:G3})");
+                }
+                else if (layer.ProbeError is null)
+                {
+                    unverified.Add(name);
+                }
             }
+        }
+
+        if (fallbacks.Count > 0)
+        {
+            context.AddNote($"native {dtype} kernel wrong on this machine (relative error on a probe input); computing in float32 from {dtype} weights: {string.Join(", ", fallbacks)}");
+        }
+
+        if (unverified.Count > 0)
+        {
+            context.AddNote($"native {dtype} kernel not checked (no float32 path for this layer kind): {string.Join(", ", unverified)}");
         }
 
         string format = dtype == ScalarType.BFloat16 ? "bf16" : "fp16";

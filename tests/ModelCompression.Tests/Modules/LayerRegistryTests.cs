@@ -137,6 +137,52 @@ public sealed class LayerRegistryTests
     }
 
     [Test]
+    public void CountMacsPerLayer_RecurrentAndTransformerLayers_CountedFromTheirShapes()
+    {
+        using var gru = new GruClassifier();
+        using var tokens = zeros([1, 6], dtype: ScalarType.Int64);
+        var macs = ModelMetrics.CountMacsPerLayer(gru, tokens);
+        // GRU(8 → 12): 3 gates × 12 × (8 + 12) per token, 6 tokens; the head 12 × 3; an embedding multiplies nothing.
+        Assert.That(macs["gru"], Is.EqualTo(6 * 3 * 12 * (8 + 12)));
+        Assert.That(macs["head"], Is.EqualTo(36));
+        Assert.That(macs.ContainsKey("embed"), Is.False);
+
+        using var encoder = new EncoderClassifier();
+        using var sequence = zeros([1, 5], dtype: ScalarType.Int64);
+        // Per layer, 5 tokens of width 8: projections 5·4·8², scores and mix 2·5²·8, feed-forward 5·2·8·16.
+        Assert.That(ModelMetrics.CountMacsPerLayer(encoder, sequence)["encoder"], Is.EqualTo(2 * ((5 * 4 * 64) + (2 * 25 * 8) + (5 * 2 * 8 * 16))));
+    }
+
+    [Test]
+    public void Pipeline_TransformerEncoderClassifier_CopiesMeasuresAndSaves()
+    {
+        manual_seed(5);
+        using var model = new EncoderClassifier();
+        using var tokens = randint(0, 30, [48, 5], dtype: ScalarType.Int64);
+        using var labels = model.call(tokens).argmax(1);
+        var data = new ModelCompression.Data.TensorDataset(tokens, labels);
+        string before = TestModels.StateHash(model);
+
+        var result = CompressionPipeline.Create()
+            .AddPostTrainingQuantization(QuantizationMode.DynamicInt8)
+            .WithAccuracyCheck(1.0, AccuracyCheckPolicy.SkipStep)
+            .WithLatencyMeasurement(new LatencyOptions { Enabled = false })
+            .Build()
+            .Run(model, new CompressionData(data, data));
+        using var compressed = result.Model;
+
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+        Assert.That(result.Report.Baseline.Accuracy, Is.EqualTo(1.0));
+        Assert.That(result.Report.Baseline.Macs, Is.EqualTo(2 * ((5 * 4 * 64) + (2 * 25 * 8) + (5 * 2 * 8 * 16)) + (8 * 4)));
+        using var stream = new MemoryStream();
+        CompressedModel.Save(compressed, stream);
+        stream.Position = 0;
+        using var architecture = new EncoderClassifier();
+        using var loaded = CompressedModel.Load(stream, architecture);
+        Assert.That(TestModels.Output(loaded, tokens), Is.EqualTo(TestModels.Output(compressed, tokens)));
+    }
+
+    [Test]
     public void ThirdPartyKind_RegisteredDescriptor_CopiesStoresAndCountsMacs()
     {
         LayerRegistry.Register(new ScaledLinearDescriptor());
@@ -271,6 +317,24 @@ public sealed class LayerRegistryTests
             using var scope = NewDisposeScope();
             var (output, _) = gru.call(embed.call(tokens));
             return head.call(output.select(1, -1)).MoveToOuterDisposeScope();
+        }
+    }
+
+    /// <summary>Token ids [N, L] → embedding → TorchSharp's TransformerEncoder (time-major) → mean over time → Linear.</summary>
+    private sealed class EncoderClassifier : nn.Module<Tensor, Tensor>
+    {
+        private readonly Embedding embed = nn.Embedding(30, 8);
+        private readonly TransformerEncoder encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, 0.0), 2);
+        private readonly nn.Module<Tensor, Tensor> head = nn.Linear(8, 4);
+
+        public EncoderClassifier()
+            : base(nameof(EncoderClassifier)) => RegisterComponents();
+
+        public override Tensor forward(Tensor tokens)
+        {
+            using var scope = NewDisposeScope();
+            var hidden = encoder.call(embed.call(tokens).transpose(0, 1));
+            return head.call(hidden.mean([0])).MoveToOuterDisposeScope();
         }
     }
 

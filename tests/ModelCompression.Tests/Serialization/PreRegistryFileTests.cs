@@ -15,7 +15,7 @@ namespace ModelCompression.Tests.Serialization;
 [TestFixture]
 public sealed class PreRegistryFileTests
 {
-    private static readonly string[] Names = ["mlp-dynamic-int8", "mlp-pruned-clustered", "lenet5-static-int8", "lenet5-int8wo-fp16", "smallresnet-svd-bf16"];
+    private static readonly string[] Names = ["mlp-dynamic-int8", "mlp-pruned-clustered", "lenet5-static-int8", "lenet5-int8wo-fp16", "smallresnet-svd-fp16"];
 
     private static string Folder => Path.Combine(RepositoryFiles.Root, "tests", "ModelCompression.Tests", "Serialization", "Fixtures");
 
@@ -91,7 +91,7 @@ public sealed class PreRegistryFileTests
             "mlp-pruned-clustered" => pipeline.AddMagnitudePruning(0.7).AddWeightClustering(3),
             "lenet5-static-int8" => pipeline.AddPostTrainingQuantization(QuantizationMode.StaticInt8),
             "lenet5-int8wo-fp16" => pipeline.AddPostTrainingQuantization(QuantizationMode.WeightOnlyInt8).AddHalfPrecision(HalfPrecisionFormat.Float16),
-            _ => pipeline.AddSvdFactorization(0.9).AddHalfPrecision(HalfPrecisionFormat.BFloat16),
+            _ => pipeline.AddSvdFactorization(0.9).AddHalfPrecision(HalfPrecisionFormat.Float16),
         };
         return pipeline.Build().Run(model, new CompressionData(data, data)).Model;
     }
