@@ -58,6 +58,16 @@ public sealed class WeightClusteringOptions : IValidatableOptions
     /// <value>The default is every Linear, Conv2d and <see cref="SparseLinear"/> layer.</value>
     public LayerSelection Layers { get; set; } = new() { Types = [typeof(Linear), typeof(Conv2d), typeof(SparseLinear)] };
 
+    /// <summary>
+    /// Gets or sets what happens to a selected layer that a <see cref="ClusteredLayer"/> cannot replace (its parent
+    /// holds it in a field typed <c>Linear</c> or <c>Conv2d</c>). <see cref="FixedTypeLayers.CompressInPlace"/> keeps a
+    /// Linear or Conv2d with every weight set to its shared value (fine-tuning moves each cluster's weights together,
+    /// by the cluster's summed gradient, so they stay shared); the file stores such a layer as a codebook plus indices
+    /// whenever that is smaller. A <see cref="SparseLinear"/> that cannot be replaced is left as it is.
+    /// </summary>
+    /// <value>The default is <see cref="FixedTypeLayers.CompressInPlace"/>.</value>
+    public FixedTypeLayers FixedTypeLayers { get; set; } = FixedTypeLayers.CompressInPlace;
+
     /// <inheritdoc/>
     public IReadOnlyList<string> Validate()
     {
@@ -93,6 +103,11 @@ public sealed class WeightClusteringOptions : IValidatableOptions
             errors.Add($"{Name}.{nameof(MaxIterations)} must be 1 to 10000 (was {MaxIterations}).");
         }
 
+        if (!Enum.IsDefined(FixedTypeLayers))
+        {
+            errors.Add($"{Name}.{nameof(FixedTypeLayers)} is not a known choice (was {(int)FixedTypeLayers}).");
+        }
+
         OptionsValidationException.AddNested(errors, Name, nameof(FineTuning), FineTuning?.Validate(), required: false);
         ModelCompression.Distillation.RecoveryDistillation.AddErrors(errors, Name, Distillation, FineTuning);
         OptionsValidationException.AddNested(errors, Name, nameof(Layers), Layers?.Validate());
@@ -109,5 +124,6 @@ public sealed class WeightClusteringOptions : IValidatableOptions
         FineTuning = FineTuning?.Clone(),
         Distillation = ModelCompression.Distillation.RecoveryDistillation.Copy(Distillation),
         Layers = Layers.Copy(),
+        FixedTypeLayers = FixedTypeLayers,
     };
 }

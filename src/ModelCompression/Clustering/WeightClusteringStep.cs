@@ -12,7 +12,9 @@ namespace ModelCompression.Clustering;
 /// Weight sharing (Han, Mao and Dally 2016, §3): the non-zero weights of each selected layer are clustered by 1-D
 /// k-means into at most 2^bits shared values, every weight is replaced by its centroid, and the centroids are
 /// optionally fine-tuned with the summed gradient of their weights. Pruned (zero) weights stay zero. Each layer
-/// becomes a <see cref="ClusteredLayer"/>, which the compressed file stores as a codebook plus entropy-coded indices.
+/// becomes a <see cref="ClusteredLayer"/>, which the compressed file stores as a codebook plus entropy-coded indices; a
+/// Linear or Conv2d held in a field of its own type keeps that type with its weights set to the shared values, as
+/// <see cref="WeightClusteringOptions.FixedTypeLayers"/> says.
 /// </summary>
 public sealed class WeightClusteringStep : ICompressionStep, ICompressionStepRequirements
 {
@@ -43,61 +45,112 @@ public sealed class WeightClusteringStep : ICompressionStep, ICompressionStepReq
     /// Linear, Conv2d or SparseLinear, or a Conv2d with non-zero padding modes), a weight is NaN or infinite, or an
     /// override names a layer that is not selected. Nothing has changed.
     /// </exception>
+    /// <exception cref="UnsupportedModelException">
+    /// <see cref="WeightClusteringOptions.FixedTypeLayers"/> is <see cref="FixedTypeLayers.Fail"/> and a selected layer cannot be replaced. Nothing has changed.
+    /// </exception>
     public nn.Module<Tensor, Tensor> Apply(nn.Module<Tensor, Tensor> model, CompressionContext context)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(context);
-        var targets = SelectTargets(model);
+        var (targets, fixedTypes) = SelectTargets(model);
         if (_options.FineTuning is not null && context.TrainingData is null)
         {
             throw new InvalidOperationException($"Step '{Name}' fine-tunes and needs training data.");
         }
 
+        using var scope = NewDisposeScope();
+
+        // Only a Linear or Conv2d can hold shared values in place; anything else that cannot be replaced is left.
+        bool inPlaceAsked = _options.FixedTypeLayers == FixedTypeLayers.CompressInPlace;
+        var leftAlone = fixedTypes
+            .Where(f => !inPlaceAsked || ModuleTree.GetSubmodule(model, f.Key) is not (Linear or Conv2d))
+            .ToDictionary(f => f.Key, f => f.Value, StringComparer.Ordinal);
+        var inPlaceReasons = fixedTypes.Where(f => !leftAlone.ContainsKey(f.Key)).ToDictionary(f => f.Key, f => f.Value, StringComparer.Ordinal);
+
         // Cluster every layer first (pure computation), then swap them all in.
         var layers = new List<(string Name, ClusterTrainingLayer Layer)>();
+        var inPlace = new List<InPlaceClusters>();
         try
         {
             foreach (var (name, module) in targets)
             {
                 context.CancellationToken.ThrowIfCancellationRequested();
                 int bits = _options.LayerBits.TryGetValue(name, out int b) ? b : _options.Bits;
-                layers.Add((name, ClusterTrainingLayer.Create(module, 1 << bits, _options.Initialization, _options.MaxIterations, name)));
+                if (inPlaceReasons.ContainsKey(name))
+                {
+                    inPlace.Add(InPlaceClusters.Create(name, module, 1 << bits, _options.Initialization, _options.MaxIterations));
+                }
+                else if (!leftAlone.ContainsKey(name))
+                {
+                    layers.Add((name, ClusterTrainingLayer.Create(module, 1 << bits, _options.Initialization, _options.MaxIterations, name)));
+                }
             }
         }
         catch
         {
             layers.ForEach(l => l.Layer.Dispose());
+            inPlace.ForEach(l => l.Dispose());
             throw;
         }
 
-        foreach (var (name, layer) in layers)
+        try
         {
-            var old = ModuleTree.GetSubmodule(model, name);
-            model = ModuleTree.Replace(model, name, layer);
-            old.Dispose();
+            foreach (var (name, layer) in layers)
+            {
+                var old = ModuleTree.GetSubmodule(model, name);
+                model = ModuleTree.Replace(model, name, layer);
+                old.Dispose();
+            }
+
+            inPlace.ForEach(l => l.Assign());
+            context.Logger.LogInformation(
+                "{Step}: {Layers}",
+                Name,
+                string.Join(", ", layers.Select(l => $"{l.Name} {l.Layer.Clusters} clusters").Concat(inPlace.Select(l => $"{l.Name} {l.Clusters} clusters in place"))));
+            if (_options.FineTuning is { } fineTuning)
+            {
+                context.ReportProgress(CompressionPhase.Applying, 0.5);
+                // A weight held in place is its own parameter: giving every weight of a cluster the cluster's summed
+                // gradient moves them all as one centroid would move (element-wise optimizers treat them alike).
+                var callbacks = new Training.TrainingCallbacks { BeforeOptimizerStep = inPlace.Count == 0 ? null : _ => inPlace.ForEach(l => l.ShareGradients()) };
+                context.Train(model, fineTuning, callbacks.WithDistillation(_options.Distillation, context.OriginalModel));
+            }
+
+            var notes = new List<string>();
+            foreach (var (name, layer) in layers)
+            {
+                var clustered = layer.ToClusteredLayer(_options.HalfPrecisionValues);
+                notes.Add($"{name}: {clustered.Codebook.Count} shared values over {layer.Clustered} weights");
+                model = ModuleTree.Replace(model, name, clustered);
+                layer.Dispose();
+            }
+
+            foreach (var layer in inPlace)
+            {
+                int shared = layer.Snap(_options.HalfPrecisionValues);
+                notes.Add($"{layer.Name}: {shared} shared values over {layer.Clustered} weights, in place");
+            }
+
+            if (notes.Count > 0)
+            {
+                context.AddNote(string.Join("; ", notes));
+            }
+        }
+        finally
+        {
+            inPlace.ForEach(l => l.Dispose());
         }
 
-        context.Logger.LogInformation("{Step}: {Layers}", Name, string.Join(", ", layers.Select(l => $"{l.Name} {l.Layer.Clusters} clusters")));
-        if (_options.FineTuning is { } fineTuning)
-        {
-            context.ReportProgress(CompressionPhase.Applying, 0.5);
-            context.Train(model, fineTuning, new Training.TrainingCallbacks().WithDistillation(_options.Distillation, context.OriginalModel));
-        }
-
-        var notes = new List<string>();
-        foreach (var (name, layer) in layers)
-        {
-            var clustered = layer.ToClusteredLayer(_options.HalfPrecisionValues);
-            notes.Add($"{name}: {clustered.Codebook.Count} shared values over {layer.Clustered} weights");
-            model = ModuleTree.Replace(model, name, clustered);
-            layer.Dispose();
-        }
-
-        context.AddNote(string.Join("; ", notes));
+        FixedTypeLayerPolicy.Report(
+            context,
+            Name,
+            "kept their type, each weight set to its shared value in place (the file stores them as a codebook plus indices where that is smaller)",
+            inPlaceReasons);
+        FixedTypeLayerPolicy.Report(context, Name, "left as they are, their type cannot hold a clustered layer", leftAlone);
         return model;
     }
 
-    private List<(string Name, nn.Module Module)> SelectTargets(nn.Module<Tensor, Tensor> model)
+    private (List<(string Name, nn.Module Module)> Targets, Dictionary<string, string> FixedTypes) SelectTargets(nn.Module<Tensor, Tensor> model)
     {
         var selection = _options.Layers;
         selection.ThrowIfUnknownNames(model);
@@ -115,11 +168,6 @@ public sealed class WeightClusteringStep : ICompressionStep, ICompressionStepReq
             {
                 throw new ArgumentException($"Layer '{name}' cannot be clustered: {why}.", nameof(model));
             }
-
-            if (ModuleTree.WhyCannotReplace(model, name, typeof(ClusteredLayer)) is { } cannot)
-            {
-                throw new ArgumentException($"Layer '{name}' cannot be replaced: {cannot}.", nameof(model));
-            }
         }
 
         var names = targets.Select(t => t.Name).ToHashSet(StringComparer.Ordinal);
@@ -129,7 +177,123 @@ public sealed class WeightClusteringStep : ICompressionStep, ICompressionStepReq
             throw new ArgumentException($"{nameof(WeightClusteringOptions.LayerBits)} names '{stray}', which is not a selected layer.", nameof(model));
         }
 
-        return targets;
+        var fixedTypes = FixedTypeLayerPolicy.Find(
+            model, targets.Select(t => t.Name), typeof(ClusteredLayer), _options.FixedTypeLayers, Name, nameof(WeightClusteringOptions));
+        return (targets, fixedTypes);
+    }
+}
+
+/// <summary>
+/// Weight sharing in a Linear or Conv2d that must keep its type: the layer's own weight holds the shared values
+/// (pruned weights stay zero), and fine-tuning gives every weight of a cluster the cluster's summed gradient, which is
+/// the gradient <see cref="ClusterTrainingLayer"/> gives its centroid.
+/// </summary>
+internal sealed class InPlaceClusters : IDisposable
+{
+    private readonly nn.Module module;
+    private readonly Tensor centroids;
+    private readonly Tensor index;
+
+    private InPlaceClusters(string name, nn.Module module, Tensor centroids, Tensor index, long clustered)
+    {
+        Name = name;
+        this.module = module;
+        this.centroids = centroids;
+        this.index = index;
+        Clustered = clustered;
+    }
+
+    public string Name { get; }
+
+    public int Clusters => (int)centroids.shape[0];
+
+    public long Clustered { get; }
+
+    private Parameter Weight => module switch
+    {
+        Linear l => l.weight!,
+        Conv2d c => c.weight!,
+        _ => throw new InvalidOperationException($"Layer '{Name}' is a {module.GetType().Name}; only a Linear or Conv2d holds shared values in place."),
+    };
+
+    private Parameter? Bias => module switch
+    {
+        Linear l => l.bias,
+        Conv2d c => c.bias,
+        _ => null,
+    };
+
+    /// <summary>Runs k-means on the layer's non-zero weights without changing the layer.</summary>
+    public static InPlaceClusters Create(string name, nn.Module module, int maxClusters, CentroidInitialization initialization, int maxIterations)
+    {
+        using var layer = ClusterTrainingLayer.Create(module, maxClusters, initialization, maxIterations, name);
+        using var scope = NewDisposeScope();
+        return new InPlaceClusters(
+            name,
+            module,
+            layer.Centroids.detach().clone().DetachFromDisposeScope(),
+            layer.Index.flatten().clone().DetachFromDisposeScope(),
+            layer.Clustered);
+    }
+
+    /// <summary>Sets every weight to its centroid.</summary>
+    public void Assign()
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var weight = Weight;
+        var table = cat([centroids, zeros(1, dtype: centroids.dtype)]).to(weight.dtype).to(weight.device);
+        weight.copy_(table.index_select(0, index.to(weight.device)).reshape(weight.shape));
+    }
+
+    /// <summary>Replaces each weight's gradient by its cluster's sum (zero for pruned weights).</summary>
+    public void ShareGradients()
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        if (Weight.grad is not { } gradient)
+        {
+            return;
+        }
+
+        var where = index.to(gradient.device);
+        var sums = zeros(Clusters + 1, dtype: gradient.dtype, device: gradient.device).index_add_(0, where, gradient.flatten(), 1);
+        sums.narrow(0, Clusters, 1).zero_();
+        gradient.copy_(sums.index_select(0, where).reshape(gradient.shape));
+    }
+
+    /// <summary>
+    /// Sets every weight to its cluster's mean (the weights of a cluster moved together, so this only removes rounding
+    /// drift), rounding the shared values and the bias to float16 values when asked. Returns the number of shared values.
+    /// </summary>
+    public int Snap(bool half)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var weight = Weight;
+        var where = index.to(weight.device);
+        var values = weight.detach().flatten().to(ScalarType.Float64);
+        var sums = zeros(Clusters + 1, dtype: ScalarType.Float64, device: weight.device).index_add_(0, where, values, 1);
+        var counts = zeros(Clusters + 1, dtype: ScalarType.Float64, device: weight.device).index_add_(0, where, ones_like(values), 1);
+        var table = (sums / counts.clamp_min(1)).to(weight.dtype);
+        table.narrow(0, Clusters, 1).zero_();
+        if (half)
+        {
+            table = table.to(ScalarType.Float16).to(weight.dtype);
+            if (Bias is { } bias)
+            {
+                bias.copy_(bias.to(ScalarType.Float16).to(bias.dtype));
+            }
+        }
+
+        weight.copy_(table.index_select(0, where).reshape(weight.shape));
+        return (int)counts.narrow(0, 0, Clusters).count_nonzero().item<long>();
+    }
+
+    public void Dispose()
+    {
+        centroids.Dispose();
+        index.Dispose();
     }
 }
 
@@ -162,6 +326,12 @@ internal sealed class ClusterTrainingLayer : nn.Module<Tensor, Tensor>
     public int Clusters => (int)centroids.shape[0];
 
     public long Clustered { get; }
+
+    /// <summary>Gets the shared values (the fixed zero of pruned weights excluded).</summary>
+    internal Tensor Centroids => centroids;
+
+    /// <summary>Gets each weight's cluster, in the weight's order; <see cref="Clusters"/> marks a pruned weight.</summary>
+    internal Tensor Index => index;
 
     public static string? WhyUnsupported(nn.Module module) => module switch
     {

@@ -209,6 +209,16 @@ public sealed class SvdFactorizationOptions : IValidatableOptions
     /// <value>The default is every Linear and Conv2d layer (grouped convolutions are left alone).</value>
     public LayerSelection Layers { get; set; } = LayerSelection.Default;
 
+    /// <summary>
+    /// Gets or sets what happens to a selected layer that a low-rank layer cannot replace (its parent holds it in a
+    /// field typed <c>Linear</c> or <c>Conv2d</c>). Factorization has no in-place form — a layer of the same type
+    /// holding the rank-r product would store as many values as before — so <see cref="FixedTypeLayers.CompressInPlace"/>
+    /// and <see cref="FixedTypeLayers.Skip"/> both leave the layer as it is, outside any <see cref="Budget"/> (which is
+    /// then spent on the other layers), and name it in the report; <see cref="FixedTypeLayers.Fail"/> throws.
+    /// </summary>
+    /// <value>The default is <see cref="FixedTypeLayers.CompressInPlace"/>.</value>
+    public FixedTypeLayers FixedTypeLayers { get; set; } = FixedTypeLayers.CompressInPlace;
+
     /// <summary>Gets or sets fine-tuning after factorization, or <see langword="null"/> for none.</summary>
     public TrainingOptions? FineTuning { get; set; }
 
@@ -244,6 +254,11 @@ public sealed class SvdFactorizationOptions : IValidatableOptions
             errors.Add($"{Name}.{nameof(ConvDecomposition)} is not a known decomposition (was {(int)ConvDecomposition}).");
         }
 
+        if (!Enum.IsDefined(FixedTypeLayers))
+        {
+            errors.Add($"{Name}.{nameof(FixedTypeLayers)} is not a known choice (was {(int)FixedTypeLayers}).");
+        }
+
         OptionsValidationException.AddNested(errors, Name, nameof(FineTuning), FineTuning?.Validate(), required: false);
         ModelCompression.Distillation.RecoveryDistillation.AddErrors(errors, Name, Distillation, FineTuning);
         OptionsValidationException.AddNested(errors, Name, nameof(Layers), Layers?.Validate());
@@ -253,6 +268,7 @@ public sealed class SvdFactorizationOptions : IValidatableOptions
     internal SvdFactorizationOptions Clone() => new()
     {
         Rank = Rank,
+        FixedTypeLayers = FixedTypeLayers,
         Budget = Budget?.Clone(),
         ConvDecomposition = ConvDecomposition,
         Layers = Layers.Copy(),

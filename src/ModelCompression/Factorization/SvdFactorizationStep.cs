@@ -48,6 +48,9 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
     /// The selection names an unknown layer or selects no supported one, or the budget cannot be met even at rank 1.
     /// Nothing has changed.
     /// </exception>
+    /// <exception cref="UnsupportedModelException">
+    /// <see cref="SvdFactorizationOptions.FixedTypeLayers"/> is <see cref="FixedTypeLayers.Fail"/> and a selected layer cannot be replaced. Nothing has changed.
+    /// </exception>
     public nn.Module<Tensor, Tensor> Apply(nn.Module<Tensor, Tensor> model, CompressionContext context)
     {
         ArgumentNullException.ThrowIfNull(model);
@@ -65,8 +68,23 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
                 macs = ModelMetrics.CountMacsPerLayer(model, sample.to(context.Device)).ToDictionary(kv => kv.Key, kv => kv.Value);
             }
 
-            foreach (var (name, module) in _options.Layers.Select(model))
+            // Layers a low-rank layer cannot replace are found first (Fail throws here, before any change) and kept
+            // out of the SVDs and the budget: no rank of theirs could be realised.
+            var selected = _options.Layers.Select(model);
+            var fixedTypes = FixedTypeLayerPolicy.Find(
+                model,
+                selected.Where(s => s.Module is Linear or Conv2d { groups: 1 })
+                    .Select(s => (s.Name, s.Module is Linear ? typeof(LowRankLinear) : typeof(LowRankConv2d))),
+                _options.FixedTypeLayers,
+                Name,
+                nameof(SvdFactorizationOptions));
+            foreach (var (name, module) in selected)
             {
+                if (fixedTypes.ContainsKey(name))
+                {
+                    continue;
+                }
+
                 if (Describe(name, module, macs, _options.ConvDecomposition) is { } entry)
                 {
                     entries.Add(entry);
@@ -75,6 +93,17 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
                 {
                     skipped.Add($"{name} ({module.GetType().Name}{(module is Conv2d c ? $", groups {c.groups}" : string.Empty)})");
                 }
+            }
+
+            if (entries.Count == 0 && fixedTypes.Count > 0)
+            {
+                ReportFixedTypes(fixedTypes, context);
+                if (skipped.Count > 0)
+                {
+                    context.AddNote($"not supported, left alone: {string.Join(", ", skipped)}");
+                }
+
+                return model;
             }
 
             if (entries.Count == 0)
@@ -135,6 +164,7 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
                 context.AddNote($"not supported, left alone: {string.Join(", ", skipped)}");
             }
 
+            ReportFixedTypes(fixedTypes, context);
             if (_options.FineTuning is { } fineTuning && chosen.Count > 0)
             {
                 context.Train(root, fineTuning, ((TrainingCallbacks?)null).WithDistillation(_options.Distillation, context.OriginalModel));
@@ -147,6 +177,13 @@ public sealed class SvdFactorizationStep : ICompressionStep, ICompressionStepReq
             entries.ForEach(e => e.Dispose());
         }
     }
+
+    private void ReportFixedTypes(IReadOnlyDictionary<string, string> fixedTypes, CompressionContext context) => FixedTypeLayerPolicy.Report(
+        context,
+        Name,
+        "left as they are, their type cannot hold a low-rank layer (factorization has no in-place form that stores fewer values)" +
+        (_options.Budget is null ? string.Empty : "; the budget covers the other layers"),
+        fixedTypes);
 
     /// <summary>Factorizes one layer at a rank (no gain check): the building block behind <see cref="LowRankLinear.FromLinear"/> and <see cref="LowRankConv2d.FromConv2d"/>.</summary>
     internal static nn.Module<Tensor, Tensor> FactorizeLayer(nn.Module layer, long rank, ConvDecomposition decomposition)

@@ -282,8 +282,12 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
         context.AddNote(chosen.Count == 0 ? "no layer ran faster sparse; all stay dense" : $"sparse kernel for {string.Join(", ", chosen)}");
         if (skipped.Count > 0)
         {
-            context.AddNote($"kept dense: {string.Join(", ", skipped)}");
+            // Their zeros are kept, and the file stores them sparse; only the sparse kernel's speed is missed.
+            string note = $"kept dense (pruned, zeros stored sparse in the file): {string.Join(", ", skipped)}";
+            context.AddNote(note);
+            context.Logger.LogWarning("{Step}: {Note}", Name, note);
         }
+
         return root;
     }
 

@@ -23,6 +23,15 @@ public sealed class HalfPrecisionOptions : IValidatableOptions
     /// <value>The default is every Linear and Conv2d layer.</value>
     public LayerSelection Layers { get; set; } = LayerSelection.Default;
 
+    /// <summary>
+    /// Gets or sets what happens to a selected layer that a <see cref="HalfPrecisionLayer"/> cannot replace (its parent
+    /// holds it in a field typed <c>Linear</c> or <c>Conv2d</c>). <see cref="FixedTypeLayers.CompressInPlace"/> keeps
+    /// the layer, in float32, with its parameters rounded to the 16-bit values (the file then stores them in 2 bytes
+    /// each; its input is not cast to 16 bits, as a converted layer's is).
+    /// </summary>
+    /// <value>The default is <see cref="FixedTypeLayers.CompressInPlace"/>.</value>
+    public FixedTypeLayers FixedTypeLayers { get; set; } = FixedTypeLayers.CompressInPlace;
+
     /// <inheritdoc/>
     public IReadOnlyList<string> Validate()
     {
@@ -32,10 +41,15 @@ public sealed class HalfPrecisionOptions : IValidatableOptions
             errors.Add($"{nameof(HalfPrecisionOptions)}.{nameof(Format)} is not a known format (was {(int)Format}).");
         }
 
+        if (!Enum.IsDefined(FixedTypeLayers))
+        {
+            errors.Add($"{nameof(HalfPrecisionOptions)}.{nameof(FixedTypeLayers)} is not a known choice (was {(int)FixedTypeLayers}).");
+        }
+
         OptionsValidationException.AddNested(errors, nameof(HalfPrecisionOptions), nameof(Layers), Layers?.Validate());
 
         return errors;
     }
 
-    internal HalfPrecisionOptions Clone() => new() { Format = Format, Layers = Layers.Copy() };
+    internal HalfPrecisionOptions Clone() => new() { Format = Format, Layers = Layers.Copy(), FixedTypeLayers = FixedTypeLayers };
 }

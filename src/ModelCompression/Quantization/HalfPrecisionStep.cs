@@ -7,7 +7,9 @@ namespace ModelCompression.Quantization;
 /// <summary>
 /// Converts the weights of selected layers to bfloat16 or float16. Each converted layer becomes a
 /// <see cref="HalfPrecisionLayer"/> that casts its input to the 16-bit type and its output back, so the rest of the
-/// model is unchanged.
+/// model is unchanged. A layer held in a field typed <c>Linear</c> or <c>Conv2d</c>, which cannot hold a
+/// <see cref="HalfPrecisionLayer"/>, is handled as <see cref="HalfPrecisionOptions.FixedTypeLayers"/> says: by default
+/// it keeps its type with its parameters rounded to the 16-bit values.
 /// </summary>
 /// <remarks>
 /// Each layer checks its native 16-bit kernel on a probe input (see <see cref="HalfPrecisionLayer.ComputeType"/>); the
@@ -35,6 +37,9 @@ public sealed class HalfPrecisionStep : ICompressionStep
 
     /// <inheritdoc/>
     /// <exception cref="ArgumentException">The selection names a layer the model does not have, or its named layers match none.</exception>
+    /// <exception cref="UnsupportedModelException">
+    /// <see cref="HalfPrecisionOptions.FixedTypeLayers"/> is <see cref="FixedTypeLayers.Fail"/> and a selected layer cannot be replaced. Nothing has changed.
+    /// </exception>
     public nn.Module<Tensor, Tensor> Apply(nn.Module<Tensor, Tensor> model, CompressionContext context)
     {
         ArgumentNullException.ThrowIfNull(model);
@@ -57,15 +62,30 @@ public sealed class HalfPrecisionStep : ICompressionStep
             return model;
         }
 
+        // Every layer is checked before the first one changes: Fail must leave the model as it was.
+        var fixedTypes = FixedTypeLayerPolicy.Find(
+            model, targets.Select(t => t.Name), typeof(HalfPrecisionLayer), _options.FixedTypeLayers, Name, nameof(HalfPrecisionOptions));
         var dtype = _options.Format == HalfPrecisionFormat.BFloat16 ? ScalarType.BFloat16 : ScalarType.Float16;
         var root = model;
         var fallbacks = new List<string>();
         var unverified = new List<string>();
+        using (NewDisposeScope())
         using (no_grad())
         {
             foreach (var (name, module) in targets)
             {
                 context.CancellationToken.ThrowIfCancellationRequested();
+                if (fixedTypes.ContainsKey(name))
+                {
+                    if (_options.FixedTypeLayers == FixedTypeLayers.CompressInPlace)
+                    {
+                        RoundInPlace(module, dtype);
+                        context.Logger.LogDebug("Rounded {Layer} to {Type} values in place", name, dtype);
+                    }
+
+                    continue;
+                }
+
                 var layer = new HalfPrecisionLayer((nn.Module<Tensor, Tensor>)module, dtype);
                 root = ModuleTree.Replace(root, name, layer);
                 context.Logger.LogDebug("Converted {Layer} to {Type} (computes in {ComputeType}, probe error {Error})", name, dtype, layer.ComputeType, layer.ProbeError);
@@ -95,6 +115,32 @@ public sealed class HalfPrecisionStep : ICompressionStep
             context.AddNote($"native {dtype} kernel not checked (no float32 path for this layer kind): {string.Join(", ", unverified)}");
         }
 
+        string format = dtype == ScalarType.BFloat16 ? "bf16" : "fp16";
+        FixedTypeLayerPolicy.Report(
+            context,
+            Name,
+            _options.FixedTypeLayers == FixedTypeLayers.CompressInPlace
+                ? $"kept their type, parameters rounded in place to {format} values (stored as float32 in memory, 16 bits in the file; inputs not cast)"
+                : "left in float32, their type cannot hold a half-precision layer",
+            fixedTypes);
         return root;
+    }
+
+    /// <summary>
+    /// Rounds every floating-point parameter and buffer of <paramref name="module"/> to the nearest <paramref name="dtype"/>
+    /// value, keeping its own type: the same values a <see cref="HalfPrecisionLayer"/> would hold, in a layer whose
+    /// field cannot hold one. The file's value codec stores such arrays in 16 bits.
+    /// </summary>
+    internal static void RoundInPlace(nn.Module module, ScalarType dtype)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        foreach (var tensor in module.parameters().Concat(module.buffers()))
+        {
+            if (tensor.is_floating_point() && tensor.ElementSize > 2)
+            {
+                tensor.copy_(tensor.to(dtype).to(tensor.dtype));
+            }
+        }
     }
 }

@@ -13,6 +13,18 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
     /// <value>The default is every Linear and Conv2d layer.</value>
     public LayerSelection Layers { get; set; } = LayerSelection.Default;
 
+    /// <summary>
+    /// Gets or sets what happens to a selected layer that a quantized layer cannot replace (its parent holds it in a
+    /// field typed <c>Linear</c> or <c>Conv2d</c>). For <see cref="QuantizationMode.Float16"/> and
+    /// <see cref="QuantizationMode.BFloat16"/>, <see cref="FixedTypeLayers.CompressInPlace"/> rounds its parameters to the
+    /// 16-bit values in place, as <see cref="HalfPrecisionOptions.FixedTypeLayers"/> does. The integer modes have no
+    /// in-place form (the file stores integer levels only for quantized layers, and a float layer snapped to the grid
+    /// would not run the integer kernel), so there <see cref="FixedTypeLayers.CompressInPlace"/> leaves the layer in
+    /// float, as <see cref="FixedTypeLayers.Skip"/> does; either way the layer is named in the report and logged as a warning.
+    /// </summary>
+    /// <value>The default is <see cref="FixedTypeLayers.CompressInPlace"/>.</value>
+    public FixedTypeLayers FixedTypeLayers { get; set; } = FixedTypeLayers.CompressInPlace;
+
     /// <summary>Gets or sets how many weights share a scale.</summary>
     /// <value>
     /// The default (<see langword="null"/>) is <see cref="QuantizationGranularity.PerChannel"/> for 8 bits and
@@ -124,6 +136,11 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
             errors.Add($"{Owner}.{nameof(CalibrationBatchSize)} must be at least 1 (was {CalibrationBatchSize}).");
         }
 
+        if (!Enum.IsDefined(FixedTypeLayers))
+        {
+            errors.Add($"{Owner}.{nameof(FixedTypeLayers)} is not a known choice (was {(int)FixedTypeLayers}).");
+        }
+
         OptionsValidationException.AddNested(errors, Owner, nameof(Layers), Layers?.Validate());
         if (Fallback is not null)
         {
@@ -137,6 +154,7 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
     {
         Mode = Mode,
         Layers = Layers.Copy(),
+        FixedTypeLayers = FixedTypeLayers,
         WeightGranularity = WeightGranularity,
         DynamicActivations = DynamicActivations,
         Observer = Observer,

@@ -52,6 +52,9 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
     /// activation, is NaN or infinite (the message names the layer). Nothing has changed.
     /// </exception>
     /// <exception cref="InvalidOperationException">Static quantization found no calibration data.</exception>
+    /// <exception cref="UnsupportedModelException">
+    /// <see cref="PostTrainingQuantizationOptions.FixedTypeLayers"/> is <see cref="FixedTypeLayers.Fail"/> and a selected layer cannot be replaced. Nothing has changed.
+    /// </exception>
     public nn.Module<Tensor, Tensor> Apply(nn.Module<Tensor, Tensor> model, CompressionContext context)
     {
         ArgumentNullException.ThrowIfNull(model);
@@ -59,18 +62,27 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         if (!_options.IsInteger)
         {
             var format = _options.Mode == QuantizationMode.Float16 ? HalfPrecisionFormat.Float16 : HalfPrecisionFormat.BFloat16;
-            return new HalfPrecisionStep(new HalfPrecisionOptions { Format = format, Layers = _options.Layers }).Apply(model, context);
+            return new HalfPrecisionStep(new HalfPrecisionOptions { Format = format, Layers = _options.Layers, FixedTypeLayers = _options.FixedTypeLayers })
+                .Apply(model, context);
         }
 
-        var (targets, leftInFloat) = QuantizationTargets.Select(model, _options.Layers);
+        var fixedTypes = new Dictionary<string, string>(StringComparer.Ordinal);
+        var (targets, leftInFloat) = QuantizationTargets.Select(model, _options.Layers, fixedTypes);
+        if (_options.FixedTypeLayers == FixedTypeLayers.Fail)
+        {
+            // Raises the UnsupportedModelException, naming every such layer, before anything changes.
+            FixedTypeLayerPolicy.Find(model, fixedTypes.Keys, typeof(QuantizedLinear), FixedTypeLayers.Fail, Name, nameof(PostTrainingQuantizationOptions));
+        }
+
         if (targets.Count == 0)
         {
-            if (_options.Layers.Include.Count > 0)
+            if (_options.Layers.Include.Count > 0 && fixedTypes.Count == 0)
             {
                 throw new ArgumentException($"The layer selection ({_options.Layers}) selects no layer that can be quantized: {string.Join(", ", leftInFloat)}.", nameof(model));
             }
 
             context.AddNote($"no layer to quantize ({_options.Layers}){(leftInFloat.Count > 0 ? $"; left in float: {string.Join(", ", leftInFloat)}" : string.Empty)}");
+            ReportFixedTypes(fixedTypes, context);
             return model;
         }
 
@@ -80,6 +92,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             QuantizationTargets.ThrowIfNotFinite(target);
         }
 
+        ReportFixedTypes(fixedTypes, context);
         using var scope = NewDisposeScope();
         var structure = _options.FoldBatchNorm || _options.FuseRelu ? QuantizationTargets.FollowingLayers(model, targets) : [];
         var calibration = Calibrate(model, targets, context);
@@ -95,6 +108,13 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             }
         }
     }
+
+    /// <summary>Integer layers have no in-place form: layers that cannot be replaced stay in float whether in place or skipped was asked for.</summary>
+    private void ReportFixedTypes(Dictionary<string, string> fixedTypes, CompressionContext context) => FixedTypeLayerPolicy.Report(
+        context,
+        Name,
+        "left in float, their type cannot hold a quantized layer (integer quantization has no in-place form: the file stores integer levels only for quantized layers)",
+        fixedTypes);
 
     private nn.Module<Tensor, Tensor> Convert(
         nn.Module<Tensor, Tensor> model,

@@ -16,8 +16,12 @@ internal sealed record Following(string? BatchNorm, string? Relu);
 /// <summary>Which layers the quantization steps convert, checked the same way by both.</summary>
 internal static class QuantizationTargets
 {
-    /// <summary>The selected Linear and Conv2d layers the kernel can run, and the selected layers it cannot (with why).</summary>
-    public static (List<Target> Targets, List<string> LeftInFloat) Select(nn.Module<Tensor, Tensor> model, LayerSelection selection)
+    /// <summary>
+    /// The selected Linear and Conv2d layers the kernel can run, and the selected layers it cannot (with why). With
+    /// <paramref name="fixedTypes"/>, the layers the kernel could run but a quantized layer cannot replace go there
+    /// (name → why) instead of into the left-in-float list, so that the caller can apply its <see cref="FixedTypeLayers"/> choice.
+    /// </summary>
+    public static (List<Target> Targets, List<string> LeftInFloat) Select(nn.Module<Tensor, Tensor> model, LayerSelection selection, Dictionary<string, string>? fixedTypes = null)
     {
         selection.ThrowIfUnknownNames(model);
         var targets = new List<Target>();
@@ -35,6 +39,12 @@ internal static class QuantizationTargets
                 Conv2d conv => QuantizedConv2d.WhyUnsupported(conv),
                 _ => $"{module.GetType().Name} has no quantized kernel",
             };
+            if (why is null && fixedTypes is not null && ModuleTree.WhyCannotReplace(model, name, typeof(QuantizedLinear)) is { } cannot)
+            {
+                fixedTypes[name] = cannot;
+                continue;
+            }
+
             why ??= ModuleTree.WhyCannotReplace(model, name, typeof(QuantizedLinear));
             if (why is null)
             {

@@ -183,4 +183,67 @@ public sealed class WeightClusteringStepTests
 
         Assert.That(Run(), Is.EqualTo(Run()));
     }
+
+    private static int DistinctNonzero(nn.Module model, string name)
+    {
+        using var t = model.state_dict()[name].detach().cpu().contiguous();
+        return t.data<float>().ToArray().Where(v => v != 0).Distinct().Count();
+    }
+
+    [Test]
+    public void Apply_LayersInFieldsTypedLinearAndConv2d_ShareValuesInPlaceThroughFineTuning()
+    {
+        using var original = new FixedTypeNet(6);
+        using var train = new ModelCompression.Data.TensorDataset(randn(64, 1, 12, 12), randint(0, 10, 64));
+        long fcBefore = ModelMetrics.Measure(original, FixedTypeNet.SampleShape).Layers.Single(l => l.Name == "fc").SizeBytes!.Value;
+        nn.Module<Tensor, Tensor> Cluster(TrainingOptions? fineTuning, out CompressionContext context, out CapturingLogger logger)
+        {
+            logger = new CapturingLogger();
+            context = new CompressionContext(new CompressionData(train, train), original, logger: logger);
+            var options = new WeightClusteringOptions { Bits = 3, FineTuning = fineTuning };
+            return new WeightClusteringStep(options).Apply(ModuleCloner.DeepClone(original), context);
+        }
+
+        using var plain = Cluster(null, out _, out _);
+        using var tuned = Cluster(new TrainingOptions { Epochs = 2, BatchSize = 16, LearningRate = 0.01 }, out var context, out var logger);
+
+        foreach (var result in new[] { plain, tuned })
+        {
+            Assert.That(ModuleTree.GetSubmodule(result, "fc"), Is.TypeOf<Linear>());
+            Assert.That(ModuleTree.GetSubmodule(result, "conv"), Is.TypeOf<Conv2d>());
+            Assert.That(ModuleTree.GetSubmodule(result, "head"), Is.TypeOf<ClusteredLayer>());
+            Assert.That(DistinctNonzero(result, "fc.weight"), Is.InRange(2, 8));
+            Assert.That(DistinctNonzero(result, "conv.weight"), Is.InRange(2, 8));
+        }
+
+        // Fine-tuning moved the shared values, and every weight of a cluster moved with them.
+        Assert.That(TestModels.StateHash(tuned), Is.Not.EqualTo(TestModels.StateHash(plain)));
+        // 3-bit indices, Huffman-coded, and a codebook of 8: 205,063 bytes → under a tenth.
+        long fcAfter = ModelMetrics.Measure(tuned, FixedTypeNet.SampleShape).Layers.Single(l => l.Name == "fc").SizeBytes!.Value;
+        TestContext.Out.WriteLine($"fc {fcBefore} → {fcAfter} bytes");
+        Assert.That(fcAfter, Is.LessThan(fcBefore * 3 / 32 + 600));
+        Assert.That(context.Notes, Has.Some.Contains("fc: 8 shared values over 51200 weights, in place"));
+        Assert.That(context.Notes, Has.One.Contains("'fc' (the field FixedTypeNet.fc").And.Contains("'conv'").And.Contains("shared value in place"));
+        Assert.That(logger.Warnings, Has.One.Contains("'fc'"));
+    }
+
+    [Test]
+    public void Apply_FixedTypeLayersSkipOrFail_LeavesOrRefusesThoseLayers()
+    {
+        using var original = new FixedTypeNet(7);
+        using var train = new ModelCompression.Data.TensorDataset(randn(8, 1, 12, 12), randint(0, 10, 8));
+        var context = Context(original, train);
+        using var skipped = new WeightClusteringStep(new WeightClusteringOptions { Bits = 2, FixedTypeLayers = FixedTypeLayers.Skip })
+            .Apply(ModuleCloner.DeepClone(original), context);
+        Assert.That(TestModels.StateHash(ModuleTree.GetSubmodule(skipped, "fc")), Is.EqualTo(TestModels.StateHash(ModuleTree.GetSubmodule(original, "fc"))));
+        Assert.That(ModuleTree.GetSubmodule(skipped, "head"), Is.TypeOf<ClusteredLayer>());
+        Assert.That(context.Notes, Has.One.Contains("left as they are").And.Contains("'fc'").And.Contains("'conv'"));
+
+        using var model = ModuleCloner.DeepClone(original);
+        string before = TestModels.StateHash(model);
+        var ex = Assert.Throws<UnsupportedModelException>(() => new WeightClusteringStep(new WeightClusteringOptions { FixedTypeLayers = FixedTypeLayers.Fail }).Apply(model, Context(original, train)));
+        Assert.That(ex!.Message, Does.Contain("'fc'").And.Contain("WeightClusteringOptions.FixedTypeLayers"));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+        Assert.Throws<OptionsValidationException>(() => _ = new WeightClusteringStep(new WeightClusteringOptions { FixedTypeLayers = (FixedTypeLayers)(-1) }));
+    }
 }

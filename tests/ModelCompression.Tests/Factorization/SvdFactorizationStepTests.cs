@@ -321,4 +321,63 @@ public sealed class SvdFactorizationStepTests
         Assert.Throws<OptionsValidationException>(() => new SvdFactorizationStep(new SvdFactorizationOptions { Budget = new RankBudget { MinRankFraction = double.NaN } }));
         Assert.That(new SvdFactorizationOptions { Budget = new RankBudget { MinRank = 1, MinRankFraction = 0 } }.Validate(), Is.Empty);
     }
+
+
+    [Test]
+    public void Apply_LayersInFieldsTypedLinearAndConv2d_AreLeftAndNoted()
+    {
+        using var original = new FixedTypeNet(8);
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = new TensorDataset(randn(4, 1, 12, 12), zeros(4, dtype: int64));
+        var logger = new CapturingLogger();
+        var context = new CompressionContext(new CompressionData(data, data), original, logger: logger);
+
+        var result = new SvdFactorizationStep(new SvdFactorizationOptions { Rank = RankRule.Fixed(4) }).Apply(model, context);
+
+        Assert.That(ModuleTree.GetSubmodule(result, "head"), Is.TypeOf<LowRankLinear>());
+        Assert.That(ModuleTree.GetSubmodule(result, "fc"), Is.TypeOf<Linear>());
+        foreach (var name in new[] { "fc", "conv" })
+        {
+            Assert.That(TestModels.StateHash(ModuleTree.GetSubmodule(result, name)), Is.EqualTo(TestModels.StateHash(ModuleTree.GetSubmodule(original, name))), name);
+        }
+
+        Assert.That(context.Notes, Has.One.Contains("ranks: head rank 4 of 10"));
+        Assert.That(context.Notes, Has.One.Contains("left as they are").And.Contains("'fc' (the field FixedTypeNet.fc").And.Contains("'conv'"));
+        Assert.That(logger.Entries.Where(e => e.Level == Microsoft.Extensions.Logging.LogLevel.Warning).Select(e => e.Message), Has.One.Contains("'fc'"));
+    }
+
+    [Test]
+    public void Apply_OnlyFixedTypeLayersSelected_ReturnsTheModelWithANote()
+    {
+        using var original = new FixedTypeNet(9);
+        using var model = ModuleCloner.DeepClone(original);
+        string before = TestModels.StateHash(model);
+        using var data = new TensorDataset(randn(4, 1, 12, 12), zeros(4, dtype: int64));
+        var context = new CompressionContext(new CompressionData(data, data), original);
+        var options = new SvdFactorizationOptions { Budget = new RankBudget { Fraction = 0.5 }, Layers = LayerSelection.Named("fc") };
+
+        var result = new SvdFactorizationStep(options).Apply(model, context);
+
+        Assert.That(result, Is.SameAs(model));
+        Assert.That(TestModels.StateHash(result), Is.EqualTo(before));
+        Assert.That(context.Notes, Has.One.Contains("'fc'").And.Contains("the budget covers the other layers"));
+    }
+
+    [Test]
+    public void Apply_FixedTypeLayersFail_ThrowsBeforeAnyChange()
+    {
+        using var original = new FixedTypeNet(10);
+        using var model = ModuleCloner.DeepClone(original);
+        string before = TestModels.StateHash(model);
+        using var data = new TensorDataset(randn(4, 1, 12, 12), zeros(4, dtype: int64));
+        var context = new CompressionContext(new CompressionData(data, data), original);
+        var step = new SvdFactorizationStep(new SvdFactorizationOptions { Rank = RankRule.Fixed(4), FixedTypeLayers = FixedTypeLayers.Fail });
+
+        var ex = Assert.Throws<UnsupportedModelException>(() => step.Apply(model, context));
+
+        Assert.That(ex!.LayerName, Is.EqualTo("conv"));
+        Assert.That(ex.Message, Does.Contain("LowRankConv2d").And.Contain("'fc'").And.Contain("LowRankLinear"));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+        Assert.That(ModuleTree.GetSubmodule(model, "head"), Is.TypeOf<Linear>());
+    }
 }

@@ -364,4 +364,30 @@ public sealed class MagnitudePruningStepTests
         Assert.That(new MagnitudePruningOptions { Sparsity = 0.99, Scope = PruningScope.Global, MinLayerKeptFraction = 0.01 }.Validate(), Is.Empty);
         Assert.That(new MagnitudePruningOptions { Sparsity = 0.99 }.Validate(), Is.Empty);
     }
+
+
+    [Test]
+    public void Apply_SparseChosenForALayerInAFieldTypedLinear_KeepsItDenseWithZerosAndWarns()
+    {
+        using var original = new FixedTypeNet(13);
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = new TensorDataset(randn(4, 1, 12, 12), zeros(4, dtype: int64));
+        var logger = new CapturingLogger();
+        var context = new CompressionContext(new CompressionData(data, data), original, logger: logger);
+        long fcBefore = ModelCompression.Metrics.ModelMetrics.Measure(original, FixedTypeNet.SampleShape).Layers.Single(l => l.Name == "fc").SizeBytes!.Value;
+
+        var options = new MagnitudePruningOptions { Sparsity = 0.9, Scope = PruningScope.LayerWise, SparseExecution = SparseExecution.Always };
+        var result = new MagnitudePruningStep(options).Apply(model, context);
+
+        Assert.That(ModuleTree.GetSubmodule(result, "fc"), Is.TypeOf<Linear>());
+        Assert.That(ModuleTree.GetSubmodule(result, "head"), Is.TypeOf<SparseLinear>());
+        using var fcWeight = result.state_dict()["fc.weight"];
+        Assert.That(fcWeight.count_nonzero().item<long>(), Is.EqualTo(5_120));
+        // 10% of the weights kept: positions and float32 values, about a fifth of the dense bytes.
+        long fcAfter = ModelCompression.Metrics.ModelMetrics.Measure(result, FixedTypeNet.SampleShape).Layers.Single(l => l.Name == "fc").SizeBytes!.Value;
+        TestContext.Out.WriteLine($"fc {fcBefore} → {fcAfter} bytes");
+        Assert.That(fcAfter, Is.LessThan(fcBefore / 4));
+        Assert.That(context.Notes, Has.One.Contains("kept dense").And.Contains("fc (the field FixedTypeNet.fc"));
+        Assert.That(logger.Warnings, Has.One.Contains("kept dense"));
+    }
 }

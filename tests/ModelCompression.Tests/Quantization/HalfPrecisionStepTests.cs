@@ -2,6 +2,7 @@ using ModelCompression.Metrics;
 using ModelCompression.Modules;
 using ModelCompression.Quantization;
 using ModelCompression.Samples;
+using ModelCompression.Serialization;
 using ModelCompression.Tests.Support;
 using NUnit.Framework;
 using TorchSharp;
@@ -222,5 +223,164 @@ public sealed class HalfPrecisionStepTests
     public void Layer_RejectsNonHalfTypes()
     {
         Assert.Throws<ArgumentException>(() => _ = new HalfPrecisionLayer(nn.Linear(2, 2), ScalarType.Float32));
+    }
+
+    private static (ModelCompression.Data.TensorDataset Data, CapturingLogger Logger, CompressionContext Context) FixedTypeContext(nn.Module<Tensor, Tensor> original)
+    {
+        var data = new ModelCompression.Data.TensorDataset(randn(4, 1, 12, 12), zeros(4, dtype: int64));
+        var logger = new CapturingLogger();
+        return (data, logger, new CompressionContext(new CompressionData(null, data), original, logger: logger));
+    }
+
+    private static float[] Values(nn.Module model, string name)
+    {
+        using var t = model.state_dict()[name].detach().to(float32).cpu().contiguous();
+        return t.data<float>().ToArray();
+    }
+
+    // fp16 values are stored raw at 2 bytes each; bf16's coarser values take few enough distinct patterns that a
+    // Huffman-coded codebook is smaller still (205,063 → 68,919 bytes for fc here).
+    [TestCase(HalfPrecisionFormat.BFloat16, ScalarType.BFloat16, 0.02, 0.30)]
+    [TestCase(HalfPrecisionFormat.Float16, ScalarType.Float16, 0.002, 0.49)]
+    public void Apply_LayersInFieldsTypedLinearAndConv2d_KeepTheirTypeRoundedInPlaceAndHalveInTheFile(HalfPrecisionFormat format, ScalarType dtype, double tolerance, double smallestRatio)
+    {
+        using var original = new FixedTypeNet(1);
+        original.eval();
+        using var model = ModuleCloner.DeepClone(original);
+        var (data, logger, context) = FixedTypeContext(original);
+        using var _ = data;
+        using var input = randn(5, 1, 12, 12);
+        var expected = TestModels.Output(original, input);
+        var before = ModelMetrics.Measure(original, FixedTypeNet.SampleShape);
+
+        var result = new HalfPrecisionStep(new HalfPrecisionOptions { Format = format }).Apply(model, context);
+
+        // fc and conv keep their types and float32 storage, holding exactly the 16-bit values; head is converted.
+        Assert.That(ModuleTree.GetSubmodule(result, "fc"), Is.TypeOf<TorchSharp.Modules.Linear>());
+        Assert.That(ModuleTree.GetSubmodule(result, "conv"), Is.TypeOf<TorchSharp.Modules.Conv2d>());
+        Assert.That(ModuleTree.GetSubmodule(result, "head"), Is.TypeOf<HalfPrecisionLayer>());
+        foreach (var name in new[] { "fc.weight", "fc.bias", "conv.weight", "conv.bias" })
+        {
+            Assert.That(result.state_dict()[name].dtype, Is.EqualTo(ScalarType.Float32), name);
+            using var rounded = original.state_dict()[name].to(dtype).to(float32);
+            Assert.That(Values(result, name), Is.EqualTo(rounded.data<float>().ToArray()), name);
+            Assert.That(Values(result, name), Is.Not.EqualTo(Values(original, name)), $"{name} was rounded");
+        }
+
+        // The file stores the rounded layers in at most 2 bytes a value: fc's 51,264 values took 205,063 bytes.
+        var after = ModelMetrics.Measure(result, FixedTypeNet.SampleShape);
+        long fcBefore = before.Layers.Single(l => l.Name == "fc").SizeBytes!.Value;
+        long fcAfter = after.Layers.Single(l => l.Name == "fc").SizeBytes!.Value;
+        TestContext.Out.WriteLine($"{format}: fc {fcBefore} → {fcAfter} bytes, file {before.SizeBytes} → {after.SizeBytes}");
+        Assert.That(fcBefore, Is.GreaterThan(51_264 * 4));
+        Assert.That((double)fcAfter / fcBefore, Is.InRange(smallestRatio, 0.501));
+        Assert.That((double)after.SizeBytes / before.SizeBytes, Is.InRange(smallestRatio, 0.505));
+        Assert.That(CompressedModel.Measure(result).TotalBytes, Is.EqualTo(after.SizeBytes));
+
+        var actual = TestModels.Output(result, input);
+        Assert.That(actual.Zip(expected).Max(p => Math.Abs(p.First - p.Second)), Is.LessThan(tolerance * expected.Max(Math.Abs)));
+
+        // Named in the notes and warned about, with the field that holds each.
+        Assert.That(context.Notes, Has.One.Contains("'fc' (the field FixedTypeNet.fc").And.Contains("'conv' (the field FixedTypeNet.conv").And.Contains("rounded in place"));
+        Assert.That(logger.Warnings, Has.One.Contains("'fc'").And.Contains("'conv'"));
+    }
+
+    [Test]
+    public void Apply_FixedTypeLayersSkip_LeavesThoseLayersAndConvertsTheRest()
+    {
+        using var original = new FixedTypeNet(2);
+        using var model = ModuleCloner.DeepClone(original);
+        var (data, logger, context) = FixedTypeContext(original);
+        using var _ = data;
+
+        var result = new HalfPrecisionStep(new HalfPrecisionOptions { FixedTypeLayers = FixedTypeLayers.Skip }).Apply(model, context);
+
+        Assert.That(Values(result, "fc.weight"), Is.EqualTo(Values(original, "fc.weight")));
+        Assert.That(Values(result, "conv.weight"), Is.EqualTo(Values(original, "conv.weight")));
+        Assert.That(ModuleTree.GetSubmodule(result, "head"), Is.TypeOf<HalfPrecisionLayer>());
+        Assert.That(context.Notes, Has.One.Contains("left in float32").And.Contains("'fc'").And.Contains("'conv'"));
+        Assert.That(logger.Warnings.Count(), Is.EqualTo(1));
+    }
+
+    [Test]
+    public void Apply_FixedTypeLayersFail_ThrowsNamingTheLayersBeforeAnyChange()
+    {
+        using var original = new FixedTypeNet(3);
+        using var model = ModuleCloner.DeepClone(original);
+        var (data, _, context) = FixedTypeContext(original);
+        using var _ = data;
+        string before = TestModels.StateHash(model);
+
+        var step = new HalfPrecisionStep(new HalfPrecisionOptions { FixedTypeLayers = FixedTypeLayers.Fail });
+        var ex = Assert.Throws<UnsupportedModelException>(() => step.Apply(model, context));
+
+        Assert.That(ex!.LayerName, Is.EqualTo("conv"));
+        Assert.That(ex.LayerType, Is.EqualTo("Conv2d"));
+        Assert.That(ex.Message, Does.Contain("'fc'").And.Contain("typed Linear").And.Contain("HalfPrecisionOptions.FixedTypeLayers"));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before));
+        Assert.That(ModuleTree.GetSubmodule(model, "head"), Is.TypeOf<TorchSharp.Modules.Linear>(), "head, which could be replaced, was not");
+    }
+
+    [Test]
+    public void Constructor_UnknownFixedTypeLayers_Throws()
+    {
+        var ex = Assert.Throws<OptionsValidationException>(() => new HalfPrecisionStep(new HalfPrecisionOptions { FixedTypeLayers = (FixedTypeLayers)9 }));
+        Assert.That(ex!.Errors, Has.One.Contains("HalfPrecisionOptions.FixedTypeLayers"));
+    }
+
+    [Test]
+    public void Pipeline_Bf16OnFixedTypeNet_ChangesOnlyTheCopyAndReportsTheLayers()
+    {
+        using var model = new FixedTypeNet(4);
+        string before = TestModels.StateHash(model);
+        using var data = new ModelCompression.Data.TensorDataset(randn(16, 1, 12, 12), randint(0, 10, 16));
+        using var result = CompressionPipeline.Create()
+            .WithLatencyMeasurement(new LatencyOptions { Enabled = false })
+            .AddHalfPrecision()
+            .Build()
+            .Run(model, new CompressionData(null, data));
+
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(before), "the caller's model");
+        Assert.That(ModuleTree.GetSubmodule(result.Model, "fc"), Is.TypeOf<TorchSharp.Modules.Linear>());
+        Assert.That(result.Report.Steps.Single().Message, Does.Contain("'fc'").And.Contain("'conv'"));
+        Assert.That((double)result.Report.Final.SizeBytes / result.Report.Baseline.SizeBytes, Is.InRange(0.30, 0.505));
+    }
+
+    [Test]
+    public void GoogLeNet_Bf16_KeepsItsLinearClassifierRoundedAndTheFileHalves()
+    {
+        // torchvision keeps GoogLeNet's classifier in a field typed Linear.
+        random.manual_seed(5);
+        using var original = torchvision.models.googlenet(num_classes: 10);
+        original.eval();
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = new ModelCompression.Data.TensorDataset(randn(2, 3, 64, 64), zeros(2, dtype: int64));
+        var logger = new CapturingLogger();
+        var context = new CompressionContext(new CompressionData(null, data), original, logger: logger);
+        long sizeBefore = CompressedModel.Measure(original).TotalBytes;
+
+        var result = new HalfPrecisionStep(new HalfPrecisionOptions()).Apply(model, context);
+
+        long sizeAfter = CompressedModel.Measure(result).TotalBytes;
+        TestContext.Out.WriteLine($"GoogLeNet bf16: {sizeBefore} → {sizeAfter} bytes ({(double)sizeAfter / sizeBefore:0.000}); {string.Join(" | ", context.Notes)}");
+        // 22,391,183 → 7,682,335 bytes here (0.343): bf16 values, Huffman-coded codebooks where smaller than 2 bytes each.
+        Assert.That((double)sizeAfter / sizeBefore, Is.InRange(0.30, 0.50));
+        Assert.That(ModuleTree.GetSubmodule(result, "fc"), Is.TypeOf<TorchSharp.Modules.Linear>());
+        using (var rounded = original.state_dict()["fc.weight"].to(ScalarType.BFloat16).to(float32))
+        {
+            Assert.That(Values(result, "fc.weight"), Is.EqualTo(rounded.data<float>().ToArray()));
+        }
+
+        Assert.That(context.Notes, Has.One.Contains("'fc' (the field"));
+        Assert.That(logger.Warnings, Has.One.Contains("'fc'"));
+
+        // The first forward of GoogLeNet can be non-finite on this machine: warm both models up once.
+        using var input = randn(2, 3, 64, 64);
+        TestModels.Output(original, input);
+        TestModels.Output(result, input);
+        var expected = TestModels.Output(original, input);
+        var actual = TestModels.Output(result, input);
+        Assert.That(expected.All(float.IsFinite) && actual.All(float.IsFinite), Is.True);
+        Assert.That(actual.Zip(expected).Max(p => Math.Abs(p.First - p.Second)), Is.LessThan(0.1 * expected.Max(Math.Abs)));
     }
 }

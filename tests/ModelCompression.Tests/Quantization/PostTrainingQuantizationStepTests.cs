@@ -552,4 +552,44 @@ public sealed class PostTrainingQuantizationStepTests
         public EvaluationResult Evaluate(nn.Module<Tensor, Tensor> model, IBatchSource data, CancellationToken cancellationToken = default) =>
             new(1 - (0.1 * model.modules().Count(m => m is QuantizedLinear)), data.Count);
     }
+
+    [Test]
+    public void Apply_DynamicInt8_LayersInFieldsTypedLinearAndConv2d_StayInFloatAndAreNoted()
+    {
+        using var original = new FixedTypeNet(11);
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = new TensorDataset(randn(8, 1, 12, 12), zeros(8, dtype: int64));
+        var logger = new CapturingLogger();
+        var context = new CompressionContext(new CompressionData(data, data), original, logger: logger);
+
+        var result = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = QuantizationMode.DynamicInt8 }).Apply(model, context);
+
+        Assert.That(ModuleTree.GetSubmodule(result, "head"), Is.TypeOf<QuantizedLinear>());
+        Assert.That(TestModels.StateHash(ModuleTree.GetSubmodule(result, "fc")), Is.EqualTo(TestModels.StateHash(ModuleTree.GetSubmodule(original, "fc"))));
+        Assert.That(context.Notes, Has.One.Contains("left in float").And.Contains("no in-place form").And.Contains("'fc'").And.Contains("'conv'"));
+        Assert.That(logger.Warnings, Has.One.Contains("'fc'"));
+
+        var failing = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { FixedTypeLayers = FixedTypeLayers.Fail });
+        using var other = ModuleCloner.DeepClone(original);
+        var ex = Assert.Throws<UnsupportedModelException>(() => failing.Apply(other, new CompressionContext(new CompressionData(data, data), original)));
+        Assert.That(ex!.Message, Does.Contain("'fc'").And.Contain("PostTrainingQuantizationOptions.FixedTypeLayers"));
+        Assert.That(ModuleTree.GetSubmodule(other, "head"), Is.TypeOf<Linear>());
+    }
+
+    [Test]
+    public void Apply_Float16_RoundsLayersInFieldsTypedLinearInPlace()
+    {
+        using var original = new FixedTypeNet(12);
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = new TensorDataset(randn(8, 1, 12, 12), zeros(8, dtype: int64));
+        var context = new CompressionContext(new CompressionData(data, data), original);
+
+        var result = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = QuantizationMode.Float16 }).Apply(model, context);
+
+        using var expected = original.state_dict()["fc.weight"].to(ScalarType.Float16).to(ScalarType.Float32);
+        using var actual = result.state_dict()["fc.weight"].detach().clone();
+        Assert.That(actual.dtype, Is.EqualTo(ScalarType.Float32));
+        Assert.That(actual.data<float>().ToArray(), Is.EqualTo(expected.data<float>().ToArray()));
+        Assert.That(context.Notes, Has.One.Contains("rounded in place to fp16").And.Contains("'fc'"));
+    }
 }

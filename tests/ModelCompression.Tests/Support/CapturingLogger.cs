@@ -7,6 +7,8 @@ internal sealed class CapturingLogger : ILogger
 {
     public List<(LogLevel Level, string Message)> Entries { get; } = [];
 
+    public IEnumerable<string> Warnings => Entries.Where(e => e.Level == LogLevel.Warning).Select(e => e.Message);
+
     public IDisposable? BeginScope<TState>(TState state)
         where TState : notnull => null;
 
