@@ -85,6 +85,62 @@ public sealed class LayerRegistryTests
         }
     }
 
+    private static readonly Dictionary<string, (Func<nn.Module<Tensor, Tensor>> Build, long[] Input)> ManagedLayers = new()
+    {
+        ["linear"] = (() => nn.Linear(6, 4), [3, 6]),
+        ["linear-without-bias"] = (() => nn.Linear(6, 4, hasBias: false), [3, 6]),
+        ["conv2d"] = (() => nn.Conv2d(3, 4, 3, stride: 2, padding: 1), [2, 3, 8, 8]),
+        ["conv2d-same"] = (() => nn.Conv2d(3, 4, 3, padding: Padding.Same), [2, 3, 8, 8]),
+        ["conv-transpose2d"] = (() => nn.ConvTranspose2d(3, 4, 3, stride: 2), [2, 3, 5, 5]),
+        ["batchnorm1d"] = (() => nn.BatchNorm1d(6), [4, 6]),
+        ["batchnorm2d"] = (() => nn.BatchNorm2d(3), [2, 3, 4, 4]),
+        ["batchnorm3d"] = (() => nn.BatchNorm3d(2), [2, 2, 3, 3, 3]),
+        ["instancenorm2d"] = (() => nn.InstanceNorm2d(3, affine: true), [2, 3, 4, 4]),
+        ["layernorm"] = (() => nn.LayerNorm([4, 4]), [2, 3, 4, 4]),
+        ["relu"] = (() => nn.ReLU(), [3, 5]),
+        ["gelu"] = (() => nn.GELU(), [3, 5]),
+        ["elu"] = (() => nn.ELU(0.5), [3, 5]),
+        ["leaky-relu"] = (() => nn.LeakyReLU(0.2), [3, 5]),
+        ["prelu"] = (() => nn.PReLU(5), [3, 5]),
+        ["softmax"] = (() => nn.Softmax(1), [3, 5]),
+        ["maxpool1d"] = (() => nn.MaxPool1d(2), [2, 3, 8]),
+        ["avgpool2d"] = (() => nn.AvgPool2d(2), [2, 3, 8, 8]),
+        ["adaptive-avgpool2d"] = (() => nn.AdaptiveAvgPool2d(1), [2, 3, 8, 8]),
+        ["adaptive-maxpool1d"] = (() => nn.AdaptiveMaxPool1d(2), [2, 3, 8]),
+        ["dropout"] = (() => nn.Dropout(0.3), [3, 5]),
+        ["flatten"] = (() => nn.Flatten(), [2, 3, 4]),
+        ["unflatten"] = (() => nn.Unflatten(1, [2, 3]), [2, 6]),
+        ["upsample"] = (() => nn.Upsample(scale_factor: [2.0, 2.0]), [1, 2, 3, 3]),
+        ["pixel-shuffle"] = (() => nn.PixelShuffle(2), [1, 8, 3, 3]),
+        ["sequential"] = (() => nn.Sequential(("a", nn.Linear(5, 4)), ("b", nn.Tanh()), ("c", nn.Linear(4, 2))), [3, 5]),
+    };
+
+    private static IEnumerable<string> ManagedLayerNames => ManagedLayers.Keys;
+
+    [TestCaseSource(nameof(ManagedLayerNames))]
+    public void DeepClone_TorchSharpManagedLayer_EqualOutputsAndIndependentTensors(string name)
+    {
+        var (build, shape) = ManagedLayers[name];
+        using var original = build();
+        using var input = randn(shape);
+        if (original.buffers().Any())
+        {
+            // Move running statistics away from their defaults, then compare in evaluation mode.
+            using var noGrad = no_grad();
+            original.train();
+            original.call(input).Dispose();
+        }
+
+        original.eval();
+        using var copy = ModuleCloner.DeepClone(original);
+
+        Assert.That(copy.GetType(), Is.EqualTo(original.GetType()));
+        Assert.That(TestModels.StateHash(copy), Is.EqualTo(TestModels.StateHash(original)));
+        Assert.That(TestModels.Output(copy, input), Is.EqualTo(TestModels.Output(original, input)));
+        Assert.That(copy.parameters().Select(p => p.Handle).Intersect(original.parameters().Select(p => p.Handle)), Is.Empty);
+        Assert.That(copy.buffers().Select(b => b.Handle).Intersect(original.buffers().Select(b => b.Handle)), Is.Empty);
+    }
+
     [Test]
     public void DeepClone_EmbeddingClassifier_RunsAndMatches()
     {
