@@ -323,6 +323,21 @@ public static class OnnxExporter
                 case SqueezeExcitation:
                     return g.Node("Mul", at, [x, EmitChildren(module, name, x)]);
 
+                case TransformerEncoderLayer encoderLayer:
+                    return EncoderLayer(at, x, encoderLayer, encoderLayer.state_dict(), string.Empty);
+                case TransformerEncoder encoder:
+                {
+                    // The stack's layers are copies of one layer's settings, so the registry's reading of the stack holds for each.
+                    var state = encoder.state_dict();
+                    long layers = ModelCompression.Modules.LayerRegistry.Find(encoder)!.GetAttributes(encoder).GetInt64("layers");
+                    for (long i = 0; i < layers; i++)
+                    {
+                        x = EncoderLayer($"{at}.layers.{i}", x, encoder, state, $"layers.{i}.");
+                    }
+
+                    return x;
+                }
+
                 case GRU or LSTM:
                     // Their forward takes and returns tuples, so only the module that calls them knows what flows in and out.
                     throw new UnsupportedModelException(name, module.GetType().Name,
@@ -333,7 +348,7 @@ public static class OnnxExporter
                         $"The {module.GetType().Name} at {Display(name)} cannot be exported to ONNX. Supported: Sequential, Linear, Conv1d/Conv2d/Conv3d, " +
                         "BatchNorm, LayerNorm, GroupNorm, Embedding (integer input), ReLU/ReLU6/Sigmoid/Tanh/SiLU/Hardswish/LeakyReLU/GELU/ELU/Mish/Softplus/" +
                         "Hardsigmoid/PReLU, Softmax, Flatten(1, -1), MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d/2d(1), Dropout, Identity, the library's " +
-                        "compressed layers and blocks (GRU/LSTM through OnnxEmitters.Recurrent); add an emitter for other modules to OnnxExportOptions.CustomModules.");
+                        "compressed layers and blocks, TransformerEncoderLayer/TransformerEncoder (no masks; GRU/LSTM through OnnxEmitters.Recurrent); add an emitter for other modules to OnnxExportOptions.CustomModules.");
             }
         }
 
@@ -382,6 +397,46 @@ public static class OnnxExporter
                 ["dilations"] = conv.dilation,
                 ["group"] = conv.groups,
             });
+        }
+
+        /// <summary>
+        /// One of TorchSharp's transformer encoder layers, without masks: post-norm, sequence-first [L, N, E].
+        /// x₁ = LayerNorm(x + attention(x)), then LayerNorm(x₁ + linear2(activation(linear1(x₁)))), with attention
+        /// written out as the per-head projections, scaled dot products, softmax and output projection.
+        /// </summary>
+        private string EncoderLayer(string at, string x, nn.Module module, Dictionary<string, Tensor> state, string prefix)
+        {
+            var g = Graph;
+            var settings = ModelCompression.Modules.LayerRegistry.Find(module)!.GetAttributes(module);
+            long dim = settings.GetInt64("dim"), heads = settings.GetInt64("heads"), headDim = dim / heads;
+            string activation = settings.GetString("activation");
+            Tensor? Get(string key) => state.TryGetValue(prefix + key, out var t) ? t.detach().to(ScalarType.Float32) : null;
+            string Dense(string name, string input, Tensor weight, Tensor? bias) => Linear($"{at}.{name}", input, weight, bias);
+
+            var inWeight = Get("self_attn.in_proj_weight")!.chunk(3, 0);
+            var inBias = Get("self_attn.in_proj_bias")?.chunk(3, 0);
+            var perHead = g.Int64s($"{at}.heads_shape", 0, -1, headDim);
+            // [L, N, E] → [L, N·heads, d] → [N·heads, L, d], the batched layout the attention's MatMuls need.
+            string Heads(string name, int part, long[] perm) =>
+                g.Node("Transpose", at, [g.Node("Reshape", at, [Dense($"self_attn.{name}", x, inWeight[part], inBias?[part]), perHead])], new Dictionary<string, object> { ["perm"] = perm });
+            string q = Heads("q", 0, [1, 0, 2]);
+            string kT = Heads("k", 1, [1, 2, 0]);
+            string v = Heads("v", 2, [1, 0, 2]);
+            string scores = g.Node("Mul", at, [g.Node("MatMul", at, [q, kT]), Scalar($"{at}.scale", (float)(1 / Math.Sqrt(headDim)))]);
+            string weights = g.Node("Softmax", at, [scores], new Dictionary<string, object> { ["axis"] = -1L });
+            string mixed = g.Node("Transpose", at, [g.Node("MatMul", at, [weights, v])], new Dictionary<string, object> { ["perm"] = new long[] { 1, 0, 2 } });
+            string attention = Dense("self_attn.out_proj", g.Node("Reshape", at, [mixed, g.Node("Shape", at, [x])]), Get("self_attn.out_proj.weight")!, Get("self_attn.out_proj.bias"));
+
+            // TorchSharp's encoder layer is built with LayerNorm's default epsilon, 1e-5, and has no setting for it.
+            string Norm(string name, string input) =>
+                g.Node("LayerNormalization", at, [input, g.Constant($"{at}.{name}.weight", Get($"{name}.weight")!), g.Constant($"{at}.{name}.bias", Get($"{name}.bias")!)], new Dictionary<string, object> { ["axis"] = -1L, ["epsilon"] = 1e-5f });
+            string x1 = Norm("norm1", g.Node("Add", at, [x, attention]));
+            string hidden = Dense("linear1", x1, Get("linear1.weight")!, Get("linear1.bias"));
+            hidden = activation == nameof(nn.Activations.GELU)
+                ? g.Node("Gelu", at, [hidden])
+                : g.Node("Relu", at, [hidden]);
+            string ff = Dense("linear2", hidden, Get("linear2.weight")!, Get("linear2.bias"));
+            return Norm("norm2", g.Node("Add", at, [x1, ff]));
         }
 
         /// <summary>

@@ -47,6 +47,9 @@ public sealed class OnnxLayerKindsTests
             ("fc6", nn.Linear(16, 16)), ("prelu", nn.PReLU(1)),
             ("fc7", nn.Linear(16, 4))), 5, 8);
         yield return Case("PReLUPerChannel", () => nn.Sequential(("conv", nn.Conv2d(3, 5, 3)), ("prelu", nn.PReLU(5)), ("pool", nn.MaxPool2d(2))), 2, 3, 8, 8);
+        // Sequence-first [L, N, E]: the exported "batch" dimension is the sequence.
+        yield return Case("TransformerEncoderLayerRelu", () => nn.Sequential(("encoder", nn.TransformerEncoderLayer(16, 4, 32))), 5, 3, 16);
+        yield return Case("TransformerEncoderLayerGelu", () => nn.Sequential(("encoder", nn.TransformerEncoderLayer(12, 3, 20, activation: nn.Activations.GELU)), ("fc", nn.Linear(12, 4))), 6, 2, 12);
         yield return Case("PReLUOnFeatures", () => nn.Sequential(("fc", nn.Linear(8, 6)), ("prelu", nn.PReLU(6))), 4, 8);
     }
 
@@ -89,6 +92,17 @@ public sealed class OnnxLayerKindsTests
         // The reference runs in float64: LibTorch's float32 LSTM on this CPU (its oneDNN path) departs from the LSTM
         // equations by up to 0.1 on these weights, while float64 and ONNX Runtime follow them to 1e-7.
         AssertParity(model, ids, TokenRecurrent.Options(), referenceInFloat64: true);
+    }
+
+    [Test]
+    public void Export_EmbeddingTransformerEncoderStack_MatchesOnnxRuntime()
+    {
+        using var scope = NewDisposeScope();
+        random.manual_seed(17);
+        using var model = new TokenEncoder();
+        Randomize(model);
+        var ids = randint(0, 40, new long[] { 3, 7 }, dtype: ScalarType.Int64);
+        AssertParity(model, ids, TokenEncoder.Options());
     }
 
     [Test]
@@ -268,4 +282,39 @@ internal sealed class TokenRecurrent : nn.Module<Tensor, Tensor>
     }
 
     private static (Tensor Output, Tensor Hidden) Drop((Tensor Output, Tensor Hidden, Tensor Cell) values) => (values.Output, values.Hidden);
+}
+
+/// <summary>Token ids [batch, sequence] → Embedding → two-layer TransformerEncoder (sequence-first) → mean over the sequence → Linear.</summary>
+internal sealed class TokenEncoder : nn.Module<Tensor, Tensor>
+{
+    private readonly Embedding embedding;
+    private readonly TransformerEncoder encoder;
+    private readonly Linear fc;
+
+    public TokenEncoder()
+        : base(nameof(TokenEncoder))
+    {
+        embedding = nn.Embedding(40, 16);
+        using var layer = nn.TransformerEncoderLayer(16, 2, 24, activation: nn.Activations.GELU);
+        encoder = nn.TransformerEncoder(layer, 2);
+        fc = nn.Linear(16, 3);
+        RegisterComponents();
+    }
+
+    /// <summary>The emitter a user writes for this forward: the encoder stack itself is one of the exporter's kinds.</summary>
+    public static OnnxExportOptions Options()
+    {
+        var options = new OnnxExportOptions { InputType = ScalarType.Int64 };
+        options.CustomModules[typeof(TokenEncoder)] = (g, m, name, x) =>
+        {
+            var model = (TokenEncoder)m;
+            string e = g.Node("Transpose", "sequence_first", [g.Emit(model.embedding, "embedding", x)], new Dictionary<string, object> { ["perm"] = new long[] { 1, 0, 2 } });
+            string encoded = g.Emit(model.encoder, "encoder", e);
+            string mean = g.Node("ReduceMean", "mean", [encoded, g.Int64s("mean.axes", 0)], new Dictionary<string, object> { ["keepdims"] = 0L });
+            return g.Emit(model.fc, "fc", mean);
+        };
+        return options;
+    }
+
+    public override Tensor forward(Tensor input) => fc.call(encoder.call(embedding.call(input).transpose(0, 1)).mean([0]));
 }
