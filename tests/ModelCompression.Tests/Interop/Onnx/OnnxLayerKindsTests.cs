@@ -106,6 +106,20 @@ public sealed class OnnxLayerKindsTests
     }
 
     [Test]
+    public void ToBytes_RecurrentAndEncoderModels_LeaveNoLiveTensors()
+    {
+        using var recurrent = new TokenRecurrent("LSTM", batchFirst: true, bidirectional: true, layers: 2, readout: "last");
+        using var encoder = new TokenEncoder();
+        // The first export lets the layer registry probe and cache each layer's hidden settings.
+        OnnxExporter.ToBytes(recurrent, [7], TokenRecurrent.Options());
+        OnnxExporter.ToBytes(encoder, [7], TokenEncoder.Options());
+        long before = Tensor.TotalCount;
+        OnnxExporter.ToBytes(recurrent, [7], TokenRecurrent.Options());
+        OnnxExporter.ToBytes(encoder, [7], TokenEncoder.Options());
+        Assert.That(Tensor.TotalCount, Is.LessThanOrEqualTo(before));
+    }
+
+    [Test]
     public void Export_RecurrentLayerEmittedDirectly_ThrowsNamingItAndTheHelper()
     {
         using var model = new TokenRecurrent("GRU", batchFirst: true, bidirectional: false, layers: 1, readout: "last");
