@@ -43,6 +43,13 @@ public sealed class OnnxExportOptions
     public IDictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>> CustomModules { get; } =
         new Dictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>>();
 
+    /// <summary>
+    /// Gets or sets the element type of the model's input: <see cref="ScalarType.Float32"/> for images and features,
+    /// <see cref="ScalarType.Int64"/> (or <see cref="ScalarType.Int32"/>) for token ids fed to an <c>Embedding</c>.
+    /// </summary>
+    /// <value>The default is <see cref="ScalarType.Float32"/>.</value>
+    public ScalarType InputType { get; set; } = ScalarType.Float32;
+
     /// <summary>Gets or sets the producer name written into the model.</summary>
     /// <value>The default is <c>ModelCompression</c>.</value>
     public string ProducerName { get; set; } = "ModelCompression";
@@ -55,7 +62,7 @@ public sealed class OnnxExportOptions
 /// convolutions, int8 layers as QDQ or integer MatMul, int4 weight-only layers as blocked int4 DequantizeLinear.
 /// </summary>
 /// <remarks>
-/// The whole graph is built in memory first: an unsupported module is a <see cref="NotSupportedException"/> naming
+/// The whole graph is built in memory first: an unsupported module is an <see cref="UnsupportedModelException"/> naming
 /// it, before anything is written. The exported model's input is <c>input</c> [batch, sample shape…], its output
 /// <c>output</c>; the model is evaluated in inference mode (dropout off, BatchNorm with running statistics).
 /// </remarks>
@@ -66,7 +73,8 @@ public static class OnnxExporter
     /// <param name="path">The file to write.</param>
     /// <param name="sampleShape">The shape of one input sample, without the batch dimension (e.g. [1, 28, 28]).</param>
     /// <param name="options">Options; the defaults when <see langword="null"/>.</param>
-    /// <exception cref="NotSupportedException">A module cannot be exported (the message names it); nothing is written.</exception>
+    /// <exception cref="UnsupportedModelException">A module cannot be exported (the message and <see cref="UnsupportedModelException.LayerName"/> name it); nothing is written.</exception>
+    /// <exception cref="ArgumentException"><see cref="OnnxExportOptions.InputType"/> is not Float32, Int64 or Int32.</exception>
     public static void Export(nn.Module<Tensor, Tensor> model, string path, IReadOnlyList<long> sampleShape, OnnxExportOptions? options = null)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
@@ -79,12 +87,20 @@ public static class OnnxExporter
     /// <param name="sampleShape">The shape of one input sample, without the batch dimension.</param>
     /// <param name="options">Options; the defaults when <see langword="null"/>.</param>
     /// <returns>The model's bytes.</returns>
-    /// <exception cref="NotSupportedException">A module cannot be exported (the message names it).</exception>
+    /// <exception cref="UnsupportedModelException">A module cannot be exported (the message and <see cref="UnsupportedModelException.LayerName"/> name it).</exception>
+    /// <exception cref="ArgumentException"><see cref="OnnxExportOptions.InputType"/> is not Float32, Int64 or Int32.</exception>
     public static byte[] ToBytes(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, OnnxExportOptions? options = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(sampleShape);
         options ??= new OnnxExportOptions();
+        var inputType = options.InputType switch
+        {
+            ScalarType.Float32 => TensorProto.Types.DataType.Float,
+            ScalarType.Int64 => TensorProto.Types.DataType.Int64,
+            ScalarType.Int32 => TensorProto.Types.DataType.Int32,
+            _ => throw new ArgumentException($"OnnxExportOptions.InputType is {options.InputType}; the exporter writes Float32, Int64 or Int32 inputs.", nameof(options)),
+        };
         long[] outputShape;
         bool wasTraining = model.training;
         try
@@ -92,7 +108,8 @@ public static class OnnxExporter
             model.eval();
             using var scope = NewDisposeScope();
             using var noGrad = no_grad();
-            var sample = zeros([1, .. sampleShape], device: model.parameters().FirstOrDefault()?.device ?? CPU);
+            // Zeros are valid token ids as well as valid features, so one sample serves every input type.
+            var sample = zeros([1, .. sampleShape], options.InputType, model.parameters().FirstOrDefault()?.device ?? CPU);
             outputShape = model.call(sample).shape[1..];
         }
         finally
@@ -102,7 +119,7 @@ public static class OnnxExporter
 
         var exporter = new Emitter(options);
         var graph = exporter.Graph;
-        graph.Input("input", sampleShape);
+        graph.Input("input", sampleShape, inputType);
         string output;
         using (NewDisposeScope())
         using (no_grad())
@@ -168,14 +185,81 @@ public static class OnnxExporter
                     return Linear(at, x, dense, sparse.Bias);
                 }
 
-                case Conv2d conv:
-                    return Conv(at, x, conv, g.Constant($"{at}.weight", conv.weight!.to(ScalarType.Float32)), conv.bias is null ? null : g.Constant($"{at}.bias", conv.bias.to(ScalarType.Float32)), Display(name));
+                case Conv1d or Conv2d or Conv3d:
+                {
+                    var conv = (Convolution)module;
+                    return Conv(at, x, conv, g.Constant($"{at}.weight", conv.weight!.to(ScalarType.Float32)), conv.bias is null ? null : g.Constant($"{at}.bias", conv.bias.to(ScalarType.Float32)), name);
+                }
+
+                case Embedding embedding:
+                    // Gather picks rows of the table by token id; the model's input must then be integer (OnnxExportOptions.InputType).
+                    return g.Node("Gather", at, [g.Constant($"{at}.weight", embedding.weight!.to(ScalarType.Float32)), x], new Dictionary<string, object> { ["axis"] = 0L });
+                case LayerNorm norm:
+                {
+                    long[] shape = norm.normalized_shape;
+                    var inputs = new List<string> { norm.elementwise_affine ? g.Constant($"{at}.scale", norm.weight.to(ScalarType.Float32)) : g.Constant($"{at}.scale", ones(shape)) };
+                    if (norm.bias is not null)
+                    {
+                        inputs.Add(g.Constant($"{at}.bias", norm.bias.to(ScalarType.Float32)));
+                    }
+
+                    return g.Node("LayerNormalization", at, [x, .. inputs], new Dictionary<string, object> { ["axis"] = (long)-shape.Length, ["epsilon"] = norm.eps });
+                }
+
+                case GroupNorm norm:
+                    return GroupNorm(at, x, norm);
+                case GELU gelu:
+                    return g.Node("Gelu", at, [x], new Dictionary<string, object> { ["approximate"] = gelu.approximate == GELU.Approximate.tanh ? "tanh" : "none" });
+                case ELU elu:
+                    return g.Node("Elu", at, [x], new Dictionary<string, object> { ["alpha"] = elu.alpha });
+                case Mish:
+                    return g.Node("Mish", at, [x]);
+                case Softplus softplus:
+                {
+                    // PyTorch: log(1 + exp(βx)) / β, and x itself where βx > threshold (ONNX's Softplus has neither β nor the threshold).
+                    string scaled = softplus.beta == 1 ? x : g.Node("Mul", at, [x, Scalar($"{at}.beta", (float)softplus.beta)]);
+                    string soft = g.Node("Softplus", at, [scaled]);
+                    soft = softplus.beta == 1 ? soft : g.Node("Div", at, [soft, Scalar($"{at}.beta", (float)softplus.beta)]);
+                    return g.Node("Where", at, [g.Node("Greater", at, [scaled, Scalar($"{at}.threshold", (float)softplus.threshold)]), x, soft]);
+                }
+
+                case Hardsigmoid:
+                    // PyTorch's relu6(x + 3) / 6 is ONNX's max(0, min(1, x/6 + 1/2)).
+                    return g.Node("HardSigmoid", at, [x], new Dictionary<string, object> { ["alpha"] = 1f / 6, ["beta"] = 0.5f });
+                case PReLU prelu:
+                {
+                    using var slope = prelu.weight.detach().to(ScalarType.Float32);
+                    return prelu.num_parameters == 1
+                        ? g.Node("PRelu", at, [x, g.Constant($"{at}.slope", slope)])
+                        : PerChannel(at, x, prelu.num_parameters, y => g.Node("PRelu", at, [y, g.Constant($"{at}.slope", slope.reshape(prelu.num_parameters, 1))]));
+                }
+
+                case MaxPool1d pool:
+                    return g.Node("MaxPool", at, [x], new Dictionary<string, object>
+                    {
+                        ["kernel_shape"] = new[] { pool.kernel_size },
+                        ["strides"] = new[] { pool.stride ?? pool.kernel_size },
+                        ["pads"] = new[] { pool.padding ?? 0, pool.padding ?? 0 },
+                        ["dilations"] = new[] { pool.dilation ?? 1 },
+                        ["ceil_mode"] = pool.ceil_mode ? 1L : 0L,
+                    });
+                case AvgPool1d avg:
+                    return g.Node("AveragePool", at, [x], new Dictionary<string, object>
+                    {
+                        ["kernel_shape"] = new[] { avg.kernel_size },
+                        ["strides"] = new[] { avg.stride ?? avg.kernel_size },
+                        ["pads"] = new[] { avg.padding ?? 0, avg.padding ?? 0 },
+                        ["ceil_mode"] = avg.ceil_mode ? 1L : 0L,
+                        ["count_include_pad"] = avg.count_include_pad ? 1L : 0L,
+                    });
+                case AdaptiveAvgPool1d adaptive1 when adaptive1.output_size == 1:
+                    return g.Node("GlobalAveragePool", at, [x]);
                 case BatchNorm1d or BatchNorm2d:
                 {
                     var bn = (NormBase)module;
                     if (!bn.track_running_stats || bn.running_mean is null)
                     {
-                        throw new NotSupportedException($"The BatchNorm at {Display(name)} keeps no running statistics; ONNX inference needs them.");
+                        throw new UnsupportedModelException(name, module.GetType().Name, $"The BatchNorm at {Display(name)} keeps no running statistics; ONNX inference needs them.");
                     }
 
                     long c = bn.num_features;
@@ -239,11 +323,32 @@ public static class OnnxExporter
                 case SqueezeExcitation:
                     return g.Node("Mul", at, [x, EmitChildren(module, name, x)]);
 
+                case TransformerEncoderLayer encoderLayer:
+                    return EncoderLayer(at, x, encoderLayer, encoderLayer.state_dict(), string.Empty);
+                case TransformerEncoder encoder:
+                {
+                    // The stack's layers are copies of one layer's settings, so the registry's reading of the stack holds for each.
+                    var state = encoder.state_dict();
+                    long layers = ModelCompression.Modules.LayerRegistry.Find(encoder)!.GetAttributes(encoder).GetInt64("layers");
+                    for (long i = 0; i < layers; i++)
+                    {
+                        x = EncoderLayer($"{at}.layers.{i}", x, encoder, state, $"layers.{i}.");
+                    }
+
+                    return x;
+                }
+
+                case GRU or LSTM:
+                    // Their forward takes and returns tuples, so only the module that calls them knows what flows in and out.
+                    throw new UnsupportedModelException(name, module.GetType().Name,
+                        $"The {module.GetType().Name} at {Display(name)} returns a tuple, so it cannot be exported on its own: register an emitter for the module " +
+                        "that calls it in OnnxExportOptions.CustomModules and emit it there with OnnxEmitters.Recurrent.");
                 default:
-                    throw new NotSupportedException(
-                        $"The {module.GetType().Name} at {Display(name)} cannot be exported to ONNX. Supported: Sequential, Linear, Conv2d, BatchNorm, " +
-                        "ReLU/ReLU6/Sigmoid/Tanh/SiLU/Hardswish/LeakyReLU, Softmax, Flatten(1, -1), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Dropout, " +
-                        "Identity, the library's compressed layers and blocks; add an emitter for other modules to OnnxExportOptions.CustomModules.");
+                    throw new UnsupportedModelException(name, module.GetType().Name,
+                        $"The {module.GetType().Name} at {Display(name)} cannot be exported to ONNX. Supported: Sequential, Linear, Conv1d/Conv2d/Conv3d, " +
+                        "BatchNorm, LayerNorm, GroupNorm, Embedding (integer input), ReLU/ReLU6/Sigmoid/Tanh/SiLU/Hardswish/LeakyReLU/GELU/ELU/Mish/Softplus/" +
+                        "Hardsigmoid/PReLU, Softmax, Flatten(1, -1), MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d/2d(1), Dropout, Identity, the library's " +
+                        "compressed layers and blocks, TransformerEncoderLayer/TransformerEncoder (no masks; GRU/LSTM through OnnxEmitters.Recurrent); add an emitter for other modules to OnnxExportOptions.CustomModules.");
             }
         }
 
@@ -268,21 +373,104 @@ public static class OnnxExporter
             return bias is null ? y : g.Node("Add", at, [y, g.Constant($"{at}.bias", bias.detach().to(ScalarType.Float32))]);
         }
 
-        private string Conv(string at, string x, Conv2d conv, string weight, string? bias, string display)
+        private string Conv(string at, string x, Convolution conv, string weight, string? bias, string name)
         {
-            if (conv.padding_mode != PaddingModes.Zeros || conv.padding_type is not null)
+            if (conv.padding_mode != PaddingModes.Zeros)
             {
-                throw new NotSupportedException($"The Conv2d at {display} uses {(conv.padding_type is null ? $"{conv.padding_mode} padding" : "string padding")}; only numeric zero padding is exported.");
+                throw new UnsupportedModelException(name, conv.GetType().Name, $"The {conv.GetType().Name} at {Display(name)} uses {conv.padding_mode} padding; only zero padding is exported.");
+            }
+
+            // ONNX pads are all the starts, then all the ends. PyTorch's 'same' pads (stride 1) put the odd one at the end.
+            int dims = conv.kernel_size.Length;
+            var pads = new long[2 * dims];
+            for (int d = 0; d < dims; d++)
+            {
+                long total = conv.padding_type == Padding.Same ? conv.dilation[d] * (conv.kernel_size[d] - 1) : 0;
+                (pads[d], pads[dims + d]) = conv.padding_type is null ? (conv.padding![d], conv.padding[d]) : (total / 2, total - (total / 2));
             }
 
             return Graph.Node("Conv", at, bias is null ? [x, weight] : [x, weight, bias], new Dictionary<string, object>
             {
                 ["kernel_shape"] = conv.kernel_size,
                 ["strides"] = conv.stride,
-                ["pads"] = new[] { conv.padding![0], conv.padding[1], conv.padding[0], conv.padding[1] },
+                ["pads"] = pads,
                 ["dilations"] = conv.dilation,
                 ["group"] = conv.groups,
             });
+        }
+
+        /// <summary>
+        /// One of TorchSharp's transformer encoder layers, without masks: post-norm, sequence-first [L, N, E].
+        /// x₁ = LayerNorm(x + attention(x)), then LayerNorm(x₁ + linear2(activation(linear1(x₁)))), with attention
+        /// written out as the per-head projections, scaled dot products, softmax and output projection.
+        /// </summary>
+        private string EncoderLayer(string at, string x, nn.Module module, Dictionary<string, Tensor> state, string prefix)
+        {
+            var g = Graph;
+            var settings = ModelCompression.Modules.LayerRegistry.Find(module)!.GetAttributes(module);
+            long dim = settings.GetInt64("dim"), heads = settings.GetInt64("heads"), headDim = dim / heads;
+            string activation = settings.GetString("activation");
+            Tensor? Get(string key) => state.TryGetValue(prefix + key, out var t) ? t.detach().to(ScalarType.Float32) : null;
+            string Dense(string name, string input, Tensor weight, Tensor? bias) => Linear($"{at}.{name}", input, weight, bias);
+
+            var inWeight = Get("self_attn.in_proj_weight")!.chunk(3, 0);
+            var inBias = Get("self_attn.in_proj_bias")?.chunk(3, 0);
+            var perHead = g.Int64s($"{at}.heads_shape", 0, -1, headDim);
+            // [L, N, E] → [L, N·heads, d] → [N·heads, L, d], the batched layout the attention's MatMuls need.
+            string Heads(string name, int part, long[] perm) =>
+                g.Node("Transpose", at, [g.Node("Reshape", at, [Dense($"self_attn.{name}", x, inWeight[part], inBias?[part]), perHead])], new Dictionary<string, object> { ["perm"] = perm });
+            string q = Heads("q", 0, [1, 0, 2]);
+            string kT = Heads("k", 1, [1, 2, 0]);
+            string v = Heads("v", 2, [1, 0, 2]);
+            string scores = g.Node("Mul", at, [g.Node("MatMul", at, [q, kT]), Scalar($"{at}.scale", (float)(1 / Math.Sqrt(headDim)))]);
+            string weights = g.Node("Softmax", at, [scores], new Dictionary<string, object> { ["axis"] = -1L });
+            string mixed = g.Node("Transpose", at, [g.Node("MatMul", at, [weights, v])], new Dictionary<string, object> { ["perm"] = new long[] { 1, 0, 2 } });
+            string attention = Dense("self_attn.out_proj", g.Node("Reshape", at, [mixed, g.Node("Shape", at, [x])]), Get("self_attn.out_proj.weight")!, Get("self_attn.out_proj.bias"));
+
+            // TorchSharp's encoder layer is built with LayerNorm's default epsilon, 1e-5, and has no setting for it.
+            string Norm(string name, string input) =>
+                g.Node("LayerNormalization", at, [input, g.Constant($"{at}.{name}.weight", Get($"{name}.weight")!), g.Constant($"{at}.{name}.bias", Get($"{name}.bias")!)], new Dictionary<string, object> { ["axis"] = -1L, ["epsilon"] = 1e-5f });
+            string x1 = Norm("norm1", g.Node("Add", at, [x, attention]));
+            string hidden = Dense("linear1", x1, Get("linear1.weight")!, Get("linear1.bias"));
+            hidden = activation == nameof(nn.Activations.GELU)
+                ? g.Node("Gelu", at, [hidden])
+                : g.Node("Relu", at, [hidden]);
+            string ff = Dense("linear2", hidden, Get("linear2.weight")!, Get("linear2.bias"));
+            return Norm("norm2", g.Node("Add", at, [x1, ff]));
+        }
+
+        /// <summary>
+        /// Applies <paramref name="op"/> to <paramref name="x"/> [N, C, …] viewed as [N, C, rest]: parameters shaped [C, 1]
+        /// then broadcast per channel whatever the input's rank, which the graph does not know.
+        /// </summary>
+        private string PerChannel(string at, string x, long channels, Func<string, string> op)
+        {
+            var g = Graph;
+            string flat = g.Node("Reshape", at, [x, g.Int64s($"{at}.channels_shape", 0, channels, -1)]);
+            return g.Node("Reshape", at, [op(flat), g.Node("Shape", at, [x])]);
+        }
+
+        /// <summary>
+        /// GroupNorm as [N, G, rest] normalized by InstanceNormalization (mean and biased variance per sample and group,
+        /// as PyTorch computes them), then the per-channel scale and shift. Opset 21's GroupNormalization is one node,
+        /// but runtimes that predate it (and its opset 18 form, whose scale was per group) all run this.
+        /// </summary>
+        private string GroupNorm(string at, string x, GroupNorm norm)
+        {
+            var g = Graph;
+            long groups = norm.num_groups;
+            long? channels = norm.weight?.shape[0];
+            string grouped = g.Node("Reshape", at, [x, g.Int64s($"{at}.group_shape", 0, groups, -1)]);
+            string normalized = g.Node("InstanceNormalization", at, [grouped, g.Constant($"{at}.ones", ones(groups)), g.Constant($"{at}.zeros", zeros(groups))], new Dictionary<string, object> { ["epsilon"] = norm.eps });
+            string y = g.Node("Reshape", at, [normalized, g.Node("Shape", at, [x])]);
+            if (!norm.affine || channels is not { } c)
+            {
+                return y;
+            }
+
+            using var scale = norm.weight!.detach().to(ScalarType.Float32).reshape(c, 1);
+            using var shift = norm.bias is null ? zeros(c, 1) : norm.bias.detach().to(ScalarType.Float32).reshape(c, 1);
+            return PerChannel(at, y, c, v => g.Node("Add", at, [g.Node("Mul", at, [v, g.Constant($"{at}.scale", scale)]), g.Constant($"{at}.shift", shift)]));
         }
 
         /// <summary>A 16-bit layer: its weights stored in 16 bits, cast to float32 in the graph (ONNX Runtime folds the casts at load).</summary>

@@ -2,6 +2,7 @@ using System.Runtime.InteropServices;
 using Google.Protobuf;
 using ModelCompression.Interop.Onnx.Proto;
 using TorchSharp;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace ModelCompression.Interop.Onnx;
@@ -107,11 +108,11 @@ public sealed class OnnxGraph
         return tensor.Name;
     }
 
-    internal void Input(string name, IReadOnlyList<long> sampleShape) => graph.Input.Add(Value(name, sampleShape));
+    internal void Input(string name, IReadOnlyList<long> sampleShape, TensorProto.Types.DataType type) => graph.Input.Add(Value(name, sampleShape, type));
 
-    internal void Output(string name, IReadOnlyList<long> sampleShape) => graph.Output.Add(Value(name, sampleShape));
+    internal void Output(string name, IReadOnlyList<long> sampleShape) => graph.Output.Add(Value(name, sampleShape, TensorProto.Types.DataType.Float));
 
-    private static ValueInfoProto Value(string name, IReadOnlyList<long> sampleShape)
+    private static ValueInfoProto Value(string name, IReadOnlyList<long> sampleShape, TensorProto.Types.DataType type)
     {
         var shape = new TensorShapeProto();
         shape.Dim.Add(new TensorShapeProto.Types.Dimension { DimParam = "batch" });
@@ -123,7 +124,7 @@ public sealed class OnnxGraph
         return new ValueInfoProto
         {
             Name = name,
-            Type = new TypeProto { TensorType = new TypeProto.Types.Tensor { ElemType = (int)TensorProto.Types.DataType.Float, Shape = shape } },
+            Type = new TypeProto { TensorType = new TypeProto.Types.Tensor { ElemType = (int)type, Shape = shape } },
         };
     }
 
@@ -167,9 +168,89 @@ public sealed class OnnxGraph
     }
 }
 
+/// <summary>The values of a recurrent layer written by <see cref="OnnxEmitters.Recurrent"/>, shaped as TorchSharp returns them.</summary>
+/// <param name="Output">The output sequence: [sequence, batch, directions·hidden], or [batch, sequence, directions·hidden] for a batch-first layer.</param>
+/// <param name="Hidden">The last hidden state of every layer and direction: [layers·directions, batch, hidden].</param>
+/// <param name="Cell">An LSTM's last cell state, shaped as <paramref name="Hidden"/>; <see langword="null"/> for a GRU or RNN.</param>
+public sealed record OnnxRecurrentValues(string Output, string Hidden, string? Cell);
+
 /// <summary>Ready-made emitters for <see cref="OnnxExportOptions.CustomModules"/>.</summary>
 public static class OnnxEmitters
 {
+    /// <summary>
+    /// Writes TorchSharp's <c>GRU</c>, <c>LSTM</c> or tanh <c>RNN</c> as ONNX's GRU, LSTM or RNN operators, one per
+    /// stacked layer, starting from zero states. These layers take and return tuples, so the exporter cannot walk
+    /// them on its own: call this from the <see cref="OnnxExportOptions.CustomModules"/> emitter of the module whose
+    /// forward calls the layer.
+    /// </summary>
+    /// <param name="graph">The graph being built.</param>
+    /// <param name="layer">The recurrent layer.</param>
+    /// <param name="name">Its dotted name (for node names and error messages).</param>
+    /// <param name="input">Its input sequence's value: [sequence, batch, input], or [batch, sequence, input] when the layer is batch-first.</param>
+    /// <returns>The output sequence and the last states.</returns>
+    /// <exception cref="UnsupportedModelException">The layer is not a GRU, LSTM or tanh RNN.</exception>
+    public static OnnxRecurrentValues Recurrent(OnnxGraph graph, nn.Module layer, string name, string input)
+    {
+        ArgumentNullException.ThrowIfNull(graph);
+        ArgumentNullException.ThrowIfNull(layer);
+        ArgumentNullException.ThrowIfNull(name);
+        ArgumentException.ThrowIfNullOrEmpty(input);
+        // ONNX orders the gates differently: GRU (r, z, n) becomes (z, r, h); LSTM (i, f, g, o) becomes (i, o, f, c).
+        (string op, int[] order) = layer switch
+        {
+            GRU => ("GRU", new[] { 1, 0, 2 }),
+            LSTM => ("LSTM", new[] { 0, 3, 1, 2 }),
+            RNN => ("RNN", new[] { 0 }),
+            _ => throw new UnsupportedModelException(name, layer.GetType().Name, $"The {layer.GetType().Name} at '{name}' is not a GRU, LSTM or RNN."),
+        };
+        var settings = ModelCompression.Modules.LayerRegistry.Find(layer)!.GetAttributes(layer);
+        if (layer is RNN && settings.GetString("nonlinearity") != nameof(nn.NonLinearities.Tanh))
+        {
+            throw new UnsupportedModelException(name, nameof(RNN), $"The RNN at '{name}' uses {settings.GetString("nonlinearity")}; only tanh RNNs are exported.");
+        }
+
+        string at = name.Length == 0 ? "model" : name;
+        long hidden = settings.GetInt64("hidden"), layers = settings.GetInt64("layers");
+        bool bias = settings.GetBoolean("bias"), batchFirst = settings.GetBoolean("batchFirst"), bidirectional = settings.GetBoolean("bidirectional");
+        string[] suffixes = bidirectional ? [string.Empty, "_reverse"] : [string.Empty];
+        var attributes = new Dictionary<string, object> { ["hidden_size"] = hidden, ["direction"] = bidirectional ? "bidirectional" : "forward" };
+        if (layer is GRU)
+        {
+            // PyTorch applies the reset gate after the hidden state's linear transform (ONNX's default is before).
+            attributes["linear_before_reset"] = 1L;
+        }
+
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var state = layer.state_dict();
+        Tensor Gates(Tensor t) => torch.cat(order.Select(i => t.detach().to(ScalarType.Float32).chunk(order.Length, 0)[i]).ToArray(), 0);
+        Tensor PerDirection(Func<string, Tensor> part) => torch.stack(suffixes.Select(part).ToArray());
+
+        // ONNX Runtime's recurrent kernels read time-major sequences, so batch-first layers are transposed in and out.
+        string x = batchFirst ? graph.Node("Transpose", at, [input], new Dictionary<string, object> { ["perm"] = new long[] { 1, 0, 2 } }) : input;
+        var lastHidden = new List<string>();
+        var lastCell = new List<string>();
+        for (long k = 0; k < layers; k++)
+        {
+            string w = graph.Constant($"{at}.W{k}", PerDirection(d => Gates(state[$"weight_ih_l{k}{d}"])));
+            string r = graph.Constant($"{at}.R{k}", PerDirection(d => Gates(state[$"weight_hh_l{k}{d}"])));
+            string b = bias ? graph.Constant($"{at}.B{k}", PerDirection(d => torch.cat([Gates(state[$"bias_ih_l{k}{d}"]), Gates(state[$"bias_hh_l{k}{d}"])]))) : string.Empty;
+            var outputs = graph.NodeWithOutputs(op, at, [x, w, r, b], layer is LSTM ? 3 : 2, attributes);
+            // Y is [sequence, directions, batch, hidden]; PyTorch's output puts the directions side by side in the features.
+            string y = graph.Node("Transpose", at, [outputs[0]], new Dictionary<string, object> { ["perm"] = new long[] { 0, 2, 1, 3 } });
+            x = graph.Node("Reshape", at, [y, graph.Int64s($"{at}.sequence_shape", 0, 0, -1)]);
+            lastHidden.Add(outputs[1]);
+            if (layer is LSTM)
+            {
+                lastCell.Add(outputs[2]);
+            }
+        }
+
+        string Stack(List<string> values) => values.Count == 1 ? values[0] : graph.Node("Concat", at, values, new Dictionary<string, object> { ["axis"] = 0L });
+        string output = batchFirst ? graph.Node("Transpose", at, [x], new Dictionary<string, object> { ["perm"] = new long[] { 1, 0, 2 } }) : x;
+        return new OnnxRecurrentValues(output, Stack(lastHidden), layer is LSTM ? Stack(lastCell) : null);
+    }
+
     /// <summary>
     /// A residual block: runs the named children in order on the input, adds the input to the result, then runs the
     /// children named in <paramref name="afterAdd"/> (for example a ReLU).
@@ -186,7 +267,7 @@ public static class OnnxEmitters
             var children = module.named_children().ToDictionary(c => c.name, c => c.module);
             string Run(string child, string x) => children.TryGetValue(child, out var m)
                 ? graph.Emit(m, name.Length == 0 ? child : $"{name}.{child}", x)
-                : throw new NotSupportedException($"The {module.GetType().Name} at '{name}' has no child '{child}' for its residual emitter.");
+                : throw new UnsupportedModelException(name, module.GetType().Name, $"The {module.GetType().Name} at '{name}' has no child '{child}' for its residual emitter.");
             string y = body.Aggregate(input, (x, child) => Run(child, x));
             y = graph.Node("Add", name.Length == 0 ? "model" : name, [y, input]);
             return afterAdd.Aggregate(y, (x, child) => Run(child, x));

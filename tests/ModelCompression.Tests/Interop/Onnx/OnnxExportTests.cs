@@ -96,8 +96,10 @@ public sealed class OnnxExportTests
     {
         using var model = nn.Sequential(("fc", nn.Linear(4, 4)), ("odd", new Doubler()));
         string path = Path.Combine(Path.GetTempPath(), $"mc-onnx-{Guid.NewGuid():N}.onnx");
-        var ex = Assert.Throws<NotSupportedException>(() => OnnxExporter.Export(model, path, [4]));
+        var ex = Assert.Throws<UnsupportedModelException>(() => OnnxExporter.Export(model, path, [4]));
         Assert.That(ex!.Message, Does.Contain("'odd'").And.Contain("CustomModules"));
+        Assert.That(ex.LayerName, Is.EqualTo("odd"));
+        Assert.That(ex.LayerType, Is.EqualTo(nameof(Doubler)));
         Assert.That(File.Exists(path), Is.False);
     }
 
