@@ -63,7 +63,7 @@ public static class ZooMatrixModels
         new("resnet50", () => torchvision.models.resnet50(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["stat8", "svd"]),
         new("resnext50_32x4d", () => torchvision.models.resnext50_32x4d(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "dyn8"]),
         new("wide_resnet50_2", () => torchvision.models.wide_resnet50_2(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["int4"]),
-        new("alexnet", () => torchvision.models.alexnet(num_classes: Classes), [3, 64, 64], 0, 64, HasConv2d: true, CustomModules: true, ["prune", "dyn8"]),
+        new("alexnet", () => torchvision.models.alexnet(num_classes: Classes), [3, 64, 64], 0, 64, HasConv2d: true, CustomModules: true, ["dyn8", "bf16"]),
         new("vgg11", () => torchvision.models.vgg11(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["fp16"]),
         new("vgg11_bn", () => torchvision.models.vgg11_bn(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "stat8"]),
     ];

@@ -173,7 +173,17 @@ public sealed class ZooMatrixScenario : IScenario
         start.Environment[ChildVariable] = model;
         start.Environment[TechniquesVariable] = string.Join(',', techniques);
         start.Environment[JournalVariable] = journal;
+        // LibTorch warns on stderr at every Conv1d call on this CPU ("Could not initialize NNPACK"): pass the rest on.
+        start.RedirectStandardError = true;
         using var process = Process.Start(start)!;
+        process.ErrorDataReceived += (_, e) =>
+        {
+            if (e.Data is not null && !e.Data.Contains("Could not initialize NNPACK", StringComparison.Ordinal))
+            {
+                Console.Error.WriteLine(e.Data);
+            }
+        };
+        process.BeginErrorReadLine();
         if (!process.WaitForExit(ModelTimeout))
         {
             process.Kill(entireProcessTree: true);
