@@ -202,10 +202,11 @@ internal sealed class ZooCellRunner(ZooModelSpec spec, int seed, TextWriter jour
             cell.Speedup64 = report.Speedup?.Batch64 ?? 0;
 
             // A step the pipeline ran but that changed nothing (no layer it could take) is not a working cell.
-            // (A converted layer — fewer bits, a rank, pruned weights — counts even where the file does not shrink.)
+            // (A converted layer — fewer bits, a rank — counts even where the file does not shrink. Kept fractions
+            // below 1 do not: zero-initialised biases, as in attention, are not pruning.)
             bool changed = report.Steps.Any(s => s.Accepted) &&
                 (f.SizeBytes < b.SizeBytes || f.Parameters != b.Parameters || f.NonzeroParameters < b.NonzeroParameters ||
-                 (report.Layers ?? []).Any(l => l.Bits is > 0 and < 32 || l.Rank is not null || l.KeptFraction < 1));
+                 (report.Layers ?? []).Any(l => l.Bits is > 0 and < 32 || l.Rank is not null));
             cell.Pipeline = changed ? ZooOutcome.Works : ZooOutcome.Mismatch;
             if (!changed)
             {
