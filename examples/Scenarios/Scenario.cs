@@ -72,6 +72,7 @@ public static class ScenarioCatalog
         new DeepCompressionLeNet5Scenario(),
         new OnnxExportScenario(),
         new TradeOffsScenario(),
+        new ZooMatrixScenario(),
     ];
 }
 

@@ -300,7 +300,7 @@ internal static class ChannelGroupTracer
     // NaN counts as equal to NaN: a model whose forward yields a NaN somewhere (torchvision's GoogLeNet does, now and
     // then, on its first call here) is still traced by where its tensors came from.
     private static bool Close(Tensor a, Tensor b, double rtol = 1e-5, double atol = 1e-6) =>
-        a.shape.SequenceEqual(b.shape) && a.allclose(b, rtol, atol, equal_nan: true);
+        a.dtype == b.dtype && a.shape.SequenceEqual(b.shape) && a.allclose(b, rtol, atol, equal_nan: true);
 
     /// <summary>Finds where a layer's input (or the model's output) came from; records tensors computed between layers.</summary>
     private static Seen Resolve(Tensor x, string consumer, string? consumerType, TraceState state)
