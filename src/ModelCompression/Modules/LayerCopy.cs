@@ -61,6 +61,18 @@ internal static class LayerCopy
     /// <summary>Copies the values (and gradient flags) of <paramref name="source"/>'s own tensors into <paramref name="target"/>'s, which must match by name and shape.</summary>
     public static void CopyOwnTensors(nn.Module source, nn.Module target, string path)
     {
+        // A module moved to another dtype or device as a whole: move the new one alike before copying into it
+        // (outside the scope below: moving a module makes new parameters, which must outlive it).
+        var (sourcePlacement, targetPlacement) = (Placement(source), Placement(target));
+        if (sourcePlacement is { } s && targetPlacement is { } t && (s.DType != t.DType || s.Device != t.Device))
+        {
+            target.to(s.Device);
+            target.to(s.DType);
+        }
+
+        // The scope frees the wrappers that natively implemented modules hand out for their tensors on every call;
+        // a managed module's own tensors are not created here, so they are not touched.
+        using var scope = NewDisposeScope();
         var from = OwnTensors(source);
         var to = OwnTensors(target).ToDictionary(t => t.Name, t => t.Tensor);
         if (from.Count != to.Count || from.Any(t => !to.ContainsKey(t.Name)))
@@ -68,16 +80,6 @@ internal static class LayerCopy
             throw new UnsupportedModelException(path, source.GetType().Name,
                 $"The {source.GetType().Name} at {Where(path)} holds tensors [{string.Join(", ", from.Select(t => t.Name))}] but a new one holds [{string.Join(", ", to.Keys)}]: " +
                 "it registers tensors after construction, so it cannot be copied by its constructor.");
-        }
-
-        // A module moved to another dtype or device as a whole: move the new one alike before copying into it.
-        var first = from.Select(t => t.Tensor).FirstOrDefault(t => t.is_floating_point());
-        var firstTarget = first is null ? null : to[from.First(t => t.Tensor.is_floating_point()).Name];
-        if (first is not null && firstTarget is not null && (first.dtype != firstTarget.dtype || first.device != firstTarget.device))
-        {
-            target.to(first.device);
-            target.to(first.dtype);
-            to = OwnTensors(target).ToDictionary(t => t.Name, t => t.Tensor);
         }
 
         var gradients = source.named_parameters().ToDictionary(p => p.name, p => p.parameter.requires_grad);
@@ -99,6 +101,14 @@ internal static class LayerCopy
                 parameter.requires_grad = requiresGrad;
             }
         }
+    }
+
+    /// <summary>The dtype and device of a module's first floating-point tensor of its own, or <see langword="null"/>.</summary>
+    private static (ScalarType DType, Device Device)? Placement(nn.Module module)
+    {
+        using var scope = NewDisposeScope();
+        var first = OwnTensors(module).Select(t => t.Tensor).FirstOrDefault(t => t.is_floating_point());
+        return first is null ? null : (first.dtype, first.device);
     }
 
     public static string Where(string path) => path.Length == 0 ? "the root" : $"'{path}'";

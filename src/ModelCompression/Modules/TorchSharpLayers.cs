@@ -139,7 +139,8 @@ internal static class TorchSharpLayers
     {
         public override LayerAttributes GetAttributes(nn.Module module)
         {
-            var w = ((Embedding)module).weight!;
+            // The weight getter of a native module makes a new wrapper on every call: free it here.
+            using var w = ((Embedding)module).weight!;
             return new LayerAttributes().Set("count", w.shape[0]).Set("dim", w.shape[1]);
         }
 
@@ -168,6 +169,7 @@ internal static class TorchSharpLayers
 
         private LayerAttributes Probe(nn.Module module)
         {
+            using var scope = NewDisposeScope();
             var state = module.state_dict();
             if (state.Keys.Any(k => k.StartsWith("weight_hr", StringComparison.Ordinal)))
             {
@@ -254,6 +256,7 @@ internal static class TorchSharpLayers
 
         private LayerAttributes Probe(nn.Module module)
         {
+            using var scope = NewDisposeScope();
             var state = module.state_dict();
             bool packed = state.ContainsKey("in_proj_weight");
             long dim = state["out_proj.weight"].shape[0];
@@ -301,6 +304,7 @@ internal static class TorchSharpLayers
 
         public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
         {
+            using var scope = NewDisposeScope();
             var basis = TransformerBasis(m.state_dict(), string.Empty);
             return ProbeSettings(m, TransformerCandidates(basis, null), this, g => [randn([3, 2, basis.GetInt64("dim")], generator: g)],
                 (l, x) => ((TransformerEncoderLayer)l).forward(x[0]));
@@ -321,6 +325,7 @@ internal static class TorchSharpLayers
 
         public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
         {
+            using var scope = NewDisposeScope();
             var state = m.state_dict();
             var basis = TransformerBasis(state, "layers.0.");
             return ProbeSettings(m, TransformerCandidates(basis, CountLayers(state)), this, g => [randn([3, 2, basis.GetInt64("dim")], generator: g)],
@@ -353,6 +358,7 @@ internal static class TorchSharpLayers
 
         public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
         {
+            using var scope = NewDisposeScope();
             var basis = TransformerBasis(m.state_dict(), string.Empty);
             long dim = basis.GetInt64("dim");
             return ProbeSettings(m, TransformerCandidates(basis, null), this, g => [randn([3, 2, dim], generator: g), randn([4, 2, dim], generator: g)],
@@ -383,6 +389,7 @@ internal static class TorchSharpLayers
 
         public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
         {
+            using var scope = NewDisposeScope();
             var state = m.state_dict();
             var basis = TransformerBasis(state, "layers.0.");
             long dim = basis.GetInt64("dim");
