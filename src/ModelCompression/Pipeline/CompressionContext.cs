@@ -149,7 +149,13 @@ public sealed class CompressionContext
         var progress = _progress is null
             ? null
             : new SynchronousProgress<TrainingProgress>(p => ReportProgress(CompressionPhase.Training, p.Fraction, p.Epoch, p.Batch));
-        return trainer.Train(model, data, callbacks, StepSeed, progress, CancellationToken);
+        var summary = trainer.Train(model, data, callbacks, StepSeed, progress, CancellationToken);
+        if (summary.SkippedSteps > 0)
+        {
+            Logger.LogWarning("Step '{Step}': {Skipped} of {Steps} training steps had non-finite gradients and were skipped.", StepName, summary.SkippedSteps, summary.Steps);
+        }
+
+        return summary;
     }
 
     /// <summary>An <see cref="IProgress{T}"/> that calls back on the reporting thread (unlike <see cref="Progress{T}"/>).</summary>

@@ -73,7 +73,7 @@ public sealed class Trainer
         bool wasTraining = model.training;
         torch.random.manual_seed(runSeed);
         using var optimizer = CreateOptimizer(options, parameters);
-        long step = 0;
+        long step = 0, skipped = 0;
         try
         {
             model.train();
@@ -109,6 +109,42 @@ public sealed class Trainer
                     }
 
                     total.backward();
+
+                    // Non-finite gradients under a finite loss come from kernels that compute garbage now and then on
+                    // some CPUs: compute the step again (twice at most) before giving it up. A retry runs the forward
+                    // again, so a BatchNorm's running statistics see the batch once more.
+                    for (int retry = 0; retry < 2 && !GradientsFinite(parameters); retry++)
+                    {
+                        optimizer.zero_grad();
+                        var outputAgain = model.call(input);
+                        var again = taskWeight == 0 ? zeros([], device: device) : loss(outputAgain, target) * taskWeight;
+                        if (callbacks?.ExtraLoss is { } extraAgain && extraAgain(new TrainingBatch(model, input, target, outputAgain, epoch, step)) is { } extraLossAgain)
+                        {
+                            again = again + extraLossAgain;
+                        }
+
+                        again.backward();
+                    }
+
+                    if (!GradientsFinite(parameters))
+                    {
+                        // A finite loss with non-finite gradients: drop this step rather than poison the weights.
+                        skipped++;
+                        if (skipped > options.MaxSkippedStepFraction * totalSteps)
+                        {
+                            throw new InvalidOperationException(
+                                $"Training diverged: the gradients were not finite in {skipped} of {step + 1} steps (the last at epoch {epoch}, step {step}), " +
+                                $"more than {nameof(TrainingOptions)}.{nameof(TrainingOptions.MaxSkippedStepFraction)} = {options.MaxSkippedStepFraction} of the run allows. Lower the learning rate.");
+                        }
+
+                        optimizer.zero_grad();
+                        sum += value;
+                        batches++;
+                        progress?.Report(new TrainingProgress(epoch, options.Epochs, batches - 1, batchesPerEpoch, value));
+                        step++;
+                        continue;
+                    }
+
                     if (callbacks?.BeforeOptimizerStep is { } before)
                     {
                         using (no_grad())
@@ -148,7 +184,16 @@ public sealed class Trainer
             model.train(wasTraining);
         }
 
-        return new TrainingSummary(options.Epochs, step, epochLosses, stopwatch.Elapsed.TotalSeconds);
+        return new TrainingSummary(options.Epochs, step, epochLosses, stopwatch.Elapsed.TotalSeconds) { SkippedSteps = skipped };
+    }
+
+    /// <summary>Whether every gradient is finite: one reduction per parameter and a single read-back.</summary>
+    private static bool GradientsFinite(IList<Parameter> parameters)
+    {
+        using var scope = NewDisposeScope();
+        var sums = parameters.Select(p => p.grad).Where(g => g is not null).Select(g => g!.sum()).ToList();
+        // NaN and ±∞ survive a sum (∞ − ∞ is NaN), so one finite total means finite gradients.
+        return sums.Count == 0 || isfinite(stack(sums).sum()).item<bool>();
     }
 
     private static OptimizerHelper CreateOptimizer(TrainingOptions options, IList<Parameter> parameters) => options.Optimizer switch

@@ -89,11 +89,14 @@ public sealed class TrainingCallbacks
 
 /// <summary>The outcome of a training run.</summary>
 /// <param name="Epochs">The number of epochs run.</param>
-/// <param name="Steps">The number of optimizer steps taken.</param>
+/// <param name="Steps">The number of batches trained on (optimizer steps, skipped ones included).</param>
 /// <param name="EpochLosses">The mean total loss of each epoch.</param>
 /// <param name="Seconds">The wall-clock time of the run.</param>
 public sealed record TrainingSummary(int Epochs, long Steps, IReadOnlyList<double> EpochLosses, double Seconds)
 {
+    /// <summary>Gets the number of steps skipped because their gradients were not finite (see <see cref="TrainingOptions.MaxSkippedStepFraction"/>).</summary>
+    public long SkippedSteps { get; init; }
+
     /// <summary>Gets the mean loss of the last epoch, or NaN when nothing was trained.</summary>
     public double FinalLoss => EpochLosses.Count == 0 ? double.NaN : EpochLosses[^1];
 }

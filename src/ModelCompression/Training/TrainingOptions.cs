@@ -60,6 +60,17 @@ public sealed class TrainingOptions : IValidatableOptions
     /// <value>The default is <see langword="null"/>: cross-entropy for class-index targets.</value>
     public Func<Tensor, Tensor, Tensor>? Loss { get; set; }
 
+    /// <summary>
+    /// Gets or sets the fraction of all the run's steps whose gradients may come out NaN or infinite: such a step is
+    /// computed again (twice at most), then skipped (its gradients dropped, the weights left as they were), as
+    /// mixed-precision loss scalers do, and the run goes on; one more than the fraction allows ends it with "Training
+    /// diverged". Rare non-finite gradients
+    /// come from kernels, not from the model: LibTorch 2.10's convolution gradients turn NaN now and then on some
+    /// AVX-512 CPUs (README, "Known problems of LibTorch on this machine").
+    /// </summary>
+    /// <value>The default is 0.05. Must be between 0 (the first such step ends the run) and 1.</value>
+    public double MaxSkippedStepFraction { get; set; } = 0.05;
+
     /// <summary>Returns a copy of these options.</summary>
     /// <returns>A new options object with the same values.</returns>
     public TrainingOptions Clone() => (TrainingOptions)MemberwiseClone();
@@ -71,6 +82,11 @@ public sealed class TrainingOptions : IValidatableOptions
         if (Epochs is < 0 or > 10_000)
         {
             errors.Add($"{nameof(TrainingOptions)}.{nameof(Epochs)} must be between 0 and 10000 (was {Epochs}).");
+        }
+
+        if (!(MaxSkippedStepFraction is >= 0 and <= 1))
+        {
+            errors.Add($"{nameof(TrainingOptions)}.{nameof(MaxSkippedStepFraction)} must be between 0 and 1 (was {MaxSkippedStepFraction}).");
         }
 
         if (BatchSize < 1)

@@ -25,6 +25,57 @@ public sealed class TrainerTests
         Assert.That(after, Is.GreaterThan(0.85).And.GreaterThan(before));
     }
 
+    [TestCase(0.05, 1L)]
+    [TestCase(0.0, -1L)]
+    public void Train_NonFiniteGradientsInSomeSteps_RetriedThenSkippedWithinTheAllowedFraction(double allowed, long expectedSkipped)
+    {
+        using var data = TestModels.Classification(320, 1);
+        using var model = TestModels.Mlp();
+        int calls = 0;
+        // Some loss evaluations add 0 · sqrt(w − w): the loss is unchanged and finite, the gradient 0 · ∞ = NaN.
+        // Call 10 is step 9, whose first retry (call 11) is clean; calls 20–22 are step 18 and both its retries.
+        var bad = new HashSet<int> { 10, 20, 21, 22 };
+        Tensor Loss(Tensor output, Tensor target)
+        {
+            var loss = nn.functional.cross_entropy(output, target);
+            if (bad.Contains(++calls))
+            {
+                var w = model.parameters().First();
+                loss = loss + (0 * (w - w.detach()).sqrt().sum());
+            }
+
+            return loss;
+        }
+
+        var options = new TrainingOptions { Epochs = 8, BatchSize = 64, LearningRate = 0.01, Loss = Loss, MaxSkippedStepFraction = allowed };
+        var trainer = new Trainer(options);
+        if (expectedSkipped < 0)
+        {
+            var ex = Assert.Throws<InvalidOperationException>(() => trainer.Train(model, data, seed: 1));
+            Assert.That(ex!.Message, Does.Contain("gradients were not finite in 1 of 19 steps"));
+            return;
+        }
+
+        var summary = trainer.Train(model, data, seed: 1);
+
+        Assert.That(summary.Steps, Is.EqualTo(40));
+        Assert.That(summary.SkippedSteps, Is.EqualTo(expectedSkipped));
+        Assert.That(calls, Is.EqualTo(40 + 1 + 2), "one retry for step 9, two for step 18");
+        using (no_grad())
+        {
+            Assert.That(model.parameters().All(p => isfinite(p).all().item<bool>()), Is.True);
+        }
+
+        Assert.That(summary.FinalLoss, Is.LessThan(summary.EpochLosses[0]));
+    }
+
+    [Test]
+    public void Validate_SkippedStepFractionOutOfRange_Rejected()
+    {
+        Assert.That(new TrainingOptions { MaxSkippedStepFraction = 1.5 }.Validate(), Has.One.Contains(nameof(TrainingOptions.MaxSkippedStepFraction)));
+        Assert.That(new TrainingOptions { MaxSkippedStepFraction = double.NaN }.Validate(), Has.One.Contains(nameof(TrainingOptions.MaxSkippedStepFraction)));
+    }
+
     [Test]
     public void Train_SameSeed_SameWeights()
     {
