@@ -193,7 +193,18 @@ public sealed class BudgetedSearchStep : ICompressionStep, ICompressionStepRequi
                         continue;
                     }
 
-                    quiet.Train(candidate, _options.ShortFineTuning, ((TrainingCallbacks?)null).WithDistillation(_options.Distillation, context.OriginalModel));
+                    try
+                    {
+                        quiet.Train(candidate, _options.ShortFineTuning, ((TrainingCallbacks?)null).WithDistillation(_options.Distillation, context.OriginalModel));
+                    }
+                    catch (TrainingDivergedException ex)
+                    {
+                        // One candidate that cannot be fine-tuned does not end the search: it is discarded and said so.
+                        context.AddNote($"iteration {iteration}: candidate {operation} {layers} ({setting}) discarded: {ex.Message}");
+                        candidate.Dispose();
+                        continue;
+                    }
+
                     double accuracy = context.CalibrationScore(candidate);
                     var entry = new SearchCandidate(iteration, operation, layers, setting, cost, cost / start, accuracy, false);
                     if (best is null || accuracy > best.Value.Entry.Accuracy)
@@ -209,7 +220,13 @@ public sealed class BudgetedSearchStep : ICompressionStep, ICompressionStepRequi
                     trace.Add(entry);
                 }
 
-                int chosen = trace.IndexOf(best!.Value.Entry);
+                if (best is null)
+                {
+                    context.AddNote($"iteration {iteration}: every candidate diverged in fine-tuning; search stopped");
+                    break;
+                }
+
+                int chosen = trace.IndexOf(best.Value.Entry);
                 trace[chosen] = trace[chosen] with { Chosen = true };
                 if (!ReferenceEquals(current, model))
                 {

@@ -105,7 +105,7 @@ public sealed class Trainer
                     double value = total.item<float>();
                     if (!double.IsFinite(value))
                     {
-                        throw new InvalidOperationException($"Training diverged: the loss was {value} at epoch {epoch}, step {step}. Lower the learning rate.");
+                        throw new TrainingDivergedException($"Training diverged: the loss was {value} at epoch {epoch}, step {step}. Lower the learning rate.", epoch, step);
                     }
 
                     total.backward();
@@ -132,9 +132,11 @@ public sealed class Trainer
                         skipped++;
                         if (skipped > options.MaxSkippedStepFraction * totalSteps)
                         {
-                            throw new InvalidOperationException(
+                            throw new TrainingDivergedException(
                                 $"Training diverged: the gradients were not finite in {skipped} of {step + 1} steps (the last at epoch {epoch}, step {step}), " +
-                                $"more than {nameof(TrainingOptions)}.{nameof(TrainingOptions.MaxSkippedStepFraction)} = {options.MaxSkippedStepFraction} of the run allows. Lower the learning rate.");
+                                $"more than {nameof(TrainingOptions)}.{nameof(TrainingOptions.MaxSkippedStepFraction)} = {options.MaxSkippedStepFraction} of the run allows. Lower the learning rate.",
+                                epoch,
+                                step);
                         }
 
                         optimizer.zero_grad();

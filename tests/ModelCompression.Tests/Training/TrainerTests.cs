@@ -51,7 +51,7 @@ public sealed class TrainerTests
         var trainer = new Trainer(options);
         if (expectedSkipped < 0)
         {
-            var ex = Assert.Throws<InvalidOperationException>(() => trainer.Train(model, data, seed: 1));
+            var ex = Assert.Throws<TrainingDivergedException>(() => trainer.Train(model, data, seed: 1));
             Assert.That(ex!.Message, Does.Contain("gradients were not finite in 1 of 19 steps"));
             return;
         }
@@ -155,8 +155,9 @@ public sealed class TrainerTests
         using var data = TestModels.Classification(50, 4);
         using var model = TestModels.Mlp();
         var options = new TrainingOptions { Loss = (output, _) => output.sum() * double.NaN };
-        var ex = Assert.Throws<InvalidOperationException>(() => new Trainer(options).Train(model, data));
+        var ex = Assert.Throws<TrainingDivergedException>(() => new Trainer(options).Train(model, data));
         Assert.That(ex!.Message, Does.Contain("diverged"));
+        Assert.That((ex.Epoch, ex.Step), Is.EqualTo((0, 0L)));
     }
 
     [Test]
