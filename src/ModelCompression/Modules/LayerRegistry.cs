@@ -9,6 +9,14 @@ namespace ModelCompression.Modules;
 /// metrics walk this registry instead of switching over types. TorchSharp's modules are registered by the library;
 /// register your own kinds once, at start-up, before compressing, saving or loading models that hold them.
 /// </summary>
+/// <remarks>
+/// TorchSharp 0.107 hides some constructor arguments of its natively implemented modules. Their descriptors read
+/// sizes, layers, directions and biases from the weights and find the hidden settings that change the output
+/// (attention heads, batch-first layout, a transformer layer's activation, an RNN's non-linearity) by running the
+/// layer on a small probe input. Settings that only matter in training or to gradients (dropout, an embedding's
+/// padding index) cannot be seen: copies and loaded files get TorchSharp's defaults for them, and an embedding's
+/// <c>max_norm</c> is not reproduced.
+/// </remarks>
 /// <example>
 /// <code>
 /// // A module with a parameterless constructor: copies and files build it with the factory, then load its tensors.

@@ -17,7 +17,7 @@ namespace ModelCompression.Modules;
 /// heads, batch-first layout, the activation of transformer layers, an RNN's non-linearity) is found by running the
 /// layer on a small probe input and keeping the candidate settings whose output matches exactly. Settings that only
 /// matter in training (dropout) or to gradients (an embedding's padding index) cannot be recovered: copies and loaded
-/// files use TorchSharp's defaults for them, as the XML docs of <see cref="LayerRegistry"/> say.
+/// files use TorchSharp's defaults for them, as the remarks of <see cref="LayerRegistry"/> say.
 /// </remarks>
 internal static class TorchSharpLayers
 {
