@@ -138,10 +138,11 @@ public static class ModuleCloner
         }
 
         var type = original.GetType();
+        bool native = IsNativeWrapper(type);
         // A layer built by its constructor gets tensors of its own; a managed layer that shares a tensor with another
         // (tied weights) goes through the field copy, which keeps the tie.
         if (LayerRegistry.Find(original) is { } descriptor
-            && (IsNativeWrapper(type) || !original.named_parameters(recurse: false).Select(p => (object)p.parameter)
+            && (native || !original.named_parameters(recurse: false).Select(p => (object)p.parameter)
                 .Concat(original.named_buffers(recurse: false).Select(b => b.buffer)).Any(state.SharedTensors.Contains)))
         {
             // Keep parents before their children in the list, whichever is built first: training flags are set in that order.
@@ -162,7 +163,7 @@ public static class ModuleCloner
             return copied;
         }
 
-        if (IsNativeWrapper(type))
+        if (native)
         {
             throw new UnsupportedModelException(path, type.Name,
                 $"Cannot copy the {type.Name} at {LayerCopy.Where(path)}: it is implemented natively by TorchSharp and no descriptor for it is registered. " +

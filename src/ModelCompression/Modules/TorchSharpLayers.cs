@@ -24,6 +24,23 @@ internal static class TorchSharpLayers
     /// <summary>Marks the library's own registrations, which cannot be removed.</summary>
     internal abstract class BuiltIn(string id, Type type) : LayerDescriptor(id, type);
 
+    /// <summary>
+    /// A native layer whose settings are found by probing: once per module instance (the result is kept as long as the
+    /// module lives), inside a dispose scope that frees the tensor wrappers the native module hands out.
+    /// </summary>
+    private abstract class ProbedBuiltIn(string id, Type type) : BuiltIn(id, type)
+    {
+        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
+
+        public sealed override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
+        {
+            using var scope = NewDisposeScope();
+            return Probe(m);
+        });
+
+        protected abstract LayerAttributes Probe(nn.Module module);
+    }
+
     public static IEnumerable<LayerDescriptor> All() =>
     [
         new LinearLayer(), new ConvLayer<Conv1d>("torch.nn.Conv1d", 1), new ConvLayer<Conv2d>("torch.nn.Conv2d", 2), new ConvLayer<Conv3d>("torch.nn.Conv3d", 3),
@@ -148,13 +165,9 @@ internal static class TorchSharpLayers
     }
 
     /// <summary>GRU (3 gates), LSTM (4) and RNN (1): sizes, layers, directions and biases from the weights; layout and non-linearity by probe.</summary>
-    private sealed class RecurrentLayer<T>(string id, int gates) : BuiltIn(id, typeof(T))
+    private sealed class RecurrentLayer<T>(string id, int gates) : ProbedBuiltIn(id, typeof(T))
         where T : nn.Module
     {
-        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
-
-        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, Probe);
-
         public override nn.Module Create(LayerAttributes a, int version)
         {
             long input = a.GetInt64("input", 1, MaxSize), hidden = a.GetInt64("hidden", 1, MaxSize), layers = a.GetInt64("layers", 1, 1024);
@@ -167,9 +180,8 @@ internal static class TorchSharpLayers
             };
         }
 
-        private LayerAttributes Probe(nn.Module module)
+        protected override LayerAttributes Probe(nn.Module module)
         {
-            using var scope = NewDisposeScope();
             var state = module.state_dict();
             if (state.Keys.Any(k => k.StartsWith("weight_hr", StringComparison.Ordinal)))
             {
@@ -222,12 +234,8 @@ internal static class TorchSharpLayers
         };
     }
 
-    private sealed class AttentionLayer() : BuiltIn("torch.nn.MultiheadAttention", typeof(MultiheadAttention))
+    private sealed class AttentionLayer() : ProbedBuiltIn("torch.nn.MultiheadAttention", typeof(MultiheadAttention))
     {
-        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
-
-        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, Probe);
-
         public override nn.Module Create(LayerAttributes a, int version)
         {
             long dim = a.GetInt64("dim", 1, MaxSize), heads = a.GetInt64("heads", 1, dim);
@@ -254,9 +262,8 @@ internal static class TorchSharpLayers
             }).remove;
         }
 
-        private LayerAttributes Probe(nn.Module module)
+        protected override LayerAttributes Probe(nn.Module module)
         {
-            using var scope = NewDisposeScope();
             var state = module.state_dict();
             bool packed = state.ContainsKey("in_proj_weight");
             long dim = state["out_proj.weight"].shape[0];
@@ -298,17 +305,14 @@ internal static class TorchSharpLayers
     private static long CountLayers(Dictionary<string, Tensor> state) =>
         state.Keys.Where(k => k.StartsWith("layers.", StringComparison.Ordinal)).Select(k => k.Split('.')[1]).Distinct().Count();
 
-    private sealed class EncoderLayer() : BuiltIn("torch.nn.TransformerEncoderLayer", typeof(TransformerEncoderLayer))
+    private sealed class EncoderLayer() : ProbedBuiltIn("torch.nn.TransformerEncoderLayer", typeof(TransformerEncoderLayer))
     {
-        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
-
-        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
+        protected override LayerAttributes Probe(nn.Module m)
         {
-            using var scope = NewDisposeScope();
             var basis = TransformerBasis(m.state_dict(), string.Empty);
             return ProbeSettings(m, TransformerCandidates(basis, null), this, g => [randn([3, 2, basis.GetInt64("dim")], generator: g)],
                 (l, x) => ((TransformerEncoderLayer)l).forward(x[0]));
-        });
+        }
 
         public override nn.Module Create(LayerAttributes a, int version)
         {
@@ -319,18 +323,15 @@ internal static class TorchSharpLayers
         public override long? CountMacs(nn.Module module, Tensor input, Tensor output) => TransformerMacs(input, input, GetAttributes(module).GetInt64("feedForward"), crossAttention: false);
     }
 
-    private sealed class EncoderStack() : BuiltIn("torch.nn.TransformerEncoder", typeof(TransformerEncoder))
+    private sealed class EncoderStack() : ProbedBuiltIn("torch.nn.TransformerEncoder", typeof(TransformerEncoder))
     {
-        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
-
-        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
+        protected override LayerAttributes Probe(nn.Module m)
         {
-            using var scope = NewDisposeScope();
             var state = m.state_dict();
             var basis = TransformerBasis(state, "layers.0.");
             return ProbeSettings(m, TransformerCandidates(basis, CountLayers(state)), this, g => [randn([3, 2, basis.GetInt64("dim")], generator: g)],
                 (l, x) => ((TransformerEncoder)l).forward(x[0], null!, null!));
-        });
+        }
 
         public override nn.Module Create(LayerAttributes a, int version)
         {
@@ -352,18 +353,15 @@ internal static class TorchSharpLayers
         }
     }
 
-    private sealed class DecoderLayer() : BuiltIn("torch.nn.TransformerDecoderLayer", typeof(TransformerDecoderLayer))
+    private sealed class DecoderLayer() : ProbedBuiltIn("torch.nn.TransformerDecoderLayer", typeof(TransformerDecoderLayer))
     {
-        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
-
-        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
+        protected override LayerAttributes Probe(nn.Module m)
         {
-            using var scope = NewDisposeScope();
             var basis = TransformerBasis(m.state_dict(), string.Empty);
             long dim = basis.GetInt64("dim");
             return ProbeSettings(m, TransformerCandidates(basis, null), this, g => [randn([3, 2, dim], generator: g), randn([4, 2, dim], generator: g)],
                 (l, x) => ((TransformerDecoderLayer)l).forward(x[0], x[1], null!, null!, null!, null!));
-        });
+        }
 
         public override nn.Module Create(LayerAttributes a, int version)
         {
@@ -383,19 +381,16 @@ internal static class TorchSharpLayers
         }
     }
 
-    private sealed class DecoderStack() : BuiltIn("torch.nn.TransformerDecoder", typeof(TransformerDecoder))
+    private sealed class DecoderStack() : ProbedBuiltIn("torch.nn.TransformerDecoder", typeof(TransformerDecoder))
     {
-        private readonly ConditionalWeakTable<nn.Module, LayerAttributes> _probed = new();
-
-        public override LayerAttributes GetAttributes(nn.Module module) => _probed.GetValue(module, m =>
+        protected override LayerAttributes Probe(nn.Module m)
         {
-            using var scope = NewDisposeScope();
             var state = m.state_dict();
             var basis = TransformerBasis(state, "layers.0.");
             long dim = basis.GetInt64("dim");
             return ProbeSettings(m, TransformerCandidates(basis, CountLayers(state)), this, g => [randn([3, 2, dim], generator: g), randn([4, 2, dim], generator: g)],
                 (l, x) => ((TransformerDecoder)l).forward(x[0], x[1], null!, null, null, null));
-        });
+        }
 
         public override nn.Module Create(LayerAttributes a, int version)
         {

@@ -95,13 +95,7 @@ public sealed class Trainer
                     }
 
                     optimizer.zero_grad();
-                    var output = model.call(input);
-                    var total = taskWeight == 0 ? zeros([], device: device) : loss(output, target) * taskWeight;
-                    if (callbacks?.ExtraLoss is { } extra && extra(new TrainingBatch(model, input, target, output, epoch, step)) is { } extraLoss)
-                    {
-                        total = total + extraLoss;
-                    }
-
+                    var total = TotalLoss(input, target, epoch, step);
                     double value = total.item<float>();
                     if (!double.IsFinite(value))
                     {
@@ -116,14 +110,7 @@ public sealed class Trainer
                     for (int retry = 0; retry < 2 && !GradientsFinite(parameters); retry++)
                     {
                         optimizer.zero_grad();
-                        var outputAgain = model.call(input);
-                        var again = taskWeight == 0 ? zeros([], device: device) : loss(outputAgain, target) * taskWeight;
-                        if (callbacks?.ExtraLoss is { } extraAgain && extraAgain(new TrainingBatch(model, input, target, outputAgain, epoch, step)) is { } extraLossAgain)
-                        {
-                            again = again + extraLossAgain;
-                        }
-
-                        again.backward();
+                        TotalLoss(input, target, epoch, step).backward();
                     }
 
                     if (!GradientsFinite(parameters))
@@ -187,6 +174,16 @@ public sealed class Trainer
         }
 
         return new TrainingSummary(options.Epochs, step, epochLosses, stopwatch.Elapsed.TotalSeconds) { SkippedSteps = skipped };
+
+        // The forward pass and the loss of one batch: the task loss (weighted) and any extra loss the callbacks add.
+        Tensor TotalLoss(Tensor input, Tensor target, int epoch, long step)
+        {
+            var output = model.call(input);
+            var total = taskWeight == 0 ? zeros([], device: device) : loss(output, target) * taskWeight;
+            return callbacks?.ExtraLoss is { } extra && extra(new TrainingBatch(model, input, target, output, epoch, step)) is { } extraLoss
+                ? total + extraLoss
+                : total;
+        }
     }
 
     /// <summary>Whether every gradient is finite: one reduction per parameter and a single read-back.</summary>
