@@ -40,6 +40,9 @@ public sealed class QuantizedConv2d : QuantizedLayer
         RegisterComponents();
     }
 
+    /// <inheritdoc/>
+    private protected override StoredTensors Stored => new(weight, weight_scale, bias, input_scale, input_zero_point);
+
     /// <summary>Gets the geometry of the convolution (for the file format).</summary>
     internal ConvShape Shape => new(InChannels, kernelSize, stride, padding, dilation);
 

@@ -12,11 +12,19 @@ namespace ModelCompression.Quantization;
 /// </summary>
 public abstract class QuantizedLayer : nn.Module<Tensor, Tensor>, IQuantizedLayer
 {
+    private readonly object sync = new();
+    private QuantizedMatrix matrix;
+    private ActivationSettings activations;
+
+    // Set whenever the stored tensors are handed out (state_dict, named_buffers, get_buffer: the only ways in, and
+    // what load_state_dict writes through); the next call reads them back before computing.
+    private volatile bool exposed;
+
     private protected QuantizedLayer(string name, QuantizedMatrix matrix, ActivationSettings activations, bool fusedRelu, QuantizationMode mode)
         : base(name)
     {
-        Matrix = matrix;
-        Activations = activations;
+        this.matrix = matrix;
+        this.activations = activations;
         FusedRelu = fusedRelu;
         Mode = mode;
     }
@@ -31,6 +39,7 @@ public abstract class QuantizedLayer : nn.Module<Tensor, Tensor>, IQuantizedLaye
     public bool FusedRelu { get; }
 
     /// <inheritdoc/>
+    /// <remarks>Reset to <see langword="null"/> when new tensors are loaded into the layer.</remarks>
     public double? SqnrDb { get; internal set; }
 
     /// <summary>Gets or sets the kernel path. The default is <see cref="Int8Kernel.BestPath"/>; set another to compare paths.</summary>
@@ -49,11 +58,31 @@ public abstract class QuantizedLayer : nn.Module<Tensor, Tensor>, IQuantizedLaye
     /// <inheritdoc/>
     public long NonzeroParameterCount => Matrix.Q.LongCount(v => v != 0) + (Matrix.Bias?.LongCount(v => v != 0) ?? 0);
 
-    internal QuantizedMatrix Matrix { get; }
+    /// <summary>Gets the weights the kernel runs, read back from the stored tensors first if they were handed out.</summary>
+    /// <exception cref="InvalidOperationException">The stored tensors were changed to values the layer cannot run.</exception>
+    internal QuantizedMatrix Matrix
+    {
+        get
+        {
+            Synchronize();
+            return matrix;
+        }
+    }
 
-    internal ActivationSettings Activations { get; }
+    /// <summary>Gets how the input is quantized, read back from the stored tensors first if they were handed out.</summary>
+    internal ActivationSettings Activations
+    {
+        get
+        {
+            Synchronize();
+            return activations;
+        }
+    }
 
     private protected abstract long[] WeightShape { get; }
+
+    /// <summary>Gets the stored tensors, as the subclass registered them.</summary>
+    private protected abstract StoredTensors Stored { get; }
 
     /// <inheritdoc/>
     public abstract long CountMacs(Tensor input, Tensor output);
@@ -61,7 +90,105 @@ public abstract class QuantizedLayer : nn.Module<Tensor, Tensor>, IQuantizedLaye
     /// <summary>Returns the float weight (in the float layer's shape) that the stored integers and scales stand for.</summary>
     /// <returns>A new tensor the caller owns.</returns>
     public Tensor DequantizedWeight() => tensor(Matrix.Dequantize(), WeightShape);
+
+    /// <inheritdoc/>
+    /// <remarks>
+    /// The tensors are the layer: what is copied into them (as <c>load_state_dict</c> does) is what the next call computes with.
+    /// </remarks>
+    public override Dictionary<string, Tensor> state_dict(Dictionary<string, Tensor>? destination = null, string? prefix = null)
+    {
+        exposed = true;
+        return base.state_dict(destination, prefix);
+    }
+
+    /// <inheritdoc/>
+    /// <remarks>
+    /// The tensors are the layer: what is copied into them is what the next call computes with.
+    /// </remarks>
+    public override IEnumerable<(string name, Tensor buffer)> named_buffers(bool recurse = true, bool include_nonpersistent = true)
+    {
+        exposed = true;
+        return base.named_buffers(recurse, include_nonpersistent);
+    }
+
+    /// <inheritdoc/>
+    public override Tensor? get_buffer(string target)
+    {
+        exposed = true;
+        return base.get_buffer(target);
+    }
+
+    /// <summary>
+    /// Converting a model's floating-point type leaves a quantized layer as it is: its integer weights and scales are
+    /// its encoding, and its output follows the input's type.
+    /// </summary>
+    /// <param name="dtype">The model's new floating-point type.</param>
+    /// <param name="non_blocking">Ignored.</param>
+    /// <returns>This layer.</returns>
+    protected override nn.Module _to(ScalarType dtype, bool non_blocking)
+    {
+        if (!is_floating_point(dtype) && !is_complex(dtype))
+        {
+            throw new ArgumentException($"nn.Module.to only accepts floating point or complex types, but got desired dtype={dtype}");
+        }
+
+        return this;
+    }
+
+    /// <summary>Stays on the CPU; any other device throws.</summary>
+    /// <param name="deviceType">The device type.</param>
+    /// <param name="deviceIndex">The device index.</param>
+    /// <param name="non_blocking">Ignored.</param>
+    /// <returns>This layer.</returns>
+    /// <exception cref="NotSupportedException">The device is not the CPU: the library's integer kernel runs on the CPU only.</exception>
+    protected override nn.Module _to(DeviceType deviceType, int deviceIndex, bool non_blocking) =>
+        deviceType == DeviceType.CPU ? this : throw CpuOnly(deviceType);
+
+    /// <summary>Stays on the CPU in its own types; any other device throws.</summary>
+    /// <param name="device">The device.</param>
+    /// <param name="dtype">The model's new floating-point type (the layer keeps its own).</param>
+    /// <param name="non_blocking">Ignored.</param>
+    /// <returns>This layer.</returns>
+    /// <exception cref="NotSupportedException">The device is not the CPU: the library's integer kernel runs on the CPU only.</exception>
+    protected override nn.Module _to(Device device, ScalarType dtype, bool non_blocking)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        return device.type == DeviceType.CPU ? _to(dtype, non_blocking) : throw CpuOnly(device.type);
+    }
+
+    private NotSupportedException CpuOnly(DeviceType device) => new(
+        $"{GetType().Name} runs on the library's CPU integer kernel only and cannot move to {device}. Keep the quantized model on the CPU " +
+        "(its inputs may come from any device: the output returns to the input's device), or quantize for the GPU with another tool.");
+
+    /// <summary>Reads the stored tensors back when they were handed out, and rebuilds the kernel's weights if they changed.</summary>
+    private void Synchronize()
+    {
+        if (!exposed)
+        {
+            return;
+        }
+
+        lock (sync)
+        {
+            if (!exposed)
+            {
+                return;
+            }
+
+            // Cleared before reading: a hand-out during the read leaves it set for the next call.
+            exposed = false;
+            var read = QuantizedTensors.Read(Stored, matrix, activations, $"{GetType().Name}(out={matrix.N}, in={matrix.K})");
+            if (read is { } changed)
+            {
+                (matrix, activations) = changed;
+                SqnrDb = null;
+            }
+        }
+    }
 }
+
+/// <summary>The tensors a quantized layer registers.</summary>
+internal sealed record StoredTensors(Tensor Weight, Tensor Scale, Tensor? Bias, Tensor? InputScale, Tensor? InputZeroPoint);
 
 /// <summary>Describes a layer produced by post-training quantization or quantization-aware training.</summary>
 public interface IQuantizedLayer : ICompressedLayer
@@ -110,6 +237,82 @@ internal static class QuantizedTensors
         int n = checked((int)w.shape[0]);
         int k = checked((int)w.shape[1]);
         return QuantizedMatrix.FromFloat(MemoryMarshal.Cast<byte, float>(w.bytes), n, k, bits, granularity, b ?? [], b is not null);
+    }
+
+    /// <summary>
+    /// Reads a layer's stored tensors back: <see langword="null"/> when they still hold what <paramref name="matrix"/>
+    /// and <paramref name="activations"/> stand for, else the weights and input settings they hold now.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">A tensor changed type, shape or device, or holds values the layer cannot run.</exception>
+    public static (QuantizedMatrix Matrix, ActivationSettings Activations)? Read(StoredTensors stored, QuantizedMatrix matrix, ActivationSettings activations, string layer)
+    {
+        using var scope = NewDisposeScope();
+        var weight = Expect(stored.Weight, matrix.Bits == 8 ? ScalarType.Int8 : ScalarType.Byte, "weight", layer);
+        var scale = Expect(stored.Scale, matrix.Bits == 4 ? ScalarType.Float16 : ScalarType.Float32, "weight_scale", layer);
+        var bias = stored.Bias is null ? null : Expect(stored.Bias, ScalarType.Float32, "bias", layer);
+        var inputScale = stored.InputScale is null ? null : Expect(stored.InputScale, ScalarType.Float32, "input_scale", layer);
+        var inputZero = stored.InputZeroPoint is null ? null : Expect(stored.InputZeroPoint, ScalarType.Byte, "input_zero_point", layer);
+
+        var weightBytes = weight.bytes;
+        bool same = matrix.Bits == 8
+            ? weightBytes.SequenceEqual(MemoryMarshal.AsBytes(matrix.Q.AsSpan()))
+            : weightBytes.SequenceEqual(matrix.PackBits());
+        var scales = scale.to(ScalarType.Float32).data<float>().ToArray();
+        same &= scales.AsSpan().SequenceEqual(matrix.Scales);
+        var biasValues = bias?.data<float>().ToArray();
+        same &= biasValues is null || biasValues.AsSpan().SequenceEqual(matrix.Bias);
+        float newScale = inputScale?.data<float>()[0] ?? activations.Scale;
+        float newZero = inputZero?.data<byte>()[0] ?? activations.ZeroPoint;
+        same &= newScale.Equals(activations.Scale) && newZero.Equals(activations.ZeroPoint);
+        if (same)
+        {
+            return null;
+        }
+
+        int qmax = QuantizedMatrix.MaxLevel(matrix.Bits);
+        var q = matrix.Bits == 8
+            ? MemoryMarshal.Cast<byte, sbyte>(weightBytes).ToArray()
+            : QuantizedMatrix.UnpackBits(weightBytes, matrix.N, matrix.K, matrix.Bits);
+        int outside = Array.FindIndex(q, v => v < -qmax || v > qmax);
+        if (outside >= 0)
+        {
+            throw new InvalidOperationException(
+                $"{layer}: its stored 'weight' now holds the level {q[outside]} (row {outside / matrix.K}), outside the ±{qmax} of {matrix.Bits}-bit weights. " +
+                "Load tensors saved from a quantized layer with the same settings.");
+        }
+
+        if (Array.FindIndex(scales, v => !float.IsFinite(v) || v <= 0) is var badScale and >= 0)
+        {
+            throw new InvalidOperationException($"{layer}: its stored 'weight_scale' now holds {scales[badScale]}; scales must be finite and positive.");
+        }
+
+        if (biasValues is not null && Array.FindIndex(biasValues, v => !float.IsFinite(v)) >= 0)
+        {
+            throw new InvalidOperationException($"{layer}: its stored 'bias' now holds NaN or infinite values.");
+        }
+
+        if (inputScale is not null && (!float.IsFinite(newScale) || newScale <= 0))
+        {
+            throw new InvalidOperationException($"{layer}: its stored 'input_scale' now holds {newScale}; it must be finite and positive.");
+        }
+
+        var rebuilt = QuantizedMatrix.FromLevels(matrix.N, matrix.K, matrix.Bits, matrix.Granularity, q, scales, biasValues);
+        return (rebuilt, activations with { Scale = newScale, ZeroPoint = newZero });
+    }
+
+    private static Tensor Expect(Tensor stored, ScalarType dtype, string name, string layer)
+    {
+        if (stored.IsInvalid)
+        {
+            throw new InvalidOperationException($"{layer}: its stored '{name}' was disposed.");
+        }
+
+        if (stored.dtype != dtype || stored.device_type != DeviceType.CPU)
+        {
+            throw new InvalidOperationException($"{layer}: its stored '{name}' is now {stored.dtype} on {stored.device_type}, not {dtype} on the CPU; the layer cannot run it.");
+        }
+
+        return stored.contiguous();
     }
 
     public static (Tensor Weight, Tensor Scale, Tensor? Bias, Tensor? InputScale, Tensor? InputZeroPoint) Create(QuantizedMatrix matrix, ActivationSettings activations, long[] weightShape)

@@ -34,6 +34,9 @@ public sealed class QuantizedLinear : QuantizedLayer
         RegisterComponents();
     }
 
+    /// <inheritdoc/>
+    private protected override StoredTensors Stored => new(weight, weight_scale, bias, input_scale, input_zero_point);
+
     /// <summary>Gets the input features.</summary>
     public long InFeatures => Matrix.K;
 
