@@ -64,7 +64,25 @@ public sealed class HalfPrecisionStep : ICompressionStep
 
         // Every layer is checked before the first one changes: Fail must leave the model as it was.
         var fixedTypes = FixedTypeLayerPolicy.Find(
-            model, targets.Select(t => t.Name), typeof(HalfPrecisionLayer), _options.FixedTypeLayers, Name, nameof(HalfPrecisionOptions));
+            model, targets.Where(t => t.Module is nn.Module<Tensor, Tensor>).Select(t => t.Name), typeof(HalfPrecisionLayer), _options.FixedTypeLayers, Name, nameof(HalfPrecisionOptions));
+
+        // A selected module of another call signature (TorchSharp's LSTM, GRU, RNN, MultiheadAttention) cannot be
+        // wrapped: it is rounded in place, skipped, or refused, as a layer in a fixed-type field is.
+        var otherSignatures = targets.Where(t => t.Module is not nn.Module<Tensor, Tensor>).ToList();
+        if (otherSignatures.Count > 0 && _options.FixedTypeLayers == FixedTypeLayers.Fail)
+        {
+            throw new UnsupportedModelException(
+                otherSignatures[0].Name,
+                otherSignatures[0].Module.GetType().Name,
+                $"Step '{Name}' cannot wrap {string.Join(", ", otherSignatures.Select(t => $"'{t.Name}' ({t.Module.GetType().Name})"))}: its forward is not " +
+                $"Tensor → Tensor. Nothing was changed. Set {nameof(HalfPrecisionOptions)}.{nameof(FixedTypeLayers)} to " +
+                $"{nameof(FixedTypeLayers.CompressInPlace)} or {nameof(FixedTypeLayers.Skip)}, or leave them out of the layer selection.");
+        }
+
+        foreach (var (name, module) in otherSignatures)
+        {
+            fixedTypes[name] = $"{module.GetType().Name}, not a Tensor → Tensor module";
+        }
         var dtype = _options.Format == HalfPrecisionFormat.BFloat16 ? ScalarType.BFloat16 : ScalarType.Float16;
         var root = model;
         var fallbacks = new List<string>();

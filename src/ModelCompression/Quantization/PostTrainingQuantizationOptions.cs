@@ -10,17 +10,31 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
     public QuantizationMode Mode { get; set; } = QuantizationMode.DynamicInt8;
 
     /// <summary>Gets or sets the layers to quantize. Selected layers that cannot be quantized stay in float and are listed in the report.</summary>
-    /// <value>The default is every Linear and Conv2d layer.</value>
-    public LayerSelection Layers { get; set; } = LayerSelection.Default;
+    /// <value>
+    /// The default is <see cref="DefaultLayers"/>: every Linear and Conv2d layer, and TorchSharp's recurrent and
+    /// attention modules (whose weights are rounded in place, see <see cref="FixedTypeLayers"/>).
+    /// </value>
+    public LayerSelection Layers { get; set; } = DefaultLayers;
 
     /// <summary>
-    /// Gets or sets what happens to a selected layer that a quantized layer cannot replace (its parent holds it in a
-    /// field typed <c>Linear</c> or <c>Conv2d</c>). For <see cref="QuantizationMode.Float16"/> and
+    /// Gets a new selection of what post-training quantization converts by default: Linear and Conv2d layers, and
+    /// TorchSharp's natively implemented LSTM, GRU, RNN, MultiheadAttention, TransformerEncoderLayer,
+    /// TransformerEncoder, TransformerDecoderLayer and TransformerDecoder, as PyTorch's dynamic quantization covers
+    /// Linear and recurrent layers.
+    /// </summary>
+    public static LayerSelection DefaultLayers => new() { Types = [typeof(TorchSharp.Modules.Linear), typeof(TorchSharp.Modules.Conv2d), .. InPlaceQuantization.NativeKinds] };
+
+    /// <summary>
+    /// Gets or sets what happens to a selected layer that a quantized layer cannot replace: its parent holds it in a
+    /// field typed <c>Linear</c> or <c>Conv2d</c>, or it is one of TorchSharp's natively implemented recurrent or
+    /// attention modules (sealed types with no integer kernel here). For <see cref="QuantizationMode.Float16"/> and
     /// <see cref="QuantizationMode.BFloat16"/>, <see cref="FixedTypeLayers.CompressInPlace"/> rounds its parameters to the
-    /// 16-bit values in place, as <see cref="HalfPrecisionOptions.FixedTypeLayers"/> does. The integer modes have no
-    /// in-place form (the file stores integer levels only for quantized layers, and a float layer snapped to the grid
-    /// would not run the integer kernel), so there <see cref="FixedTypeLayers.CompressInPlace"/> leaves the layer in
-    /// float, as <see cref="FixedTypeLayers.Skip"/> does; either way the layer is named in the report and logged as a warning.
+    /// 16-bit values in place, as <see cref="HalfPrecisionOptions.FixedTypeLayers"/> does. For the integer modes it
+    /// rounds each weight (every floating-point parameter of two or more dimensions; biases and norms stay) in place to
+    /// int8 levels with a scale per row (int4 with <see cref="QuantizationMode.WeightOnlyInt4"/>, a scale per group of
+    /// <see cref="WeightGranularity"/>): the layer keeps its type and computes in float with those values, and the
+    /// compressed file stores them as levels and scales, about a quarter (an eighth) of float32. Either way the layer
+    /// is named in the report and logged as a warning.
     /// </summary>
     /// <value>The default is <see cref="FixedTypeLayers.CompressInPlace"/>.</value>
     public FixedTypeLayers FixedTypeLayers { get; set; } = FixedTypeLayers.CompressInPlace;

@@ -67,22 +67,38 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         }
 
         var fixedTypes = new Dictionary<string, string>(StringComparer.Ordinal);
-        var (targets, leftInFloat) = QuantizationTargets.Select(model, _options.Layers, fixedTypes);
+        var native = new List<(string Name, nn.Module Module)>();
+        var (targets, leftInFloat) = QuantizationTargets.Select(model, _options.Layers, fixedTypes, native);
         if (_options.FixedTypeLayers == FixedTypeLayers.Fail)
         {
             // Raises the UnsupportedModelException, naming every such layer, before anything changes.
             FixedTypeLayerPolicy.Find(model, fixedTypes.Keys, typeof(QuantizedLinear), FixedTypeLayers.Fail, Name, nameof(PostTrainingQuantizationOptions));
+            if (native.Count > 0)
+            {
+                throw new UnsupportedModelException(
+                    native[0].Name,
+                    native[0].Module.GetType().Name,
+                    $"Step '{Name}' has no quantized layer for {string.Join(", ", native.Select(n => $"'{n.Name}' ({n.Module.GetType().Name})"))}: " +
+                    $"TorchSharp's native modules are sealed and run in float. Nothing was changed. Set {nameof(PostTrainingQuantizationOptions)}." +
+                    $"{nameof(FixedTypeLayers)} to {nameof(FixedTypeLayers.CompressInPlace)} (weights rounded to integer levels in place) or " +
+                    $"{nameof(FixedTypeLayers.Skip)}, or leave them out of the layer selection.");
+            }
         }
 
-        if (targets.Count == 0)
+        // Layers no quantized layer can replace: with CompressInPlace their weights are rounded to integer levels in place.
+        bool inPlace = _options.FixedTypeLayers == FixedTypeLayers.CompressInPlace;
+        var rounded = inPlace
+            ? [.. native, .. fixedTypes.Keys.Select(n => (Name: n, Module: ModuleTree.GetSubmodule(model, n)))]
+            : new List<(string Name, nn.Module Module)>();
+        if (targets.Count == 0 && rounded.Count == 0)
         {
-            if (_options.Layers.Include.Count > 0 && fixedTypes.Count == 0)
+            if (_options.Layers.Include.Count > 0 && fixedTypes.Count == 0 && native.Count == 0)
             {
                 throw new ArgumentException($"The layer selection ({_options.Layers}) selects no layer that can be quantized: {string.Join(", ", leftInFloat)}.", nameof(model));
             }
 
             context.AddNote($"no layer to quantize ({_options.Layers}){(leftInFloat.Count > 0 ? $"; left in float: {string.Join(", ", leftInFloat)}" : string.Empty)}");
-            ReportFixedTypes(fixedTypes, context);
+            ReportLeftAlone(fixedTypes, native, context);
             return model;
         }
 
@@ -92,13 +108,30 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             QuantizationTargets.ThrowIfNotFinite(target);
         }
 
-        ReportFixedTypes(fixedTypes, context);
+        foreach (var (name, module) in rounded)
+        {
+            InPlaceQuantization.ThrowIfNotFinite(name, module);
+        }
+
+        if (!inPlace)
+        {
+            ReportLeftAlone(fixedTypes, native, context);
+        }
+
+        if (targets.Count == 0)
+        {
+            RoundInPlace(rounded, fixedTypes, context);
+            return model;
+        }
+
         using var scope = NewDisposeScope();
         var structure = _options.FoldBatchNorm || _options.FuseRelu ? QuantizationTargets.FollowingLayers(model, targets) : [];
         var calibration = Calibrate(model, targets, context);
         try
         {
-            return Convert(model, targets, leftInFloat, structure, calibration, context);
+            var result = Convert(model, targets, leftInFloat, structure, calibration, context);
+            RoundInPlace(rounded, fixedTypes, context);
+            return result;
         }
         finally
         {
@@ -109,11 +142,50 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         }
     }
 
-    /// <summary>Integer layers have no in-place form: layers that cannot be replaced stay in float whether in place or skipped was asked for.</summary>
+    /// <summary>Rounds the weights of the layers no quantized layer can replace to the step's integer levels, in place, and says so.</summary>
+    private void RoundInPlace(List<(string Name, nn.Module Module)> layers, Dictionary<string, string> fixedTypes, CompressionContext context)
+    {
+        if (layers.Count == 0)
+        {
+            return;
+        }
+
+        int bits = _options.Mode == QuantizationMode.WeightOnlyInt4 ? 4 : 8;
+        int group = WeightGrid.StorableGroup(_options.EffectiveGranularity is PerGroupGranularity g ? g.Size : 0);
+        var described = new Dictionary<string, string>(StringComparer.Ordinal);
+        foreach (var (name, module) in layers)
+        {
+            context.CancellationToken.ThrowIfCancellationRequested();
+            long weights = InPlaceQuantization.Round(module, bits, group);
+            described[name] = fixedTypes.TryGetValue(name, out var why)
+                ? $"{why}; {weights:N0} weights"
+                : $"{module.GetType().Name}, TorchSharp's native module, sealed; {weights:N0} weights";
+        }
+
+        string grid = group == 0 ? "a scale per row" : $"a scale per group of {group}";
+        FixedTypeLayerPolicy.Report(
+            context,
+            Name,
+            $"weights rounded in place to int{bits} levels with {grid} (the layer computes in float; the file stores the levels and scales)",
+            described);
+    }
+
+    /// <summary>With <see cref="FixedTypeLayers.Skip"/> (or nothing else to do): the layers left in float because no quantized layer can replace them.</summary>
+    private void ReportLeftAlone(Dictionary<string, string> fixedTypes, List<(string Name, nn.Module Module)> native, CompressionContext context)
+    {
+        ReportFixedTypes(fixedTypes, context);
+        FixedTypeLayerPolicy.Report(
+            context,
+            Name,
+            "left in float, TorchSharp's native modules have no quantized layer",
+            native.ToDictionary(n => n.Name, n => n.Module.GetType().Name, StringComparer.Ordinal));
+    }
+
+    /// <summary>The layers left in float because their field's type cannot hold a quantized layer.</summary>
     private void ReportFixedTypes(Dictionary<string, string> fixedTypes, CompressionContext context) => FixedTypeLayerPolicy.Report(
         context,
         Name,
-        "left in float, their type cannot hold a quantized layer (integer quantization has no in-place form: the file stores integer levels only for quantized layers)",
+        "left in float, their type cannot hold a quantized layer",
         fixedTypes);
 
     private nn.Module<Tensor, Tensor> Convert(

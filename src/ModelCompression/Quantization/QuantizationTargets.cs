@@ -20,8 +20,10 @@ internal static class QuantizationTargets
     /// The selected Linear and Conv2d layers the kernel can run, and the selected layers it cannot (with why). With
     /// <paramref name="fixedTypes"/>, the layers the kernel could run but a quantized layer cannot replace go there
     /// (name → why) instead of into the left-in-float list, so that the caller can apply its <see cref="FixedTypeLayers"/> choice.
+    /// With <paramref name="inPlace"/>, the selected native modules whose weights <see cref="InPlaceQuantization"/> rounds go there.
     /// </summary>
-    public static (List<Target> Targets, List<string> LeftInFloat) Select(nn.Module<Tensor, Tensor> model, LayerSelection selection, Dictionary<string, string>? fixedTypes = null)
+    public static (List<Target> Targets, List<string> LeftInFloat) Select(
+        nn.Module<Tensor, Tensor> model, LayerSelection selection, Dictionary<string, string>? fixedTypes = null, List<(string Name, nn.Module Module)>? inPlace = null)
     {
         selection.ThrowIfUnknownNames(model);
         var targets = new List<Target>();
@@ -30,6 +32,12 @@ internal static class QuantizationTargets
         {
             if (ModuleTree.HasAncestor<ICompressedLayer>(model, name) || module is ICompressedLayer)
             {
+                continue;
+            }
+
+            if (inPlace is not null && InPlaceQuantization.IsNativeKind(module))
+            {
+                inPlace.Add((name, module));
                 continue;
             }
 

@@ -435,7 +435,7 @@ internal static class ModuleCodec
         void Floats(Tensor t, string role)
         {
             var values = t.detach().to(ScalarType.Float32).cpu().contiguous().data<float>().ToArray();
-            var e = ValueCodec.WriteFloats(w, values, $"The {role} of '{path}'");
+            var e = ValueCodec.WriteFloats(w, values, $"The {role} of '{path}'", t.dim() >= 2 ? t.shape[0] : 0);
             encodings.Add(Describe(role, e));
         }
 
@@ -550,7 +550,7 @@ internal static class ModuleCodec
                     throw new NotSupportedException($"The float64 tensor '{name}' of '{path}' holds values float32 cannot; the file stores float32 at most.");
                 }
 
-                var e = ValueCodec.WriteFloats(w, cpu.to(ScalarType.Float32).data<float>().ToArray(), $"The tensor '{name}' of '{path}'");
+                var e = ValueCodec.WriteFloats(w, cpu.to(ScalarType.Float32).data<float>().ToArray(), $"The tensor '{name}' of '{path}'", t.dim() >= 2 ? t.shape[0] : 0);
                 encodings.Add(Describe(name, e));
             }
             else if (t.dtype is ScalarType.Int64 or ScalarType.Int32)

@@ -6,7 +6,8 @@ namespace ModelCompression.Serialization;
 /// Encodes one weight array (float values, or signed integer levels of a quantized layer) in whichever layout and
 /// value coding measures smallest: dense or sparse (positions as a bitmask or as gaps between non-zeros), values raw
 /// at the narrowest float type that holds them exactly (float32, float16 or bfloat16) or as a codebook plus indices
-/// (when the array takes few distinct values, as clustered weights do), integer levels as symbols. Symbol streams are
+/// (when the array takes few distinct values, as clustered weights do) or as integer levels times a scale per row or
+/// group (when a float weight lies on such a grid, as weights rounded to int8 or int4 in place do), integer levels as symbols. Symbol streams are
 /// entropy coded by <see cref="SymbolStream"/>. Decoding is exact: the array read back is bit-identical.
 /// </summary>
 internal static class ValueCodec
@@ -18,13 +19,22 @@ internal static class ValueCodec
     private const byte RawFloats = 0;
     private const byte Codebook = 1;
     private const byte Levels = 2;
+    private const byte GridLevels = 3;
     private const int MaxCodebook = 4096;
     private static readonly int[] GapAlphabets = [4, 8, 16, 32, 64, 128, 256];
 
     /// <summary>How a stored array was encoded (for reports).</summary>
     public readonly record struct Encoding(bool Sparse, string Positions, string Values, int Bytes);
 
-    public static Encoding WriteFloats(FormatWriter writer, ReadOnlySpan<float> values, string what)
+    /// <summary>Writes float values exactly, in the smallest coding found.</summary>
+    /// <param name="writer">The writer.</param>
+    /// <param name="values">The values.</param>
+    /// <param name="what">What the values are, for errors.</param>
+    /// <param name="rows">
+    /// The rows of the tensor the values come from (its first dimension) when it has at least two dimensions, else 0:
+    /// a weight on a grid of integer levels times a scale per row or per group of a row is stored as levels and scales.
+    /// </param>
+    public static Encoding WriteFloats(FormatWriter writer, ReadOnlySpan<float> values, string what, long rows = 0)
     {
         var copy = values.ToArray();
         for (int i = 0; i < copy.Length; i++)
@@ -41,7 +51,7 @@ internal static class ValueCodec
             }
         }
 
-        return WriteBest(writer, copy, null, 0);
+        return WriteBest(writer, copy, null, 0, rows);
     }
 
     public static Encoding WriteLevels(FormatWriter writer, ReadOnlySpan<sbyte> levels, int maxLevel)
@@ -64,6 +74,10 @@ internal static class ValueCodec
         if (kind == RawFloats)
         {
             storedValues = ReadRaw(ref reader, stored, what);
+        }
+        else if (kind == GridLevels && layout == Dense)
+        {
+            storedValues = ReadGrid(ref reader, stored, what);
         }
         else if (kind == Codebook)
         {
@@ -104,7 +118,7 @@ internal static class ValueCodec
         return layout == Dense ? levels : Scatter(levels, positions!, count, (sbyte)0, ref reader, what);
     }
 
-    private static Encoding WriteBest(FormatWriter writer, float[]? floats, int[]? levels, int maxLevel)
+    private static Encoding WriteBest(FormatWriter writer, float[]? floats, int[]? levels, int maxLevel, long rows = 0)
     {
         int count = floats?.Length ?? levels!.Length;
         var nonzero = new List<int>();
@@ -119,7 +133,7 @@ internal static class ValueCodec
         // Dense: every value. Sparse: the positions of the non-zeros, then their values.
         var dense = new FormatWriter();
         dense.Byte(Dense);
-        string denseValues = WriteValues(dense, floats, levels, maxLevel, null);
+        string denseValues = WriteValues(dense, floats, levels, maxLevel, null, rows);
         var best = (Writer: dense, Encoding: new Encoding(false, "all", denseValues, 0));
         if (nonzero.Count < count)
         {
@@ -138,7 +152,7 @@ internal static class ValueCodec
         return best.Encoding with { Bytes = best.Writer.Length };
     }
 
-    private static string WriteValues(FormatWriter writer, float[]? floats, int[]? levels, int maxLevel, List<int>? positions)
+    private static string WriteValues(FormatWriter writer, float[]? floats, int[]? levels, int maxLevel, List<int>? positions, long rows = 0)
     {
         int n = positions?.Count ?? (floats?.Length ?? levels!.Length);
         if (levels is not null)
@@ -202,8 +216,55 @@ internal static class ValueCodec
             }
         }
 
+        // Integer levels times a scale per row or group, when every value lies on such a grid.
+        if (positions is null && rows > 0 && Quantization.WeightGrid.Find(values, rows) is { } grid)
+        {
+            var gridded = new FormatWriter();
+            gridded.Byte(GridLevels);
+            gridded.VarUInt(rows);
+            gridded.VarUInt(grid.GroupSize);
+            gridded.VarUInt(grid.MaxLevel);
+            string scalePrecision = WriteRaw(gridded, grid.Scales);
+            var symbols = new int[grid.Levels.Length];
+            for (int i = 0; i < symbols.Length; i++)
+            {
+                symbols[i] = grid.Levels[i] + grid.MaxLevel;
+            }
+
+            var coding = SymbolStream.Write(gridded, symbols, (2 * grid.MaxLevel) + 1);
+            if (gridded.Length < choice.Writer.Length)
+            {
+                choice = (gridded, $"levels ±{grid.MaxLevel} × {grid.Scales.Length} scales ({scalePrecision}, groups of {grid.GroupSize}), {coding}");
+            }
+        }
+
         writer.Bytes(choice.Writer.Written);
         return choice.Name;
+    }
+
+    private static float[] ReadGrid(ref FormatReader reader, long count, string what)
+    {
+        long rows = reader.VarUInt($"the rows of {what}", 1, Math.Max(1, count));
+        if (count % rows != 0)
+        {
+            throw reader.Fail($"{what} declares {rows} rows, which do not divide its {count} values");
+        }
+
+        long columns = count / rows;
+        int group = (int)reader.VarUInt($"the group size of {what}", 1, Math.Max(1, Math.Min(columns, int.MaxValue)));
+        int maxLevel = (int)reader.VarUInt($"the largest level of {what}", 1, 127);
+        long groupsPerRow = (columns + group - 1) / group;
+        var scales = ReadRaw(ref reader, rows * groupsPerRow, what);
+        var symbols = SymbolStream.Read(ref reader, count, (2 * maxLevel) + 1, $"the levels of {what}");
+        var values = new float[count];
+        for (long i = 0; i < count; i++)
+        {
+            long row = i / columns;
+            long column = i % columns;
+            values[i] = (symbols[i] - maxLevel) * scales[(row * groupsPerRow) + (column / group)];
+        }
+
+        return values;
     }
 
     private static string WritePositions(FormatWriter writer, List<int> nonzero, int count)
