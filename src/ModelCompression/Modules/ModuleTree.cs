@@ -117,7 +117,54 @@ public static class ModuleTree
             }
         }
 
-        return held || parent is ModuleList<nn.Module<Tensor, Tensor>> ? null : $"its parent {parent.GetType().Name} keeps '{name}' in no field this library can update";
+        if (CollectionElementType(parent) is { } element)
+        {
+            return element.IsAssignableFrom(replacementType)
+                ? null
+                : $"its parent {parent.GetType().Name} holds {element.Name} modules, which a {replacementType.Name} is not";
+        }
+
+        return held ? null : $"its parent {parent.GetType().Name} keeps '{name}' in no field this library can update";
+    }
+
+    /// <summary>The element type of a <see cref="ModuleList{T}"/> or <see cref="ModuleDict{T}"/> parent, or <see langword="null"/>.</summary>
+    private static Type? CollectionElementType(nn.Module parent)
+    {
+        for (var t = parent.GetType(); t is not null; t = t.BaseType)
+        {
+            if (t.IsGenericType && (t.GetGenericTypeDefinition() == typeof(ModuleList<>) || t.GetGenericTypeDefinition() == typeof(ModuleDict<>)))
+            {
+                return t.GetGenericArguments()[0];
+            }
+        }
+
+        return null;
+    }
+
+    /// <summary>Puts <paramref name="replacement"/> in a module list's slot or a module dictionary's entry (already checked to fit).</summary>
+    private static void SetCollectionItem(nn.Module parent, string childName, nn.Module replacement)
+    {
+        for (var t = parent.GetType(); t is not null; t = t.BaseType)
+        {
+            if (!t.IsGenericType)
+            {
+                continue;
+            }
+
+            var definition = t.GetGenericTypeDefinition();
+            var element = t.GetGenericArguments()[0];
+            if (definition == typeof(ModuleList<>) && int.TryParse(childName, out int index))
+            {
+                t.GetProperty("Item", element, [typeof(int)])!.SetValue(parent, replacement, [index]);
+                return;
+            }
+
+            if (definition == typeof(ModuleDict<>))
+            {
+                t.GetProperty("Item", element, [typeof(string)])!.SetValue(parent, replacement, [childName]);
+                return;
+            }
+        }
     }
 
     /// <summary>
@@ -195,13 +242,13 @@ public static class ModuleTree
             }
         }
 
-        var list = parent as ModuleList<nn.Module<Tensor, Tensor>>;
-        if (list is not null && replacement is not nn.Module<Tensor, Tensor>)
+        var element = CollectionElementType(parent);
+        if (element is not null && !element.IsInstanceOfType(replacement))
         {
-            throw new ArgumentException($"Cannot replace '{name}': a ModuleList<Module<Tensor, Tensor>> cannot hold a {replacement.GetType().Name}.", nameof(childName));
+            throw new ArgumentException($"Cannot replace '{name}': its parent {parent.GetType().Name} holds {element.Name} modules, which a {replacement.GetType().Name} is not.", nameof(childName));
         }
 
-        if (fields.Count == 0 && list is null)
+        if (fields.Count == 0 && element is null)
         {
             throw new ArgumentException(
                 $"Cannot replace '{name}': its parent {parent.GetType().Name} keeps it in no field this library can update.", nameof(childName));
@@ -212,9 +259,9 @@ public static class ModuleTree
             field.SetValue(parent, replacement);
         }
 
-        if (list is not null && int.TryParse(childName, out int index))
+        if (element is not null)
         {
-            list[index] = (nn.Module<Tensor, Tensor>)replacement;
+            SetCollectionItem(parent, childName, replacement);
         }
 
         // Keep the registry entry in place (same order of parameters and state_dict keys).

@@ -47,7 +47,60 @@ internal static class TorchSharpLayers
         new GroupNormLayer(), new EmbeddingLayer(),
         new RecurrentLayer<GRU>("torch.nn.GRU", 3), new RecurrentLayer<LSTM>("torch.nn.LSTM", 4), new RecurrentLayer<RNN>("torch.nn.RNN", 1),
         new AttentionLayer(), new EncoderLayer(), new EncoderStack(), new DecoderLayer(), new DecoderStack(),
+        .. ParameterFree(),
     ];
+
+    /// <summary>
+    /// TorchSharp's parameter-free layers without a fixed file encoding of their own, so that a <c>Sequential</c> of
+    /// them loads without its architecture: their settings are public properties.
+    /// </summary>
+    private static IEnumerable<LayerDescriptor> ParameterFree() =>
+    [
+        new Settings<AdaptiveAvgPool1d>("torch.nn.AdaptiveAvgPool1d", m => new LayerAttributes().Set("size", m.output_size), a => nn.AdaptiveAvgPool1d(a.GetInt64("size", 1, MaxSize))),
+        new Settings<AdaptiveMaxPool1d>("torch.nn.AdaptiveMaxPool1d", m => new LayerAttributes().Set("size", m.output_size), a => nn.AdaptiveMaxPool1d(a.GetInt64("size", 1, MaxSize))),
+        new Settings<AdaptiveMaxPool2d>("torch.nn.AdaptiveMaxPool2d", m => new LayerAttributes().Set("size", m.output_size), a => nn.AdaptiveMaxPool2d(Sizes(a, "size", 2))),
+        new Settings<MaxPool1d>(
+            "torch.nn.MaxPool1d",
+            m => new LayerAttributes().Set("kernel", m.kernel_size).Set("stride", m.stride ?? m.kernel_size).Set("padding", m.padding ?? 0).Set("dilation", m.dilation ?? 1).Set("ceil", m.ceil_mode),
+            a => nn.MaxPool1d(a.GetInt64("kernel", 1, MaxSize), a.GetInt64("stride", 1, MaxSize), a.GetInt64("padding", 0, MaxSize), a.GetInt64("dilation", 1, MaxSize), a.GetBoolean("ceil"))),
+        new Settings<AvgPool1d>(
+            "torch.nn.AvgPool1d",
+            m => new LayerAttributes().Set("kernel", m.kernel_size).Set("stride", m.stride ?? m.kernel_size).Set("padding", m.padding ?? 0).Set("ceil", m.ceil_mode).Set("countPad", m.count_include_pad),
+            a => nn.AvgPool1d(a.GetInt64("kernel", 1, MaxSize), a.GetInt64("stride", 1, MaxSize), a.GetInt64("padding", 0, MaxSize), a.GetBoolean("ceil"), a.GetBoolean("countPad"))),
+        new Settings<ELU>("torch.nn.ELU", m => new LayerAttributes().Set("alpha", m.alpha), a => nn.ELU(Finite(a, "alpha"))),
+        new Settings<Softplus>("torch.nn.Softplus", m => new LayerAttributes().Set("beta", m.beta).Set("threshold", m.threshold), a => nn.Softplus(Finite(a, "beta"), Finite(a, "threshold"))),
+        new Settings<Mish>("torch.nn.Mish", _ => new LayerAttributes(), _ => nn.Mish()),
+        new Settings<Hardsigmoid>("torch.nn.Hardsigmoid", _ => new LayerAttributes(), _ => nn.Hardsigmoid()),
+        new Settings<Softsign>("torch.nn.Softsign", _ => new LayerAttributes(), _ => nn.Softsign()),
+        new Settings<GLU>("torch.nn.GLU", m => new LayerAttributes().Set("dim", m.dim), a => nn.GLU(a.GetInt64("dim", -8, 8))),
+        new Settings<Dropout1d>("torch.nn.Dropout1d", m => new LayerAttributes().Set("p", m.p), a => nn.Dropout1d(Probability(a))),
+        new Settings<Dropout2d>("torch.nn.Dropout2d", m => new LayerAttributes().Set("p", m.p), a => nn.Dropout2d(Probability(a))),
+    ];
+
+    private static long[] Sizes(LayerAttributes a, string name, int count)
+    {
+        var sizes = a.GetInt64Array(name);
+        return sizes.Length == count && sizes.All(v => v is >= 1 and <= MaxSize)
+            ? sizes
+            : throw new InvalidDataException($"The attribute '{name}' must hold {count} sizes from 1 to {MaxSize}.");
+    }
+
+    private static double Finite(LayerAttributes a, string name) =>
+        a.GetDouble(name) is var v && double.IsFinite(v) ? v : throw new InvalidDataException($"The attribute '{name}' must be finite.");
+
+    private static double Probability(LayerAttributes a) =>
+        a.GetDouble("p") is var p && p is >= 0 and <= 1 ? p : throw new InvalidDataException("The attribute 'p' must lie in [0, 1].");
+
+    /// <summary>A managed layer whose settings are public properties, read and rebuilt by the given functions (no multiply-adds).</summary>
+    private sealed class Settings<T>(string id, Func<T, LayerAttributes> read, Func<LayerAttributes, nn.Module> create) : BuiltIn(id, typeof(T))
+        where T : nn.Module
+    {
+        public override LayerAttributes GetAttributes(nn.Module module) => read((T)module);
+
+        public override nn.Module Create(LayerAttributes attributes, int version) => create(attributes);
+
+        public override long? CountMacs(nn.Module module, Tensor input, Tensor output) => 0;
+    }
 
     internal const long MaxSize = 1L << 30;
 

@@ -266,7 +266,7 @@ public static class CompressedModel
         }
     }
 
-    private static nn.Module<Tensor, Tensor> CustomModule(NodeSpec node, nn.Module<Tensor, Tensor>? architecture, CompressedModelLoadOptions options)
+    private static nn.Module CustomModule(NodeSpec node, nn.Module<Tensor, Tensor>? architecture, CompressedModelLoadOptions options)
     {
         if (architecture is not null)
         {
@@ -280,7 +280,7 @@ public static class CompressedModel
                 found = null;
             }
 
-            if (found is not nn.Module<Tensor, Tensor> module)
+            if (found is not { } module)
             {
                 throw new InvalidDataException($"The file holds a custom module {node.TypeName} at {node.Describe}, but the architecture given has no module there.");
             }

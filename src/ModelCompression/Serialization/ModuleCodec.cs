@@ -221,9 +221,9 @@ internal static class ModuleCodec
     private static NodeKind KindOf(nn.Module module, string path, bool forSaving) =>
         LegacyKindOf(module, path, forSaving)
         ?? (Modules.LayerRegistry.Find(module) is not null ? NodeKind.Registered
-            : module is nn.Module<Tensor, Tensor> ? NodeKind.Custom
+            : module is nn.Module<Tensor, Tensor> || !Modules.ModuleCloner.IsNativeWrapper(module.GetType()) ? NodeKind.Custom
             : throw new UnsupportedModelException(path, module.GetType().Name,
-                $"The {module.GetType().Name} at '{path}' is not a Module<Tensor, Tensor> and its kind is not registered, so the file cannot store it: " +
+                $"The {module.GetType().Name} at '{path}' is implemented natively by TorchSharp and its kind is not registered, so the file cannot store it: " +
                 $"register it with {nameof(Modules.LayerRegistry)}.{nameof(Modules.LayerRegistry.Register)} or {nameof(Modules.LayerRegistry.RegisterFactory)}."));
 
     /// <summary>The kinds with a fixed encoding of their own (files before the layer registry use them; they are written the same way still).</summary>
@@ -842,7 +842,7 @@ internal static class ModuleCodec
     // ---------------------------------------------------------------- building
 
     /// <summary>Builds the module a node describes; custom modules come from <paramref name="customModule"/>.</summary>
-    public static nn.Module Build(NodeSpec node, Func<NodeSpec, nn.Module<Tensor, Tensor>> customModule)
+    public static nn.Module Build(NodeSpec node, Func<NodeSpec, nn.Module> customModule)
     {
         var children = new List<nn.Module>();
         try
@@ -865,7 +865,7 @@ internal static class ModuleCodec
         }
     }
 
-    private static nn.Module BuildOne(NodeSpec node, List<nn.Module> children, Func<NodeSpec, nn.Module<Tensor, Tensor>> customModule)
+    private static nn.Module BuildOne(NodeSpec node, List<nn.Module> children, Func<NodeSpec, nn.Module> customModule)
     {
         long[] I = node.Ints;
         double[] R = node.Reals;

@@ -554,7 +554,7 @@ public sealed class PostTrainingQuantizationStepTests
     }
 
     [Test]
-    public void Apply_DynamicInt8_LayersInFieldsTypedLinearAndConv2d_StayInFloatAndAreNoted()
+    public void Apply_DynamicInt8_LayersInFieldsTypedLinearAndConv2d_AreRoundedInPlaceAndNoted()
     {
         using var original = new FixedTypeNet(11);
         using var model = ModuleCloner.DeepClone(original);
@@ -565,8 +565,13 @@ public sealed class PostTrainingQuantizationStepTests
         var result = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = QuantizationMode.DynamicInt8 }).Apply(model, context);
 
         Assert.That(ModuleTree.GetSubmodule(result, "head"), Is.TypeOf<QuantizedLinear>());
-        Assert.That(TestModels.StateHash(ModuleTree.GetSubmodule(result, "fc")), Is.EqualTo(TestModels.StateHash(ModuleTree.GetSubmodule(original, "fc"))));
-        Assert.That(context.Notes, Has.One.Contains("left in float").And.Contains("no in-place form").And.Contains("'fc'").And.Contains("'conv'"));
+        Assert.That(ModuleTree.GetSubmodule(result, "fc"), Is.TypeOf<Linear>());
+        Assert.That(TestModels.StateHash(ModuleTree.GetSubmodule(result, "fc")), Is.Not.EqualTo(TestModels.StateHash(ModuleTree.GetSubmodule(original, "fc"))));
+        var fc = ((Linear)ModuleTree.GetSubmodule(result, "fc")).weight!.detach().data<float>().ToArray();
+        Assert.That(WeightGrid.Find(fc, 64)?.MaxLevel, Is.EqualTo(127), "the weights lie on an int8 grid with a scale per row");
+        Assert.That(((Linear)ModuleTree.GetSubmodule(result, "fc")).bias!.detach().data<float>().ToArray(),
+            Is.EqualTo(((Linear)ModuleTree.GetSubmodule(original, "fc")).bias!.detach().data<float>().ToArray()), "biases stay as they are");
+        Assert.That(context.Notes, Has.One.Contains("rounded in place to int8").And.Contains("'fc'").And.Contains("'conv'"));
         Assert.That(logger.Warnings, Has.One.Contains("'fc'"));
 
         var failing = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { FixedTypeLayers = FixedTypeLayers.Fail });
