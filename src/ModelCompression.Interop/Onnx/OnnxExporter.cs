@@ -59,7 +59,8 @@ public sealed class OnnxExportOptions
 /// Exports models — plain and compressed — to ONNX (opset <see cref="InteropInfo.OnnxOpset"/>, IR version
 /// <see cref="InteropInfo.OnnxIrVersion"/>) for ONNX Runtime: float32 layers as they are, half-precision layers with
 /// 16-bit weights cast to float32, sparse and clustered layers as dense, low-rank layers as two MatMuls or
-/// convolutions, int8 layers as QDQ or integer MatMul, int4 weight-only layers as blocked int4 DequantizeLinear.
+/// convolutions, int8 layers as QDQ or integer MatMul, int4 weight-only layers as blocked int4 DequantizeLinear,
+/// quantized embeddings as DequantizeLinear of their int8/int4 table and a Gather.
 /// </summary>
 /// <remarks>
 /// The whole graph is built in memory first: an unsupported module is an <see cref="UnsupportedModelException"/> naming
@@ -194,6 +195,8 @@ public static class OnnxExporter
                 case Embedding embedding:
                     // Gather picks rows of the table by token id; the model's input must then be integer (OnnxExportOptions.InputType).
                     return g.Node("Gather", at, [g.Constant($"{at}.weight", embedding.weight!.to(ScalarType.Float32)), x], new Dictionary<string, object> { ["axis"] = 0L });
+                case QuantizedEmbedding quantizedEmbedding:
+                    return QuantizedEmbedding(at, x, quantizedEmbedding);
                 case LayerNorm norm:
                 {
                     long[] shape = norm.normalized_shape;
@@ -346,7 +349,7 @@ public static class OnnxExporter
                 default:
                     throw new UnsupportedModelException(name, module.GetType().Name,
                         $"The {module.GetType().Name} at {Display(name)} cannot be exported to ONNX. Supported: Sequential, Linear, Conv1d/Conv2d/Conv3d, " +
-                        "BatchNorm, LayerNorm, GroupNorm, Embedding (integer input), ReLU/ReLU6/Sigmoid/Tanh/SiLU/Hardswish/LeakyReLU/GELU/ELU/Mish/Softplus/" +
+                        "BatchNorm, LayerNorm, GroupNorm, Embedding and QuantizedEmbedding (integer input), ReLU/ReLU6/Sigmoid/Tanh/SiLU/Hardswish/LeakyReLU/GELU/ELU/Mish/Softplus/" +
                         "Hardsigmoid/PReLU, Softmax, Flatten(1, -1), MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d/2d(1), Dropout, Identity, the library's " +
                         "compressed layers and blocks, TransformerEncoderLayer/TransformerEncoder (no masks; GRU/LSTM through OnnxEmitters.Recurrent); add an emitter for other modules to OnnxExportOptions.CustomModules.");
             }
@@ -527,6 +530,15 @@ public static class OnnxExporter
 
             return layer.FusedRelu ? g.Node("Relu", at, [y]) : y;
         }
+
+        /// <summary>
+        /// A quantized embedding: its levels as an int8 (or, at 4 bits, int4) initializer behind a DequantizeLinear —
+        /// per-row scales on axis 0, or per-group scales in blocks along the embedding dimension (opset 21's
+        /// <c>block_size</c>) — and a Gather of the token ids' rows. The file keeps the table's integer size; ONNX
+        /// Runtime may fold the dequantized table to float when it loads the model.
+        /// </summary>
+        private string QuantizedEmbedding(string at, string x, QuantizedEmbedding layer) =>
+            Graph.Node("Gather", at, [DequantizedWeight(at, layer.ToMatrix(), transpose: false), x], new Dictionary<string, object> { ["axis"] = 0L });
 
         private string QuantizedConv(string at, string x, QuantizedConv2d layer)
         {

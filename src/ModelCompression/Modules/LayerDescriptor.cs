@@ -80,6 +80,17 @@ public abstract class LayerDescriptor
     public abstract nn.Module Create(LayerAttributes attributes, int version);
 
     /// <summary>
+    /// Checks a layer whose own tensors were just loaded from a file, for values its settings forbid (a scale that is
+    /// not positive, a level outside its range): a file can carry any bytes behind valid checksums. The default checks
+    /// nothing.
+    /// </summary>
+    /// <param name="module">The layer <see cref="Create"/> built, its tensors loaded.</param>
+    /// <exception cref="InvalidDataException">A loaded value is out of range.</exception>
+    public virtual void CheckLoaded(nn.Module module)
+    {
+    }
+
+    /// <summary>
     /// Counts the multiply-accumulates of one call of a tensor-to-tensor layer, over the whole batch, or returns
     /// <see langword="null"/> when the layer's work is not counted (it is negligible, or its children count it).
     /// </summary>

@@ -33,7 +33,8 @@ public static class LayerRegistry
 
     static LayerRegistry()
     {
-        foreach (var descriptor in TorchSharpLayers.All())
+        // TorchSharp's kinds, then the kinds this library's techniques define (each descriptor lives with its technique).
+        foreach (var descriptor in TorchSharpLayers.All().Append(Quantization.QuantizedEmbedding.Descriptor))
         {
             Add(descriptor);
         }

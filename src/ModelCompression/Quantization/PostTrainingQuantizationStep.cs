@@ -18,6 +18,12 @@ namespace ModelCompression.Quantization;
 /// or weight-only — or converts them to float16/bfloat16. Measures each layer's SQNR and, with
 /// <see cref="PostTrainingQuantizationOptions.Fallback"/>, keeps the most sensitive layers in float.
 /// </summary>
+/// <remarks>
+/// Selected Embedding layers (add <c>typeof(Embedding)</c> to <see cref="LayerSelection.Types"/>) become
+/// <see cref="QuantizedEmbedding"/> tables in the weight-only modes, with the options' granularity; their SQNR is the
+/// table's, and <see cref="PostTrainingQuantizationOptions.KeepFloatWhenSlower"/> does not time them (a lookup has
+/// no float kernel to beat). The dynamic and static modes leave them in float, as PyTorch does, and say so in the report.
+/// </remarks>
 public sealed class PostTrainingQuantizationStep : ICompressionStep
 {
     /// <summary>The base name of the step in reports.</summary>
@@ -67,12 +73,23 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         }
 
         var fixedTypes = new Dictionary<string, string>(StringComparer.Ordinal);
+        string? whyEmbeddingStaysFloat = _options.Mode switch
+        {
+            QuantizationMode.DynamicInt8 => "Embedding: use weight-only int8/int4; dynamic quantization leaves lookups in float, as PyTorch does",
+            QuantizationMode.StaticInt8 => "Embedding: use weight-only int8/int4; static quantization leaves lookups in float, as PyTorch does",
+            _ => null,
+        };
         var native = new List<(string Name, nn.Module Module)>();
-        var (targets, leftInFloat) = QuantizationTargets.Select(model, _options.Layers, fixedTypes, native);
+        var (targets, leftInFloat) = QuantizationTargets.Select(model, _options.Layers, fixedTypes, whyEmbeddingStaysFloat, native);
         if (_options.FixedTypeLayers == FixedTypeLayers.Fail)
         {
             // Raises the UnsupportedModelException, naming every such layer, before anything changes.
-            FixedTypeLayerPolicy.Find(model, fixedTypes.Keys, typeof(QuantizedLinear), FixedTypeLayers.Fail, Name, nameof(PostTrainingQuantizationOptions));
+            FixedTypeLayerPolicy.Find(
+                model,
+                fixedTypes.Keys.Select(n => (n, QuantizationTargets.ReplacementType(ModuleTree.GetSubmodule(model, n)))),
+                FixedTypeLayers.Fail,
+                Name,
+                nameof(PostTrainingQuantizationOptions));
             if (native.Count > 0)
             {
                 throw new UnsupportedModelException(
@@ -217,14 +234,19 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             foreach (var target in targets)
             {
                 context.CancellationToken.ThrowIfCancellationRequested();
-                bool relu = _options.FuseRelu && structure.TryGetValue(target.Name, out var next) && next.Relu is not null;
+                // A lookup has nothing to fuse; its SQNR is its table's, measured when it is made.
+                bool relu = target.Module is not Embedding && _options.FuseRelu && structure.TryGetValue(target.Name, out var next) && next.Relu is not null;
                 var settings = Activations(calibration.Ranges.GetValueOrDefault(target.Name));
                 var layer = Quantize(target.Module, settings, relu);
                 var info = (IQuantizedLayer)layer;
-                double sqnr = calibration.Inputs.TryGetValue(target.Name, out var input) ? Sqnr(target.Module, layer, input, relu) : double.NaN;
-                ((QuantizedLayer)layer).SqnrDb = double.IsNaN(sqnr) ? null : sqnr;
+                if (layer is QuantizedLayer integerLayer)
+                {
+                    double sqnr = calibration.Inputs.TryGetValue(target.Name, out var input) ? Sqnr(target.Module, layer, input, relu) : double.NaN;
+                    integerLayer.SqnrDb = double.IsNaN(sqnr) ? null : sqnr;
+                }
+
                 quantized.Add((target, layer, info));
-                context.Logger.LogDebug("Quantized {Layer}: {Kind}, SQNR {Sqnr:0.0} dB", target.Name, layer, sqnr);
+                context.Logger.LogDebug("Quantized {Layer}: {Kind}, SQNR {Sqnr:0.0} dB", target.Name, layer, info.SqnrDb);
             }
 
             var baselineMetric = _options.Fallback is null ? null : (double?)context.CalibrationScore(root);
@@ -298,12 +320,19 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
 
     /// <summary>
     /// Static mode: observes each target's input over the calibration batches (and keeps the first batch's input for
-    /// the SQNR). Other modes: keeps one batch's input per target for the SQNR only.
+    /// the SQNR). Other modes: keeps one batch's input per target for the SQNR only. Embeddings are not observed:
+    /// their input is token ids, and their SQNR is their table's.
     /// </summary>
-    private Calibration Calibrate(nn.Module<Tensor, Tensor> model, IReadOnlyList<Target> targets, CompressionContext context)
+    private Calibration Calibrate(nn.Module<Tensor, Tensor> model, IReadOnlyList<Target> allTargets, CompressionContext context)
     {
         bool isStatic = _options.Mode == QuantizationMode.StaticInt8;
+        var targets = allTargets.Where(t => t.Module is not Embedding).ToList();
         var data = context.CalibrationData;
+        if (targets.Count == 0 && !isStatic)
+        {
+            return new Calibration([], []);
+        }
+
         if (data.Count == 0)
         {
             if (isStatic)
@@ -407,6 +436,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
 
     private nn.Module<Tensor, Tensor> Quantize(nn.Module<Tensor, Tensor> module, ActivationSettings settings, bool relu) => module switch
     {
+        Embedding embedding => QuantizedEmbedding.FromEmbedding(embedding, _options.Bits, _options.EffectiveGranularity),
         Linear linear => QuantizedLinear.Create(linear, _options.Bits, _options.EffectiveGranularity, settings, relu, _options.Mode),
         Conv2d conv => QuantizedConv2d.Create(conv, _options.Bits, _options.EffectiveGranularity, settings, relu, _options.Mode),
         _ => throw new ArgumentException($"Cannot quantize a {module.GetType().Name}.", nameof(module)),

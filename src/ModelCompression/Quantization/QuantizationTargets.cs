@@ -16,14 +16,22 @@ internal sealed record Following(string? BatchNorm, string? Relu);
 /// <summary>Which layers the quantization steps convert, checked the same way by both.</summary>
 internal static class QuantizationTargets
 {
+    /// <summary>Why an Embedding stays in float under quantization-aware training.</summary>
+    public const string EmbeddingInTraining = "Embedding: use post-training weight-only int8/int4; quantization-aware training leaves lookups in float";
+
     /// <summary>
-    /// The selected Linear and Conv2d layers the kernel can run, and the selected layers it cannot (with why). With
+    /// The selected Linear and Conv2d layers the kernel can run (and the selected Embeddings, unless
+    /// <paramref name="whyEmbeddingStaysFloat"/> says why not), and the selected layers it cannot (with why). With
     /// <paramref name="fixedTypes"/>, the layers the kernel could run but a quantized layer cannot replace go there
     /// (name → why) instead of into the left-in-float list, so that the caller can apply its <see cref="FixedTypeLayers"/> choice.
     /// With <paramref name="inPlace"/>, the selected native modules whose weights <see cref="InPlaceQuantization"/> rounds go there.
     /// </summary>
     public static (List<Target> Targets, List<string> LeftInFloat) Select(
-        nn.Module<Tensor, Tensor> model, LayerSelection selection, Dictionary<string, string>? fixedTypes = null, List<(string Name, nn.Module Module)>? inPlace = null)
+        nn.Module<Tensor, Tensor> model,
+        LayerSelection selection,
+        Dictionary<string, string>? fixedTypes = null,
+        string? whyEmbeddingStaysFloat = EmbeddingInTraining,
+        List<(string Name, nn.Module Module)>? inPlace = null)
     {
         selection.ThrowIfUnknownNames(model);
         var targets = new List<Target>();
@@ -45,15 +53,17 @@ internal static class QuantizationTargets
             {
                 Linear => null,
                 Conv2d conv => QuantizedConv2d.WhyUnsupported(conv),
+                Embedding => whyEmbeddingStaysFloat,
                 _ => $"{module.GetType().Name} has no quantized kernel",
             };
-            if (why is null && fixedTypes is not null && ModuleTree.WhyCannotReplace(model, name, typeof(QuantizedLinear)) is { } cannot)
+            var replacement = ReplacementType(module);
+            if (why is null && fixedTypes is not null && ModuleTree.WhyCannotReplace(model, name, replacement) is { } cannot)
             {
                 fixedTypes[name] = cannot;
                 continue;
             }
 
-            why ??= ModuleTree.WhyCannotReplace(model, name, typeof(QuantizedLinear));
+            why ??= ModuleTree.WhyCannotReplace(model, name, replacement);
             if (why is null)
             {
                 targets.Add(new Target(name, (nn.Module<Tensor, Tensor>)module));
@@ -66,6 +76,9 @@ internal static class QuantizationTargets
 
         return (targets, left);
     }
+
+    /// <summary>The quantized layer type that replaces a float layer (a QuantizedConv2d fits wherever a QuantizedLinear does).</summary>
+    public static Type ReplacementType(nn.Module module) => module is Embedding ? typeof(QuantizedEmbedding) : typeof(QuantizedLinear);
 
     /// <summary>Throws, naming the layer, when any of its parameters holds NaN or infinity.</summary>
     public static void ThrowIfNotFinite(Target target)

@@ -1014,7 +1014,21 @@ internal static class ModuleCodec
             case NodeKind.Custom:
                 return Fill(node, customModule(node), children);
             case NodeKind.Registered:
-                return Fill(node, CreateRegistered(node), children);
+            {
+                var registered = Fill(node, CreateRegistered(node), children);
+                try
+                {
+                    Modules.LayerRegistry.Find(registered)!.CheckLoaded(registered);
+                }
+                catch (InvalidDataException ex)
+                {
+                    registered.Dispose();
+                    throw new InvalidDataException($"{node.Describe}: {ex.Message}", ex);
+                }
+
+                return registered;
+            }
+
             default:
                 throw new InvalidDataException($"{node.Describe} cannot be built.");
         }

@@ -18,7 +18,7 @@ internal static class SerializationModels
     public const string ResidualBlockType = "ModelCompression.Samples.ResidualBlock";
 
     public static IEnumerable<string> Names =>
-        ["dense", "cnn", "norms", "sparse", "quantized", "quantized-conv", "lowrank", "half", "clustered", "blocks", "custom"];
+        ["dense", "cnn", "norms", "sparse", "quantized", "quantized-conv", "quantized-embedding", "lowrank", "half", "clustered", "blocks", "custom"];
 
     public static (nn.Module<Tensor, Tensor> Model, Tensor Input) Create(string name)
     {
@@ -58,6 +58,10 @@ internal static class SerializationModels
                 ("conv2", QuantizedConv2d.Create(nn.Conv2d(6, 4, 3, stride: 2), 8, QuantizationGranularity.PerChannel, new ActivationSettings(ActivationMode.PerRow, 0, 0, false), false, QuantizationMode.DynamicInt8)),
                 ("flatten", nn.Flatten()),
                 ("fc", nn.Linear(4 * 3 * 3, 5))),
+            "quantized-embedding" => nn.Sequential(
+                ("embedding", QuantizedEmbedding.FromEmbedding(nn.Embedding(30, 12), bits: 4, QuantizationGranularity.PerGroup(8))),
+                ("flatten", nn.Flatten()),
+                ("fc", QuantizedLinear.FromLinear(nn.Linear(36, 4)))),
             "lowrank" => nn.Sequential(
                 ("conv", LowRankConv2d.FromConv2d(nn.Conv2d(3, 6, 3, padding: 1), 2, ConvDecomposition.Spatial)),
                 ("conv1x1", LowRankConv2d.FromConv2d(nn.Conv2d(6, 6, 3, padding: 1), 3)),
@@ -105,6 +109,7 @@ internal static class SerializationModels
             "quantized" => randn(3, 20),
             "quantized-conv" or "lowrank" => randn(2, 3, 8, 8),
             "half" => randn(3, 10),
+            "quantized-embedding" => randint(0, 30, [2, 3], dtype: ScalarType.Int64),
             "clustered" => randn(2, 2, 8, 8),
             _ => randn(2, 1, 28, 28),
         };
