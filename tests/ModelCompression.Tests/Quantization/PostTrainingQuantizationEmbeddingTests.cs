@@ -151,7 +151,7 @@ public sealed class PostTrainingQuantizationEmbeddingTests
     }
 
     [Test]
-    public void Apply_EmbeddingInFieldTypedEmbedding_NotedOrRefusedLikeFixedTypeLinears()
+    public void Apply_EmbeddingInFieldTypedEmbedding_RoundedInPlaceOrRefusedLikeFixedTypeLinears()
     {
         using var original = new FixedEmbeddingClassifier(11);
         using var model = ModuleCloner.DeepClone(original);
@@ -163,8 +163,10 @@ public sealed class PostTrainingQuantizationEmbeddingTests
 
         Assert.That(ModuleTree.GetSubmodule(result, "embed"), Is.TypeOf<Embedding>());
         Assert.That(ModuleTree.GetSubmodule(result, "head"), Is.TypeOf<QuantizedLinear>());
-        Assert.That(context.Notes, Has.One.Contains("left in float").And.Contains("'embed'").And.Contains("typed Embedding").And.Contains("QuantizedEmbedding"));
+        Assert.That(context.Notes, Has.One.Contains("rounded in place to int8").And.Contains("'embed'").And.Contains("typed Embedding").And.Contains("QuantizedEmbedding"));
         Assert.That(logger.Warnings, Has.One.Contains("'embed'"));
+        var table = ((Embedding)ModuleTree.GetSubmodule(result, "embed")).weight!.detach().data<float>().ToArray();
+        Assert.That(WeightGrid.Find(table, table.Length / 8)?.MaxLevel, Is.EqualTo(127), "the table lies on an int8 grid, one scale per row, which the file stores");
 
         var failing = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, Layers = WithEmbeddings, FixedTypeLayers = FixedTypeLayers.Fail });
         using var other = ModuleCloner.DeepClone(original);
