@@ -256,7 +256,13 @@ internal sealed class ZooCellRunner(ZooModelSpec spec, int seed, TextWriter jour
     {
         try
         {
-            var bytes = OnnxExporter.ToBytes(compressed, spec.SampleShape, new OnnxExportOptions { InputType = spec.Vocabulary > 0 ? ScalarType.Int64 : ScalarType.Float32 });
+            var exportOptions = new OnnxExportOptions { InputType = spec.Vocabulary > 0 ? ScalarType.Int64 : ScalarType.Float32 };
+            foreach (var (type, emitter) in spec.OnnxEmitters)
+            {
+                exportOptions.CustomModules[type] = emitter;
+            }
+
+            var bytes = OnnxExporter.ToBytes(compressed, spec.SampleShape, exportOptions);
             using var options = new SessionOptions { IntraOpNumThreads = 2 };
             using var session = new InferenceSession(bytes, options);
             double maxDifference = 0, maxLogit = 0;

@@ -1,3 +1,4 @@
+using ModelCompression.Interop.Onnx;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -21,7 +22,12 @@ public sealed record ZooModelSpec(
     int Samples,
     bool HasConv2d,
     bool CustomModules,
-    IReadOnlyList<string>? Techniques = null);
+    IReadOnlyList<string>? Techniques = null)
+{
+    /// <summary>Gets the ONNX emitters for the model's own module kinds, as a user of the exporter writes them.</summary>
+    public IReadOnlyDictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>> OnnxEmitters { get; init; } =
+        new Dictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>>();
+}
 
 /// <summary>The architectures of the zoo matrix: torchvision's models and a few TorchSharp-layer models of our own.</summary>
 public static class ZooMatrixModels
@@ -50,10 +56,22 @@ public static class ZooMatrixModels
     [
         new("gelu-layernorm-mlp", GeluMlp, [64], 0, 256, HasConv2d: false, CustomModules: false),
         new("conv1d", Conv1dNet, [8, 64], 0, 256, HasConv2d: false, CustomModules: false),
-        new("lstm-classifier", () => new RecurrentClassifier(gru: false), [TokenCount], Vocabulary, 256, HasConv2d: false, CustomModules: true),
-        new("gru-classifier", () => new RecurrentClassifier(gru: true), [TokenCount], Vocabulary, 256, HasConv2d: false, CustomModules: true),
-        new("transformer-encoder", () => new EncoderClassifier(), [TokenCount], Vocabulary, 256, HasConv2d: false, CustomModules: true),
-        new("causal-decoder", () => new CausalDecoder(), [TokenCount], Vocabulary, 256, HasConv2d: false, CustomModules: true),
+        new("lstm-classifier", () => new RecurrentClassifier(gru: false), [TokenCount], Vocabulary, 256, HasConv2d: false, CustomModules: true)
+        {
+            OnnxEmitters = new Dictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>> { [typeof(RecurrentClassifier)] = RecurrentClassifier.Emit },
+        },
+        new("gru-classifier", () => new RecurrentClassifier(gru: true), [TokenCount], Vocabulary, 256, HasConv2d: false, CustomModules: true)
+        {
+            OnnxEmitters = new Dictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>> { [typeof(RecurrentClassifier)] = RecurrentClassifier.Emit },
+        },
+        new("transformer-encoder", () => new EncoderClassifier(), [TokenCount], Vocabulary, 256, HasConv2d: false, CustomModules: true)
+        {
+            OnnxEmitters = new Dictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>> { [typeof(EncoderClassifier)] = EncoderClassifier.Emit },
+        },
+        new("causal-decoder", () => new CausalDecoder(), [TokenCount], Vocabulary, 256, HasConv2d: false, CustomModules: true)
+        {
+            OnnxEmitters = new Dictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>> { [typeof(CausalDecoder)] = CausalDecoder.Emit },
+        },
         new("resnet18", () => torchvision.models.resnet18(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "dyn8", "dwsep"]),
         new("mobilenet_v2", () => torchvision.models.mobilenet_v2(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["stat8", "int4"]),
         new("mobilenet_v3_small", () => torchvision.models.mobilenet_v3_small(), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "fp16", "cluster", "qat"]),
@@ -103,6 +121,17 @@ public static class ZooMatrixModels
             var output = gru ? ((GRU)recurrent!).call(embedded).Item1 : ((LSTM)recurrent!).call(embedded).Item1;
             return head.call(output.select(1, -1)).MoveToOuterDisposeScope();
         }
+
+        /// <summary>The ONNX form of <see cref="forward"/>: the children through the exporter, the recurrent layer through OnnxEmitters.Recurrent.</summary>
+        public static string Emit(OnnxGraph graph, nn.Module module, string name, string input)
+        {
+            var children = module.named_children().ToDictionary(c => c.name, c => c.module);
+            string embedded = graph.Emit(children["embed"], Join(name, "embed"), input);
+            var sequence = ModelCompression.Interop.Onnx.OnnxEmitters.Recurrent(graph, children["recurrent"], Join(name, "recurrent"), embedded).Output;
+            string last = graph.Node("Gather", Join(name, "last"), [sequence, graph.Int64s(Join(name, "last_index"), -1)], new Dictionary<string, object> { ["axis"] = 1L });
+            last = graph.Node("Squeeze", Join(name, "last"), [last, graph.Int64s(Join(name, "last_axis"), 1)]);
+            return graph.Emit(children["head"], Join(name, "head"), last);
+        }
     }
 
     /// <summary>Token ids → embedding → TorchSharp's native TransformerEncoder (sequence first) → mean over tokens → a linear head.</summary>
@@ -120,6 +149,17 @@ public static class ZooMatrixModels
             using var scope = NewDisposeScope();
             var encoded = encoder.call(embed.call(tokens).transpose(0, 1));
             return head.call(encoded.mean([0])).MoveToOuterDisposeScope();
+        }
+
+        /// <summary>The ONNX form of <see cref="forward"/>.</summary>
+        public static string Emit(OnnxGraph graph, nn.Module module, string name, string input)
+        {
+            var children = module.named_children().ToDictionary(c => c.name, c => c.module);
+            string x = graph.Emit(children["embed"], Join(name, "embed"), input);
+            x = graph.Node("Transpose", Join(name, "to_sequence_first"), [x], new Dictionary<string, object> { ["perm"] = new long[] { 1, 0, 2 } });
+            x = graph.Emit(children["encoder"], Join(name, "encoder"), x);
+            x = graph.Node("ReduceMean", Join(name, "mean"), [x, graph.Int64s(Join(name, "mean_axes"), 0)], new Dictionary<string, object> { ["keepdims"] = 0L });
+            return graph.Emit(children["head"], Join(name, "head"), x);
         }
     }
 
@@ -152,6 +192,27 @@ public static class ZooMatrixModels
 
             return head.call(norm.call(x[-1])).MoveToOuterDisposeScope();
         }
+
+        /// <summary>The ONNX form of <see cref="forward"/>: positions as a Range over the input's length, attention through OnnxEmitters.SelfAttention with the causal mask.</summary>
+        public static string Emit(OnnxGraph graph, nn.Module module, string name, string input)
+        {
+            var children = module.named_children().ToDictionary(c => c.name, c => c.module);
+            string Child(string child, string x) => graph.Emit(children[child], Join(name, child), x);
+            string length = graph.Node("Squeeze", Join(name, "length"), [
+                graph.Node("Slice", Join(name, "length"), [graph.Node("Shape", Join(name, "length"), [input]), graph.Int64s(Join(name, "one"), 1), graph.Int64s(Join(name, "two"), 2)])]);
+            string Scalar(string what, long value) => graph.Node("Squeeze", Join(name, what), [graph.Int64s(Join(name, what), value)]);
+            string positions = graph.Node("Range", Join(name, "positions"), [Scalar("start", 0), length, Scalar("step", 1)]);
+            string x = graph.Node("Add", Join(name, "embed"), [Child("tokens", input), Child("positions", positions)]);
+            x = graph.Node("Transpose", Join(name, "to_sequence_first"), [x], new Dictionary<string, object> { ["perm"] = new long[] { 1, 0, 2 } });
+            foreach (var (index, block) in children["blocks"].named_children())
+            {
+                x = DecoderBlock.Emit(graph, block, Join(name, $"blocks.{index}"), x);
+            }
+
+            string last = graph.Node("Gather", Join(name, "last"), [x, graph.Int64s(Join(name, "last_index"), [-1])], new Dictionary<string, object> { ["axis"] = 0L });
+            last = graph.Node("Squeeze", Join(name, "last"), [last, graph.Int64s(Join(name, "last_axis"), 0)]);
+            return Child("head", Child("norm", last));
+        }
     }
 
     /// <summary>One pre-norm decoder block: a module of our own, so loading the model's file takes the architecture.</summary>
@@ -176,5 +237,18 @@ public static class ZooMatrixModels
             x = x + attention.call(normed, normed, normed, null, false, mask).Item1;
             return x + down.call(gelu.call(up.call(norm2.call(x))));
         }
+
+        /// <summary>The ONNX form of <see cref="Run"/> with the causal mask.</summary>
+        public static string Emit(OnnxGraph graph, nn.Module module, string name, string x)
+        {
+            var children = module.named_children().ToDictionary(c => c.name, c => c.module);
+            string Child(string child, string value) => graph.Emit(children[child], Join(name, child), value);
+            string attended = ModelCompression.Interop.Onnx.OnnxEmitters.SelfAttention(graph, (MultiheadAttention)children["attention"], Join(name, "attention"), Child("norm1", x), causal: true);
+            x = graph.Node("Add", Join(name, "residual1"), [x, attended]);
+            string mlp = Child("down", Child("gelu", Child("up", Child("norm2", x))));
+            return graph.Node("Add", Join(name, "residual2"), [x, mlp]);
+        }
     }
+
+    private static string Join(string parent, string child) => parent.Length == 0 ? child : $"{parent}.{child}";
 }

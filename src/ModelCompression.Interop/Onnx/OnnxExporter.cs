@@ -411,24 +411,13 @@ public static class OnnxExporter
         {
             var g = Graph;
             var settings = ModelCompression.Modules.LayerRegistry.Find(module)!.GetAttributes(module);
-            long dim = settings.GetInt64("dim"), heads = settings.GetInt64("heads"), headDim = dim / heads;
+            long heads = settings.GetInt64("heads");
             string activation = settings.GetString("activation");
             Tensor? Get(string key) => state.TryGetValue(prefix + key, out var t) ? t.detach().to(ScalarType.Float32) : null;
             string Dense(string name, string input, Tensor weight, Tensor? bias) => Linear($"{at}.{name}", input, weight, bias);
 
-            var inWeight = Get("self_attn.in_proj_weight")!.chunk(3, 0);
-            var inBias = Get("self_attn.in_proj_bias")?.chunk(3, 0);
-            var perHead = g.Int64s($"{at}.heads_shape", 0, -1, headDim);
-            // [L, N, E] → [L, N·heads, d] → [N·heads, L, d], the batched layout the attention's MatMuls need.
-            string Heads(string name, int part, long[] perm) =>
-                g.Node("Transpose", at, [g.Node("Reshape", at, [Dense($"self_attn.{name}", x, inWeight[part], inBias?[part]), perHead])], new Dictionary<string, object> { ["perm"] = perm });
-            string q = Heads("q", 0, [1, 0, 2]);
-            string kT = Heads("k", 1, [1, 2, 0]);
-            string v = Heads("v", 2, [1, 0, 2]);
-            string scores = g.Node("Mul", at, [g.Node("MatMul", at, [q, kT]), Scalar($"{at}.scale", (float)(1 / Math.Sqrt(headDim)))]);
-            string weights = g.Node("Softmax", at, [scores], new Dictionary<string, object> { ["axis"] = -1L });
-            string mixed = g.Node("Transpose", at, [g.Node("MatMul", at, [weights, v])], new Dictionary<string, object> { ["perm"] = new long[] { 1, 0, 2 } });
-            string attention = Dense("self_attn.out_proj", g.Node("Reshape", at, [mixed, g.Node("Shape", at, [x])]), Get("self_attn.out_proj.weight")!, Get("self_attn.out_proj.bias"));
+            string attention = OnnxEmitters.Attention(
+                g, $"{at}.self_attn", x, Get("self_attn.in_proj_weight")!, Get("self_attn.in_proj_bias"), Get("self_attn.out_proj.weight")!, Get("self_attn.out_proj.bias"), heads, causal: false);
 
             // TorchSharp's encoder layer is built with LayerNorm's default epsilon, 1e-5, and has no setting for it.
             string Norm(string name, string input) =>

@@ -252,6 +252,77 @@ public static class OnnxEmitters
     }
 
     /// <summary>
+    /// Writes TorchSharp's <c>MultiheadAttention</c> used as self-attention, <c>attention.call(x, x, x, null, false,
+    /// mask)</c> on a sequence-first input [L, N, E]: the per-head projections, scaled dot products, softmax and output
+    /// projection, optionally with the causal mask (−∞ above the diagonal) built in the graph for any sequence length.
+    /// Call it from the <see cref="OnnxExportOptions.CustomModules"/> emitter of the module whose forward calls the
+    /// attention: the exporter cannot know which query, key, value and mask a module passes.
+    /// </summary>
+    /// <param name="graph">The graph being built.</param>
+    /// <param name="attention">The attention layer.</param>
+    /// <param name="name">Its dotted name (for node names and error messages).</param>
+    /// <param name="input">The sequence's value, [L, N, E].</param>
+    /// <param name="causal">Whether each position attends only to itself and earlier ones.</param>
+    /// <returns>The attention's output value, [L, N, E] (the first item of the layer's result).</returns>
+    /// <exception cref="UnsupportedModelException">The layer has separate key/value sizes or bias_k/bias_v, which this emitter does not write.</exception>
+    public static string SelfAttention(OnnxGraph graph, MultiheadAttention attention, string name, string input, bool causal = false)
+    {
+        ArgumentNullException.ThrowIfNull(graph);
+        ArgumentNullException.ThrowIfNull(attention);
+        ArgumentNullException.ThrowIfNull(name);
+        ArgumentException.ThrowIfNullOrEmpty(input);
+        using var scope = NewDisposeScope();
+        var state = attention.state_dict();
+        if (!state.ContainsKey("in_proj_weight") || state.ContainsKey("bias_k"))
+        {
+            throw new UnsupportedModelException(name, nameof(MultiheadAttention),
+                $"The MultiheadAttention at '{name}' has separate key and value sizes or bias_k/bias_v; only self-attention with one in_proj_weight is exported.");
+        }
+
+        long heads = ModelCompression.Modules.LayerRegistry.Find(attention)!.GetAttributes(attention).GetInt64("heads");
+        Tensor? Get(string key) => state.TryGetValue(key, out var t) ? t.detach().to(ScalarType.Float32) : null;
+        string at = name.Length == 0 ? "attention" : name;
+        return Attention(graph, at, input, Get("in_proj_weight")!, Get("in_proj_bias"), Get("out_proj.weight")!, Get("out_proj.bias"), heads, causal);
+    }
+
+    /// <summary>Self-attention on [L, N, E] from the packed in-projection [3E, E] and the out-projection, as PyTorch computes it.</summary>
+    internal static string Attention(OnnxGraph g, string at, string x, Tensor inWeight, Tensor? inBias, Tensor outWeight, Tensor? outBias, long heads, bool causal)
+    {
+        long dim = inWeight.shape[1], headDim = dim / heads;
+        var weights = inWeight.chunk(3, 0);
+        var biases = inBias?.chunk(3, 0);
+        string Dense(string name, string value, Tensor weight, Tensor? bias)
+        {
+            using var wt = weight.t().contiguous();
+            string y = g.Node("MatMul", $"{at}.{name}", [value, g.Constant($"{at}.{name}.weight_t", wt)]);
+            return bias is null ? y : g.Node("Add", $"{at}.{name}", [y, g.Constant($"{at}.{name}.bias", bias.contiguous())]);
+        }
+
+        var perHead = g.Int64s($"{at}.heads_shape", 0, -1, headDim);
+        // [L, N, E] → [L, N·heads, d] → [N·heads, L, d], the batched layout the attention's MatMuls need.
+        string Heads(string name, int part, long[] perm) =>
+            g.Node("Transpose", at, [g.Node("Reshape", at, [Dense(name, x, weights[part], biases?[part]), perHead])], new Dictionary<string, object> { ["perm"] = perm });
+        string q = Heads("q", 0, [1, 0, 2]);
+        string kT = Heads("k", 1, [1, 2, 0]);
+        string v = Heads("v", 2, [1, 0, 2]);
+        string scores = g.Node("Mul", at, [g.Node("MatMul", at, [q, kT]), g.Constant($"{at}.scale", [(float)(1 / Math.Sqrt(headDim))])]);
+        if (causal)
+        {
+            // −∞ strictly above the diagonal of an [L, L] matrix, L read from the input: Trilu keeps that triangle of a
+            // matrix filled with −∞ (a scalar expanded) and zeroes the rest.
+            string length = g.Node("Slice", at, [g.Node("Shape", at, [x]), g.Int64s($"{at}.zero", 0), g.Int64s($"{at}.one", 1)]);
+            string square = g.Node("Concat", at, [length, length], new Dictionary<string, object> { ["axis"] = 0L });
+            string filled = g.Node("Expand", at, [g.Constant($"{at}.minus_infinity", [float.NegativeInfinity]), square]);
+            string mask = g.Node("Trilu", at, [filled, g.Int64s($"{at}.diagonal", 1)], new Dictionary<string, object> { ["upper"] = 1L });
+            scores = g.Node("Add", at, [scores, mask]);
+        }
+
+        string probabilities = g.Node("Softmax", at, [scores], new Dictionary<string, object> { ["axis"] = -1L });
+        string mixed = g.Node("Transpose", at, [g.Node("MatMul", at, [probabilities, v])], new Dictionary<string, object> { ["perm"] = new long[] { 1, 0, 2 } });
+        return Dense("out_proj", g.Node("Reshape", at, [mixed, g.Node("Shape", at, [x])]), outWeight, outBias);
+    }
+
+    /// <summary>
     /// A residual block: runs the named children in order on the input, adds the input to the result, then runs the
     /// children named in <paramref name="afterAdd"/> (for example a ReLU).
     /// </summary>

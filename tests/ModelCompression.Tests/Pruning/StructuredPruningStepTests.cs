@@ -564,6 +564,32 @@ public sealed class StructuredPruningStepTests
         Assert.That(context.Notes, Has.Some.Contains("conv1 not pruned").And.Contains("Conv1d"));
     }
 
+    [Test]
+    public void TokenIdInputs_PruneTheLayersAfterTheEmbedding_KeptChannelsComputeWhatTheyDid()
+    {
+        // Integer token ids carry no channels: the tracer must not compare them with float activations (LibTorch's
+        // "Float did not match Long" before), and the Linear layers after the Embedding still prune.
+        torch.random.manual_seed(31);
+        using var original = nn.Sequential(
+            ("embedding", nn.Embedding(50, 8)), ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(32, 16)), ("relu", nn.ReLU()), ("fc2", nn.Linear(16, 3)));
+        using (no_grad())
+        {
+            foreach (int c in new[] { 1, 3, 5, 7, 9, 11, 13, 15 })
+            {
+                Layer<Linear>(original, "fc1").weight![c].mul_(0.001);
+                Layer<Linear>(original, "fc2").weight![.., c].zero_();
+            }
+        }
+
+        var ids = randint(0, 50, [16, 4], dtype: int64);
+        var context = new CompressionContext(new CompressionData(new TensorDataset(ids, randint(0, 3, [16], dtype: int64)), new TensorDataset(ids, randint(0, 3, [16], dtype: int64))), original);
+        var pruned = new StructuredPruningStep(new StructuredPruningOptions { Ratio = 0.5 }).Apply(ModuleCloner.DeepClone(original), context);
+        Assert.That(Layer<Linear>(pruned, "fc1").out_features, Is.EqualTo(8));
+        Assert.That(Layer<Linear>(pruned, "fc2").in_features, Is.EqualTo(8));
+        Assert.That(TestModels.Output(pruned, ids), Is.EqualTo(TestModels.Output(original, ids)).Within(1e-4));
+    }
+
     /// <summary>Prunes a torchvision model and checks what every such test must: it runs, is smaller, and gives [N, 10].</summary>
     /// <param name="warmUp">
     /// Call the pruned model once before checking its output: torchvision's GoogLeNet, unpruned, now and then gives a

@@ -315,6 +315,12 @@ internal static class ChannelGroupTracer
             return known;
         }
 
+        if (!value.is_floating_point())
+        {
+            // Token ids and other integer tensors carry no channels: nothing to couple, nothing to compare them with.
+            return state.Record(x, null, 1);
+        }
+
         var explained = ExplainSum(value, known, consumer, consumerType, state)
             ?? ExplainCopy(value, state)
             ?? ExplainFlatten(value, state)
@@ -345,7 +351,7 @@ internal static class ChannelGroupTracer
     }
 
     private static List<Seen> Candidates(Func<Seen, bool> fits, TraceState state) =>
-        state.Seen.AsEnumerable().Reverse().Where(fits).Take(MaxCandidates).ToList();
+        state.Seen.AsEnumerable().Reverse().Where(s => s.Value.is_floating_point() && fits(s)).Take(MaxCandidates).ToList();
 
     /// <summary>
     /// The sum of two outputs, possibly followed by an activation: a residual addition. Tried even when one output

@@ -105,6 +105,43 @@ public sealed class OnnxLayerKindsTests
         AssertParity(model, ids, TokenEncoder.Options());
     }
 
+    [TestCase(false, 7)]
+    [TestCase(true, 7)]
+    [TestCase(true, 1)]
+    public void Export_SelfAttentionThroughEmitter_MatchesOnnxRuntime(bool causal, long length)
+    {
+        using var scope = NewDisposeScope();
+        random.manual_seed(17);
+        using var model = new TokenAttention(causal);
+        Randomize(model);
+        var ids = randint(0, 40, new long[] { 3, length }, dtype: ScalarType.Int64);
+        AssertParity(model, ids, TokenAttention.Options());
+    }
+
+    [Test]
+    public void Export_CausalMask_IsApplied()
+    {
+        // The same weights with and without the mask give different ONNX outputs, each matching its own model.
+        using var scope = NewDisposeScope();
+        random.manual_seed(17);
+        using var causal = new TokenAttention(causal: true);
+        Randomize(causal);
+        using var full = new TokenAttention(causal: false);
+        full.load_state_dict(causal.state_dict());
+        var ids = randint(0, 40, new long[] { 2, 6 }, dtype: ScalarType.Int64);
+        var causalOnnx = RunOnnx(OnnxExporter.ToBytes(causal, [6], TokenAttention.Options()), ids);
+        var fullOnnx = RunOnnx(OnnxExporter.ToBytes(full, [6], TokenAttention.Options()), ids);
+        Assert.That(causalOnnx.Zip(fullOnnx).Max(p => Math.Abs(p.First - p.Second)), Is.GreaterThan(1e-3));
+    }
+
+    [Test]
+    public void SelfAttention_WithSeparateKeyValueSizes_ThrowsUnsupportedModelException()
+    {
+        using var attention = nn.MultiheadAttention(16, 4, kdim: 8, vdim: 8);
+        var graph = new OnnxGraph((_, _, input) => input);
+        Assert.Throws<UnsupportedModelException>(() => OnnxEmitters.SelfAttention(graph, attention, "attention", "x"));
+    }
+
     [Test]
     public void ToBytes_RecurrentAndEncoderModels_LeaveNoLiveTensors()
     {
@@ -331,4 +368,55 @@ internal sealed class TokenEncoder : nn.Module<Tensor, Tensor>
     }
 
     public override Tensor forward(Tensor input) => fc.call(encoder.call(embedding.call(input).transpose(0, 1)).mean([0]));
+}
+
+/// <summary>
+/// Token ids [batch, sequence] → Embedding → a pre-norm self-attention block (sequence-first), causal or not, with a
+/// residual → the mean over positions → Linear: the attention is called with a mask, so the model needs an emitter, which
+/// writes it through <see cref="OnnxEmitters.SelfAttention"/>.
+/// </summary>
+internal sealed class TokenAttention : nn.Module<Tensor, Tensor>
+{
+    private readonly Embedding embedding;
+    private readonly LayerNorm norm;
+    private readonly MultiheadAttention attention;
+    private readonly Linear fc;
+    private readonly bool causal;
+
+    public TokenAttention(bool causal)
+        : base(nameof(TokenAttention))
+    {
+        embedding = nn.Embedding(40, 16);
+        norm = nn.LayerNorm(16);
+        attention = nn.MultiheadAttention(16, 4);
+        fc = nn.Linear(16, 3);
+        this.causal = causal;
+        RegisterComponents();
+    }
+
+    public static OnnxExportOptions Options()
+    {
+        var options = new OnnxExportOptions { InputType = ScalarType.Int64 };
+        options.CustomModules[typeof(TokenAttention)] = (g, m, name, x) =>
+        {
+            var model = (TokenAttention)m;
+            string e = g.Node("Transpose", "sequence_first", [g.Emit(model.embedding, "embedding", x)], new Dictionary<string, object> { ["perm"] = new long[] { 1, 0, 2 } });
+            string attended = OnnxEmitters.SelfAttention(g, model.attention, "attention", g.Emit(model.norm, "norm", e), model.causal);
+            string sum = g.Node("Add", "residual", [e, attended]);
+            string mean = g.Node("ReduceMean", "mean", [sum, g.Int64s("mean.axes", 0)], new Dictionary<string, object> { ["keepdims"] = 0L });
+            return g.Emit(model.fc, "fc", mean);
+        };
+        return options;
+    }
+
+    public override Tensor forward(Tensor input)
+    {
+        using var scope = NewDisposeScope();
+        var e = embedding.call(input).transpose(0, 1);
+        long length = e.shape[0];
+        using var mask = causal ? triu(full(length, length, float.NegativeInfinity), 1) : null;
+        var h = norm.call(e);
+        var attended = attention.call(h, h, h, null, false, mask).Item1;
+        return fc.call((e + attended).mean([0])).MoveToOuterDisposeScope();
+    }
 }
