@@ -11,9 +11,11 @@ using ModelCompression.Clustering;
 using ModelCompression.Data;
 using ModelCompression.Interop.Onnx;
 using ModelCompression.Metrics;
+using ModelCompression.Modules;
 using ModelCompression.Quantization;
 using ModelCompression.Serialization;
 using ModelCompression.Training;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace Scenarios;
@@ -285,14 +287,55 @@ internal sealed class ZooCellRunner(ZooModelSpec spec, int seed, TextWriter jour
             }
 
             double allowed = tolerance * Math.Max(1, maxLogit);
-            return maxDifference <= allowed
-                ? (ZooOutcome.Works, null, maxDifference, allowed)
-                : (ZooOutcome.Mismatch, $"onnx: max difference {maxDifference:G3} > {allowed:G3}", maxDifference, allowed);
+            if (maxDifference <= allowed)
+            {
+                return (ZooOutcome.Works, null, maxDifference, allowed);
+            }
+
+            // LibTorch's own float32 kernels are wrong on this machine for some layers (convolutions whose input
+            // channels are not a multiple of 16, the LSTM; see the README's LibTorch faults), where its float64
+            // kernels and ONNX Runtime agree: compare with the model in float64 before calling it a mismatch.
+            double? float64Difference = Float64Difference(compressed, probe, session);
+            return float64Difference <= allowed
+                ? (ZooOutcome.Works, $"onnx: parity with the float64 model (LibTorch float32 differs by {maxDifference:G3})", float64Difference, allowed)
+                : (ZooOutcome.Mismatch, $"onnx: max difference {maxDifference:G3} > {allowed:G3}" + (float64Difference is { } d ? $" (float64 model: {d:G3})" : string.Empty), maxDifference, allowed);
         }
         catch (Exception e)
         {
             var (outcome, text) = Classify("onnx", e);
             return (outcome, text, null, null);
+        }
+    }
+
+    /// <summary>The largest difference between ONNX Runtime and a float64 copy of the model, or null when the model cannot run in float64.</summary>
+    private double? Float64Difference(nn.Module<Tensor, Tensor> compressed, Tensor probe, InferenceSession session)
+    {
+        try
+        {
+            using var copy = ModuleCloner.DeepClone(compressed);
+            copy.to(ScalarType.Float64).eval();
+            double maxDifference = 0;
+            for (int i = 0; i < probe.shape[0]; i++)
+            {
+                using var scope = NewDisposeScope();
+                using var noGrad = no_grad();
+                var x = probe[i..(i + 1)];
+                var expected = copy.call(x.is_floating_point() ? x.to(ScalarType.Float64) : x).to(ScalarType.Float32).contiguous().data<float>().ToArray();
+                using var input = spec.Vocabulary > 0
+                    ? OrtValue.CreateTensorValueFromMemory(x.contiguous().data<long>().ToArray(), x.shape)
+                    : OrtValue.CreateTensorValueFromMemory(x.contiguous().data<float>().ToArray(), x.shape);
+                using var runOptions = new RunOptions();
+                using var outputs = session.Run(runOptions, ["input"], [input], ["output"]);
+                var actual = outputs[0].GetTensorDataAsSpan<float>().ToArray();
+                maxDifference = Math.Max(maxDifference, actual.Zip(expected).Max(p => Math.Abs(p.First - p.Second)));
+            }
+
+            return maxDifference;
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            // A layer that cannot run in float64: no float64 reference.
+            return null;
         }
     }
 

@@ -104,6 +104,12 @@ public static class OnnxExporter
         };
         long[] outputShape;
         bool wasTraining = model.training;
+        // Adaptive pools to sizes other than 1 become fixed pools or averaging matrices, which need their input's size:
+        // the sample run records it.
+        var poolInputs = new Dictionary<nn.Module, long[]>(ReferenceEqualityComparer.Instance);
+        var hooks = model.modules().OfType<AdaptiveAvgPool2d>()
+            .Select(pool => pool.register_forward_pre_hook((m, input) => { poolInputs[m] = input.shape; return input; }))
+            .ToList();
         try
         {
             model.eval();
@@ -115,10 +121,11 @@ public static class OnnxExporter
         }
         finally
         {
+            hooks.ForEach(hook => hook.remove());
             model.train(wasTraining);
         }
 
-        var exporter = new Emitter(options);
+        var exporter = new Emitter(options, poolInputs);
         var graph = exporter.Graph;
         graph.Input("input", sampleShape, inputType);
         string output;
@@ -150,10 +157,12 @@ public static class OnnxExporter
     private sealed class Emitter
     {
         private readonly OnnxExportOptions options;
+        private readonly Dictionary<nn.Module, long[]> poolInputs;
 
-        public Emitter(OnnxExportOptions options)
+        public Emitter(OnnxExportOptions options, Dictionary<nn.Module, long[]> poolInputs)
         {
             this.options = options;
+            this.poolInputs = poolInputs;
             Graph = new OnnxGraph(Emit);
         }
 
@@ -170,6 +179,11 @@ public static class OnnxExporter
             if (options.CustomModules.TryGetValue(module.GetType(), out var custom))
             {
                 return custom(g, module, name, x);
+            }
+
+            if (TorchVisionEmitters.TryGet(module, out var vision))
+            {
+                return vision(g, module, name, x);
             }
 
             switch (module)
@@ -311,6 +325,8 @@ public static class OnnxExporter
                     });
                 case AdaptiveAvgPool2d adaptive when adaptive.output_size.All(s => s == 1):
                     return g.Node("GlobalAveragePool", at, [x]);
+                case AdaptiveAvgPool2d adaptive when poolInputs.TryGetValue(module, out var poolInput) && poolInput.Length == 4:
+                    return AdaptiveAveragePool(at, x, poolInput[2..], adaptive.output_size);
                 case HalfPrecisionLayer half:
                     return Half(half, name, x);
                 case QuantizedLinear q:
@@ -350,9 +366,41 @@ public static class OnnxExporter
                     throw new UnsupportedModelException(name, module.GetType().Name,
                         $"The {module.GetType().Name} at {Display(name)} cannot be exported to ONNX. Supported: Sequential, Linear, Conv1d/Conv2d/Conv3d, " +
                         "BatchNorm, LayerNorm, GroupNorm, Embedding and QuantizedEmbedding (integer input), ReLU/ReLU6/Sigmoid/Tanh/SiLU/Hardswish/LeakyReLU/GELU/ELU/Mish/Softplus/" +
-                        "Hardsigmoid/PReLU, Softmax, Flatten(1, -1), MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d/2d(1), Dropout, Identity, the library's " +
-                        "compressed layers and blocks, TransformerEncoderLayer/TransformerEncoder (no masks; GRU/LSTM through OnnxEmitters.Recurrent); add an emitter for other modules to OnnxExportOptions.CustomModules.");
+                        "Hardsigmoid/PReLU, Softmax, Flatten(1, -1), MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d(1), AdaptiveAvgPool2d, Dropout, Identity, the library's " +
+                        "compressed layers and blocks, TransformerEncoderLayer/TransformerEncoder (no masks; GRU/LSTM through OnnxEmitters.Recurrent), torchvision.models' architectures; add an emitter for other modules to OnnxExportOptions.CustomModules.");
             }
+        }
+
+        /// <summary>
+        /// PyTorch's adaptive average pool of [N, C, H, W] to [N, C, h, w] for the input size the sample run saw: a plain
+        /// AveragePool when each size divides evenly, otherwise averaging matrices (output i averages inputs
+        /// ⌊i·H/h⌋ to ⌈(i+1)·H/h⌉ − 1, windows that may overlap or repeat an input) applied by two MatMuls.
+        /// </summary>
+        private string AdaptiveAveragePool(string at, string x, long[] input, long[] output)
+        {
+            var g = Graph;
+            if (input[0] % output[0] == 0 && input[1] % output[1] == 0)
+            {
+                long[] kernel = [input[0] / output[0], input[1] / output[1]];
+                return g.Node("AveragePool", at, [x], new Dictionary<string, object> { ["kernel_shape"] = kernel, ["strides"] = kernel });
+            }
+
+            static Tensor Averaging(long from, long to)
+            {
+                var matrix = zeros(to, from);
+                for (long i = 0; i < to; i++)
+                {
+                    long start = i * from / to, end = ((i + 1) * from + to - 1) / to;
+                    matrix[i, TensorIndex.Slice(start, end)].fill_(1f / (end - start));
+                }
+
+                return matrix;
+            }
+
+            using var rows = Averaging(input[0], output[0]);
+            using var columns = Averaging(input[1], output[1]).t().contiguous();
+            string pooledColumns = g.Node("MatMul", at, [x, g.Constant($"{at}.columns", columns)]);
+            return g.Node("MatMul", at, [g.Constant($"{at}.rows", rows), pooledColumns]);
         }
 
         /// <summary>Runs a module's children in order, each on the previous one's output (what Sequential and the blocks' branches do).</summary>

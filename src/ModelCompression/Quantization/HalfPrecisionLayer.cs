@@ -110,6 +110,36 @@ public sealed class HalfPrecisionLayer : nn.Module<Tensor, Tensor>, ICompressedL
         return result.to(input.dtype).MoveToOuterDisposeScope();
     }
 
+    /// <summary>
+    /// Converting a model's floating-point type leaves the layer as it is: its 16-bit weights are its encoding, and its
+    /// output follows the input's type (so a model converted to float64 still runs, with this layer computing as before).
+    /// </summary>
+    /// <param name="dtype">The model's new floating-point type.</param>
+    /// <param name="non_blocking">Ignored.</param>
+    /// <returns>This layer.</returns>
+    /// <exception cref="ArgumentException"><paramref name="dtype"/> is not a floating-point or complex type.</exception>
+    protected override nn.Module _to(ScalarType dtype, bool non_blocking)
+    {
+        if (!is_floating_point(dtype) && !is_complex(dtype))
+        {
+            throw new ArgumentException($"nn.Module.to only accepts floating point or complex types, but got desired dtype={dtype}");
+        }
+
+        return this;
+    }
+
+    /// <summary>Moves the layer to the device, keeping its 16-bit weights.</summary>
+    /// <param name="device">The device.</param>
+    /// <param name="dtype">The model's new floating-point type (the layer keeps its own).</param>
+    /// <param name="non_blocking">Whether to copy asynchronously.</param>
+    /// <returns>This layer.</returns>
+    protected override nn.Module _to(Device device, ScalarType dtype, bool non_blocking)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        _to(dtype, non_blocking);
+        return _to(device.type, device.index, non_blocking);
+    }
+
     /// <inheritdoc/>
     protected override void Dispose(bool disposing)
     {

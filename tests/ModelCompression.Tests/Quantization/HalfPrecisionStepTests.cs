@@ -219,6 +219,33 @@ public sealed class HalfPrecisionStepTests
         Assert.That(layer.ComputeType, Is.EqualTo(ScalarType.BFloat16));
     }
 
+    [TestCase(ScalarType.Float16)]
+    [TestCase(ScalarType.BFloat16)]
+    public void Layer_ModelConvertedToFloat64_KeepsItsHalfWeightsAndAnswersInFloat64(ScalarType dtype)
+    {
+        // The 16-bit weights are the layer: .to(float64) must not widen them (nor leave the layer unable to run), and
+        // the output follows the input's type, so a float64 copy of a compressed model serves as a reference.
+        using var scope = NewDisposeScope();
+        torch.random.manual_seed(5);
+        using var model = nn.Sequential(("fc1", nn.Linear(6, 8)), ("relu", nn.ReLU()), ("fc2", new HalfPrecisionLayer(nn.Linear(8, 3), dtype)));
+        var input = randn(4, 6);
+        Tensor expected;
+        using (no_grad())
+        {
+            expected = model.call(input);
+        }
+
+        model.to(ScalarType.Float64);
+        Assert.That(model.state_dict()["fc2.inner.weight"].dtype, Is.EqualTo(dtype));
+        Assert.That(model.state_dict()["fc1.weight"].dtype, Is.EqualTo(ScalarType.Float64));
+        using (no_grad())
+        {
+            var output = model.call(input.to(ScalarType.Float64));
+            Assert.That(output.dtype, Is.EqualTo(ScalarType.Float64));
+            Assert.That(output.to(ScalarType.Float32).allclose(expected, rtol: 0, atol: 1e-2), Is.True);
+        }
+    }
+
     [Test]
     public void Layer_RejectsNonHalfTypes()
     {
