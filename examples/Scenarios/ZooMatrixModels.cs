@@ -72,18 +72,18 @@ public static class ZooMatrixModels
         {
             OnnxEmitters = new Dictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>> { [typeof(CausalDecoder)] = CausalDecoder.Emit },
         },
-        new("resnet18", () => torchvision.models.resnet18(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "dyn8", "dwsep"]),
-        new("mobilenet_v2", () => torchvision.models.mobilenet_v2(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["stat8", "int4"]),
-        new("mobilenet_v3_small", () => torchvision.models.mobilenet_v3_small(), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "fp16", "cluster", "qat"]),
-        new("mobilenet_v3_large", () => torchvision.models.mobilenet_v3_large(), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["dyn8"]),
-        new("googlenet", () => torchvision.models.googlenet(num_classes: Classes), [3, 64, 64], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "dyn8"]),
-        new("inception_v3", () => torchvision.models.inception_v3(num_classes: Classes), [3, 80, 80], 0, 64, HasConv2d: true, CustomModules: true, ["bf16"]),
-        new("resnet50", () => torchvision.models.resnet50(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["svd"]),
-        new("resnext50_32x4d", () => torchvision.models.resnext50_32x4d(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["stat8"]),
+        new("resnet18", () => torchvision.models.resnet18(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["prune", "struct", "dyn8", "stat8", "int4", "fp16", "bf16", "svd", "cluster", "qat", "dwsep"]),
+        new("mobilenet_v2", () => torchvision.models.mobilenet_v2(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "stat8", "int4", "fp16", "dwsep"]),
+        new("mobilenet_v3_small", () => torchvision.models.mobilenet_v3_small(), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "dyn8", "fp16", "cluster", "qat"]),
+        new("mobilenet_v3_large", () => torchvision.models.mobilenet_v3_large(), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["prune", "dyn8", "bf16"]),
+        new("googlenet", () => torchvision.models.googlenet(num_classes: Classes), [3, 64, 64], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "dyn8", "fp16", "svd"]),
+        new("inception_v3", () => torchvision.models.inception_v3(num_classes: Classes), [3, 80, 80], 0, 64, HasConv2d: true, CustomModules: true, ["stat8", "bf16"]),
+        new("resnet50", () => torchvision.models.resnet50(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "svd"]),
+        new("resnext50_32x4d", () => torchvision.models.resnext50_32x4d(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["stat8", "cluster"]),
         new("wide_resnet50_2", () => torchvision.models.wide_resnet50_2(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["int4"]),
-        new("alexnet", () => torchvision.models.alexnet(num_classes: Classes), [3, 64, 64], 0, 64, HasConv2d: true, CustomModules: true, ["dyn8"]),
+        new("alexnet", () => torchvision.models.alexnet(num_classes: Classes), [3, 64, 64], 0, 64, HasConv2d: true, CustomModules: true, ["prune", "dyn8"]),
         new("vgg11", () => torchvision.models.vgg11(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["fp16"]),
-        new("vgg11_bn", () => torchvision.models.vgg11_bn(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["struct"]),
+        new("vgg11_bn", () => torchvision.models.vgg11_bn(num_classes: Classes), [3, 32, 32], 0, 64, HasConv2d: true, CustomModules: true, ["struct", "qat"]),
     ];
 
     private static nn.Module<Tensor, Tensor> GeluMlp() => nn.Sequential(

@@ -371,6 +371,61 @@ public sealed class StructuredPruningStepTests
     }
 
     [Test]
+    public void MobileNetV3Small_Pruned25Percent_PrunesThroughItsSqueezeExcitationBlocks()
+    {
+        // Each SE block scales its input per channel by a computed [N, C, 1, 1] tensor: the scale's channels (fc2's
+        // outputs, fc1's inputs) are the expanded convolution's channels and shrink with them.
+        torch.random.manual_seed(22);
+        using var model = torchvision.models.mobilenet_v3_small();
+        long before = ModelCompression.Metrics.ModelMetrics.CountParameters(model);
+        var pruned = Prune(ModuleCloner.DeepClone(model), 0.25, 3, 32, 32);
+        Assert.That(ModelCompression.Metrics.ModelMetrics.CountParameters(pruned), Is.LessThan(before));
+        var expanded = Layer<Conv2d>(pruned, "features.4.block.0.0");
+        Assert.That(expanded.out_channels, Is.LessThan(96));
+        Assert.That(Layer<Conv2d>(pruned, "features.4.block.2.fc2").out_channels, Is.EqualTo(expanded.out_channels));
+        Assert.That(Layer<Conv2d>(pruned, "features.4.block.2.fc1").in_channels, Is.EqualTo(expanded.out_channels));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        pruned.eval();
+        var output = pruned.call(randn(2, 3, 32, 32));
+        Assert.That(output.shape, Is.EqualTo(new long[] { 2, 1000 }));
+        Assert.That(output.isfinite().all().item<bool>(), Is.True);
+    }
+
+    [Test]
+    public void SqueezeExcitation_KeptChannelsComputeWhatTheyDid()
+    {
+        torch.random.manual_seed(23);
+        using var original = nn.Sequential(
+            ("conv1", nn.Conv2d(3, 8, 3, padding: 1)), ("relu", nn.ReLU()),
+            ("se", torchvision.ops.SqueezeExcitation(8, 4)),
+            ("conv2", nn.Conv2d(8, 6, 3, padding: 1)), ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(6, 3)));
+        using (no_grad())
+        {
+            // Channels 0, 2, 4, 6 are dead: conv1 gives 0 there, so their scale multiplies nothing.
+            foreach (int c in new[] { 0, 2, 4, 6 })
+            {
+                Layer<Conv2d>(original, "conv1").weight![c].zero_();
+                Layer<Conv2d>(original, "conv1").bias![c].zero_();
+                Layer<Conv2d>(original, "se.fc2").weight![c].mul_(0.001);
+            }
+        }
+
+        using var input = randn(5, 3, 6, 6);
+        var expected = TestModels.Output(original, input);
+        // Only conv1's group (which the SE scale joins) is pruned; the SE's squeeze width and conv2 are left alone.
+        var options = new StructuredPruningOptions { Ratio = 0.5, Layers = LayerSelection.Default.Except("se.fc1", "conv2") };
+        var pruned = new StructuredPruningStep(options).Apply(ModuleCloner.DeepClone(original), Context(original, 3, 6, 6));
+        Assert.That(Layer<Conv2d>(pruned, "conv1").out_channels, Is.EqualTo(4));
+        Assert.That(Layer<Conv2d>(pruned, "se.fc1").out_channels, Is.EqualTo(4));
+        Assert.That(Layer<Conv2d>(pruned, "conv2").out_channels, Is.EqualTo(6));
+        Assert.That(Layer<Conv2d>(pruned, "se.fc1").in_channels, Is.EqualTo(4));
+        Assert.That(Layer<Conv2d>(pruned, "se.fc2").out_channels, Is.EqualTo(4));
+        Assert.That(Layer<Conv2d>(pruned, "conv2").in_channels, Is.EqualTo(4));
+        Assert.That(TestModels.Output(pruned, input), Is.EqualTo(expected).Within(1e-5));
+    }
+
+    [Test]
     public void Vgg11Bn_Pruned25Percent_RunsWithFewerParametersAndTenOutputs()
     {
         // Adaptive average pooling to 7×7 and a functional flatten in front of the classifier.

@@ -322,6 +322,7 @@ internal static class ChannelGroupTracer
         }
 
         var explained = ExplainSum(value, known, consumer, consumerType, state)
+            ?? ExplainScale(value, consumer, consumerType, state)
             ?? ExplainCopy(value, state)
             ?? ExplainFlatten(value, state)
             ?? ExplainPooling(value, state)
@@ -333,7 +334,7 @@ internal static class ChannelGroupTracer
         }
 
         // The tensor may have been computed from anything seen so far: none of those channels may be pruned.
-        var why = new UnresolvedReason(consumer, consumerType, "its input is computed outside any layer by code the tracer cannot follow (it understands additions, activations, concatenation along the channel dimension, flattening and global pooling of layer outputs)");
+        var why = new UnresolvedReason(consumer, consumerType, "its input is computed outside any layer by code the tracer cannot follow (it understands additions, per-channel scaling, activations, concatenation along the channel dimension, flattening and global pooling of layer outputs)");
         foreach (var space in state.Spaces)
         {
             space.MarkUnresolved(why);
@@ -388,6 +389,37 @@ internal static class ChannelGroupTracer
 
                 // Both operands' channels meet here and must be pruned together.
                 return (Join(a, b, consumer, consumerType), a.Expansion);
+            }
+        }
+
+        return null;
+    }
+
+    /// <summary>
+    /// An output scaled per channel by another output of shape [N, C, 1, …]: a squeeze-excitation block's
+    /// <c>scale * input</c>. The scale's channels and the input's are the same channels and are pruned together.
+    /// </summary>
+    private static (Space[]? Layout, long Expansion)? ExplainScale(Tensor value, string consumer, string? consumerType, TraceState state)
+    {
+        if (value.dim() < 3)
+        {
+            return null;
+        }
+
+        var inputs = Candidates(s => s.Value.shape.SequenceEqual(value.shape) && s.Expansion == 1, state);
+        var scales = Candidates(
+            s => s.Value.dim() == value.dim() && s.Value.shape[0] == value.shape[0] && s.Value.shape[1] == value.shape[1]
+                && s.Value.shape.Skip(2).All(d => d == 1) && s.Expansion == 1,
+            state);
+        foreach (var scale in scales)
+        {
+            foreach (var input in inputs)
+            {
+                using var scope = NewDisposeScope();
+                if ((input.Value * scale.Value).allclose(value, rtol: 1e-4, atol: 1e-5, equal_nan: true))
+                {
+                    return (Join(input, scale, consumer, consumerType), 1);
+                }
             }
         }
 

@@ -412,6 +412,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
             }
         }
 
+        TorchVisionChannelSettings.Check(root);
         var replacements = new List<(string Name, nn.Module Old, nn.Module<Tensor, Tensor> New)>();
         try
         {
@@ -435,6 +436,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
             old.Dispose();
         }
 
+        TorchVisionChannelSettings.Synchronize(root);
         return root;
     }
 
