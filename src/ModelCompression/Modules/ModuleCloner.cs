@@ -70,7 +70,7 @@ public static class ModuleCloner
         T clone;
 
         // Layers built by their constructors draw random initial weights: leave the caller's random stream as it was.
-        using var rng = torch.random.get_rng_state();
+        using var rng = RandomState.Save();
         try
         {
             using (no_grad())
@@ -90,7 +90,7 @@ public static class ModuleCloner
         }
         finally
         {
-            torch.random.set_rng_state(rng);
+            RandomState.Restore(rng);
         }
 
         // Training flags live in the native modules: copy them parent first, so each module's own flag wins.

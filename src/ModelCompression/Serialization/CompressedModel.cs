@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using ModelCompression.Modules;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -225,7 +226,7 @@ public static class CompressedModel
         }
 
         // Every byte is checked and decoded; only now are modules built (no random initialisation leaks into the caller's RNG).
-        using var rng = torch.random.get_rng_state();
+        using var rng = RandomState.Save();
         try
         {
             var built = ModuleCodec.Build(root, node => CustomModule(node, architecture, options));
@@ -249,7 +250,7 @@ public static class CompressedModel
         }
         finally
         {
-            torch.random.set_rng_state(rng);
+            RandomState.Restore(rng);
         }
     }
 
