@@ -74,6 +74,7 @@ public sealed class Trainer
         torch.random.manual_seed(runSeed);
         using var optimizer = CreateOptimizer(options, parameters);
         long step = 0, skipped = 0;
+        using var batchNormCounting = new BatchNormCounting(model);
         try
         {
             model.train();

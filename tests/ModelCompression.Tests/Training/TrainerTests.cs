@@ -1,3 +1,4 @@
+using ModelCompression.Data;
 using ModelCompression.Tests.Support;
 using ModelCompression.Training;
 using NUnit.Framework;
@@ -167,6 +168,66 @@ public sealed class TrainerTests
         var ex = Assert.Throws<OptionsValidationException>(() => new Trainer(options));
         Assert.That(ex!.OptionsType, Is.EqualTo(nameof(TrainingOptions)));
         Assert.That(ex.Errors, Has.Count.EqualTo(6));
+    }
+
+    [Test]
+    public void Train_BatchNormCountsItsBatches_RunningStatisticsAsTorchSharpKeepsThem()
+    {
+        // The trainer counts batch normalizations' batches itself (TorchSharp's own increment races the finalizer):
+        // the counter, the running statistics and the state dictionary must come out as a plain TorchSharp loop leaves them.
+        using var data = TestModels.Classification(100, 4);
+        using var ours = BatchNormMlp();
+        using var reference = BatchNormMlp();
+        foreach (var (name, parameter) in ours.named_parameters())
+        {
+            // Only the layers after the statistics learn, so both models' normalizations see the same inputs.
+            parameter.requires_grad = name.StartsWith("fc2", StringComparison.Ordinal) || name.StartsWith("cumulative", StringComparison.Ordinal);
+        }
+
+        new Trainer(new TrainingOptions { Epochs = 2, BatchSize = 10, LearningRate = 0.01, Shuffle = false }).Train(ours, data, callbacks: new TrainingCallbacks
+        {
+            AfterOptimizerStep = info => Assert.That(info.Model.state_dict().Keys, Does.Contain("norm.num_batches_tracked").And.Contain("cumulative.num_batches_tracked")),
+        });
+        reference.train();
+        for (int epoch = 0; epoch < 2; epoch++)
+        {
+            foreach (var (x, _) in data.ScopedBatches(10, false, 0))
+            {
+                reference.call(x).Dispose();
+            }
+        }
+
+        var ourState = ours.state_dict();
+        var referenceState = reference.state_dict();
+        Assert.That(ourState.Keys, Is.EquivalentTo(referenceState.Keys));
+        Assert.That(ourState["norm.num_batches_tracked"].item<long>(), Is.EqualTo(20L));
+        Assert.That(ourState["cumulative.num_batches_tracked"].item<long>(), Is.EqualTo(20L));
+        foreach (var name in new[] { "norm.running_mean", "norm.running_var", "cumulative.running_mean", "cumulative.running_var" })
+        {
+            Assert.That(ourState[name].allclose(referenceState[name], rtol: 1e-5, atol: 1e-6), Is.True, name);
+        }
+
+        // The counter is back in the layer: the next training forward advances it as TorchSharp does.
+        ours.train();
+        using (var x = randn(8, 4))
+        {
+            ours.call(x).Dispose();
+        }
+
+        Assert.That(ours.state_dict()["norm.num_batches_tracked"].item<long>(), Is.EqualTo(21L));
+
+        static nn.Module<Tensor, Tensor> BatchNormMlp()
+        {
+            torch.random.manual_seed(3);
+            var cumulative = nn.BatchNorm1d(8);
+            cumulative.momentum = null; // a cumulative average, which reads the counter: TorchSharp keeps counting it
+            return nn.Sequential(
+                ("fc1", nn.Linear(4, 8)),
+                ("norm", nn.BatchNorm1d(8)),
+                ("relu", nn.ReLU()),
+                ("cumulative", cumulative),
+                ("fc2", nn.Linear(8, 3)));
+        }
     }
 
     [Test]

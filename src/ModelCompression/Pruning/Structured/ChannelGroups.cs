@@ -112,17 +112,21 @@ internal static class ChannelGroupTracer
         public readonly List<GroupMember> Members = [];
         public UnresolvedReason? Unresolved;
 
+        /// <summary>Why the channels must keep their width although the tracer follows them (an attention reads them).</summary>
+        public string? Held;
+
         public Space Root() => Parent is null ? this : (Parent = Parent.Root());
 
         public void MarkUnresolved(UnresolvedReason why) => Root().Unresolved ??= why;
     }
 
     /// <summary>
-    /// A tensor seen during the trace: a snapshot of its values, the channel spaces laid end to end along dim 1 (one
-    /// unless it is a concatenation; null for tensors with no channel dimension) and, behind a flatten, the features
-    /// per channel.
+    /// A tensor seen during the trace: a snapshot of its values, the channel spaces laid end to end along the channel
+    /// dimension (one unless it is a concatenation; null for tensors with no channel dimension), behind a flatten the
+    /// features per channel, and whether the channels are in the last dimension (a Linear layer's output on a sequence,
+    /// [L, N, E] or [N, L, E]) rather than in dimension 1 (a convolution's [N, C, …]; the two agree for 2-D tensors).
     /// </summary>
-    private sealed record Seen(Tensor Value, Space[]? Layout, long Expansion);
+    private sealed record Seen(Tensor Value, Space[]? Layout, long Expansion, bool Last = false);
 
     private sealed class TraceState
     {
@@ -137,9 +141,9 @@ internal static class ChannelGroupTracer
             return s;
         }
 
-        public Seen Record(Tensor original, Space[]? layout, long expansion)
+        public Seen Record(Tensor original, Space[]? layout, long expansion, bool last = false)
         {
-            var copy = new Seen(original.detach().clone().DetachFromDisposeScope(), layout, expansion);
+            var copy = new Seen(original.detach().clone().DetachFromDisposeScope(), layout, expansion, last && original.dim() > 2);
             Seen.Add(copy);
             ByObject[original] = copy;
             return copy;
@@ -177,6 +181,12 @@ internal static class ChannelGroupTracer
 
             foreach (var (name, module) in leaves)
             {
+                if (module is MultiheadAttention attention)
+                {
+                    removers.Add(HookAttention(name, attention, state, () => failure, ex => failure = ex));
+                    continue;
+                }
+
                 if (module is not nn.Module<Tensor, Tensor> layer)
                 {
                     continue;
@@ -217,7 +227,7 @@ internal static class ChannelGroupTracer
                         int count = calls[m] = calls.GetValueOrDefault(m) + 1;
                         var spacesOfLayer = touched.TryGetValue(m, out var list) ? list : touched[m] = [];
                         var source = pending[m].Pop();
-                        var (layout, expansion) = Propagate(layerName, m, source, x, y, state, spacesOfLayer);
+                        var (layout, expansion, last) = Propagate(layerName, m, source, x, y, state, spacesOfLayer);
                         if (count > 1 && m.parameters().Any())
                         {
                             // A layer with weights used twice would need one slicing to fit every group it touches.
@@ -225,7 +235,7 @@ internal static class ChannelGroupTracer
                             spacesOfLayer.ForEach(s => s.MarkUnresolved(why));
                         }
 
-                        state.Record(y, layout, expansion);
+                        state.Record(y, layout, expansion, last);
                     }
                     catch (Exception ex)
                     {
@@ -297,6 +307,49 @@ internal static class ChannelGroupTracer
         return BuildGroups(state.Spaces);
     }
 
+    /// <summary>
+    /// TorchSharp's <c>MultiheadAttention</c> (native, with a tuple-valued forward): its query, key and value channels
+    /// feed projections the tracer does not prune (head pruning is another matter), so they are held, and its output is
+    /// a new channel space in the last dimension that nothing may prune either. Layers around it prune as usual, and a
+    /// residual addition of its output is explained like any other.
+    /// </summary>
+    private static Action HookAttention(string name, MultiheadAttention attention, TraceState state, Func<Exception?> failure, Action<Exception> fail)
+    {
+        var remover = attention.register_forward_hook((m, query, key, value, padding, needWeights, mask, result) =>
+        {
+            if (failure() is not null)
+            {
+                return result;
+            }
+
+            try
+            {
+                // The projections' weights fix the width of what they read and of what the attention writes: those
+                // channels keep their width (the model's other channels still prune), as the model's input channels do.
+                string held = $"it feeds or leaves the attention '{name}', whose projections keep their width";
+                foreach (var input in new[] { query, key, value }.Distinct(ReferenceEqualityComparer.Instance).Cast<Tensor>())
+                {
+                    foreach (var space in Resolve(input, name, nameof(MultiheadAttention), state).Layout ?? [])
+                    {
+                        space.Root().Held ??= held;
+                    }
+                }
+
+                var output = result.Item1;
+                var produced = state.NewSpace(output.shape[^1]);
+                produced.Held = held;
+                state.Record(output, [produced], 1, last: true);
+            }
+            catch (Exception ex)
+            {
+                fail(ex);
+            }
+
+            return result;
+        });
+        return remover.remove;
+    }
+
     // NaN counts as equal to NaN: a model whose forward yields a NaN somewhere (torchvision's GoogLeNet does, now and
     // then, on its first call here) is still traced by where its tensors came from.
     private static bool Close(Tensor a, Tensor b, double rtol = 1e-5, double atol = 1e-6) =>
@@ -326,11 +379,12 @@ internal static class ChannelGroupTracer
             ?? ExplainCopy(value, state)
             ?? ExplainFlatten(value, state)
             ?? ExplainPooling(value, state)
-            ?? ExplainConcatenation(value, state);
+            ?? ExplainConcatenation(value, state)
+            ?? ExplainSequenceReduction(value, consumer, consumerType, state);
         if (explained is not null)
         {
             // Later readers of the same tensor (a residual identity, a second branch) find it directly.
-            return state.Record(x, explained.Value.Layout, explained.Value.Expansion);
+            return state.Record(x, explained.Value.Layout, explained.Value.Expansion, explained.Value.Last);
         }
 
         // The tensor may have been computed from anything seen so far: none of those channels may be pruned.
@@ -358,7 +412,7 @@ internal static class ChannelGroupTracer
     /// The sum of two outputs, possibly followed by an activation: a residual addition. Tried even when one output
     /// alone matches: x + 0 (a branch that is exactly zero on this sample) still couples the two branches' channels.
     /// </summary>
-    private static (Space[]? Layout, long Expansion)? ExplainSum(Tensor value, Seen? known, string consumer, string? consumerType, TraceState state)
+    private static (Space[]? Layout, long Expansion, bool Last)? ExplainSum(Tensor value, Seen? known, string consumer, string? consumerType, TraceState state)
     {
         var candidates = Candidates(s => s.Value.shape.SequenceEqual(value.shape), state);
 
@@ -387,8 +441,18 @@ internal static class ChannelGroupTracer
                     continue;
                 }
 
+                if (value.dim() > 2 && a.Last != b.Last)
+                {
+                    // One operand's channels lie in dimension 1, the other's in the last: nothing to couple, nothing pruned.
+                    var why = new UnresolvedReason(consumer, consumerType, "its input adds two tensors whose channels lie in different dimensions");
+                    MarkEach(a.Layout, why);
+                    MarkEach(b.Layout, why);
+                    // The side in the last dimension came from a Linear layer; the other is one the tracer could not place.
+                    return (a.Last ? a.Layout : b.Layout, 1, true);
+                }
+
                 // Both operands' channels meet here and must be pruned together.
-                return (Join(a, b, consumer, consumerType), a.Expansion);
+                return (Join(a, b, consumer, consumerType), a.Expansion, a.Last);
             }
         }
 
@@ -399,17 +463,17 @@ internal static class ChannelGroupTracer
     /// An output scaled per channel by another output of shape [N, C, 1, …]: a squeeze-excitation block's
     /// <c>scale * input</c>. The scale's channels and the input's are the same channels and are pruned together.
     /// </summary>
-    private static (Space[]? Layout, long Expansion)? ExplainScale(Tensor value, string consumer, string? consumerType, TraceState state)
+    private static (Space[]? Layout, long Expansion, bool Last)? ExplainScale(Tensor value, string consumer, string? consumerType, TraceState state)
     {
         if (value.dim() < 3)
         {
             return null;
         }
 
-        var inputs = Candidates(s => s.Value.shape.SequenceEqual(value.shape) && s.Expansion == 1, state);
+        var inputs = Candidates(s => s.Value.shape.SequenceEqual(value.shape) && s.Expansion == 1 && !s.Last, state);
         var scales = Candidates(
             s => s.Value.dim() == value.dim() && s.Value.shape[0] == value.shape[0] && s.Value.shape[1] == value.shape[1]
-                && s.Value.shape.Skip(2).All(d => d == 1) && s.Expansion == 1,
+                && s.Value.shape.Skip(2).All(d => d == 1) && s.Expansion == 1 && !s.Last,
             state);
         foreach (var scale in scales)
         {
@@ -418,7 +482,7 @@ internal static class ChannelGroupTracer
                 using var scope = NewDisposeScope();
                 if ((input.Value * scale.Value).allclose(value, rtol: 1e-4, atol: 1e-5, equal_nan: true))
                 {
-                    return (Join(input, scale, consumer, consumerType), 1);
+                    return (Join(input, scale, consumer, consumerType), 1, false);
                 }
             }
         }
@@ -467,6 +531,7 @@ internal static class ChannelGroupTracer
         ra.ModelInput |= rb.ModelInput;
         ra.ModelOutput |= rb.ModelOutput;
         ra.Unresolved ??= rb.Unresolved;
+        ra.Held ??= rb.Held;
         ra.Blocks = Lcm(ra.Blocks, rb.Blocks);
         ra.Members.AddRange(rb.Members);
         rb.Members.Clear();
@@ -484,7 +549,7 @@ internal static class ChannelGroupTracer
     }
 
     /// <summary>A copy of one output, or an activation of it (e.g. <c>functional.relu(x)</c>).</summary>
-    private static (Space[]? Layout, long Expansion)? ExplainCopy(Tensor value, TraceState state)
+    private static (Space[]? Layout, long Expansion, bool Last)? ExplainCopy(Tensor value, TraceState state)
     {
         var candidates = Candidates(s => s.Value.shape.SequenceEqual(value.shape), state);
         foreach (var (_, activation) in Activations)
@@ -494,7 +559,7 @@ internal static class ChannelGroupTracer
                 using var scope = NewDisposeScope();
                 if (activation(c.Value).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true))
                 {
-                    return (c.Layout, c.Expansion);
+                    return (c.Layout, c.Expansion, c.Last);
                 }
             }
         }
@@ -503,21 +568,21 @@ internal static class ChannelGroupTracer
     }
 
     /// <summary><c>x.flatten(1)</c> of an output with spatial dimensions: each channel becomes a run of features.</summary>
-    private static (Space[]? Layout, long Expansion)? ExplainFlatten(Tensor value, TraceState state)
+    private static (Space[]? Layout, long Expansion, bool Last)? ExplainFlatten(Tensor value, TraceState state)
     {
         if (value.dim() != 2)
         {
             return null;
         }
 
-        var candidates = Candidates(s => s.Value.dim() > 2 && s.Value.shape[0] == value.shape[0] && s.Value.numel() == value.numel(), state);
+        var candidates = Candidates(s => s.Value.dim() > 2 && !s.Last && s.Value.shape[0] == value.shape[0] && s.Value.numel() == value.numel(), state);
         foreach (var c in candidates)
         {
             using var scope = NewDisposeScope();
             if (c.Value.reshape(value.shape).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true))
             {
                 long spatial = c.Value.shape.Skip(2).Aggregate(1L, (p, d) => p * d);
-                return (c.Layout, c.Expansion * spatial);
+                return (c.Layout, c.Expansion * spatial, false);
             }
         }
 
@@ -525,7 +590,7 @@ internal static class ChannelGroupTracer
     }
 
     /// <summary>A global average or max pooling (<c>functional.adaptive_avg_pool2d(x, 1)</c>): channels unchanged.</summary>
-    private static (Space[]? Layout, long Expansion)? ExplainPooling(Tensor value, TraceState state)
+    private static (Space[]? Layout, long Expansion, bool Last)? ExplainPooling(Tensor value, TraceState state)
     {
         if (value.dim() < 3 || value.shape.Skip(2).Any(d => d != 1))
         {
@@ -533,7 +598,7 @@ internal static class ChannelGroupTracer
         }
 
         var candidates = Candidates(
-            s => s.Value.dim() == value.dim() && s.Value.shape[0] == value.shape[0] && s.Value.shape[1] == value.shape[1] && s.Expansion == 1,
+            s => s.Value.dim() == value.dim() && s.Value.shape[0] == value.shape[0] && s.Value.shape[1] == value.shape[1] && s.Expansion == 1 && !s.Last,
             state);
         long[] spatial = Enumerable.Range(2, (int)value.dim() - 2).Select(d => (long)d).ToArray();
         foreach (var c in candidates)
@@ -542,7 +607,7 @@ internal static class ChannelGroupTracer
             if (c.Value.mean(spatial, keepdim: true).allclose(value, rtol: 1e-4, atol: 1e-5, equal_nan: true)
                 || c.Value.amax(spatial, keepdim: true).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true))
             {
-                return (c.Layout, 1);
+                return (c.Layout, 1, false);
             }
         }
 
@@ -553,7 +618,7 @@ internal static class ChannelGroupTracer
     /// <c>torch.cat(outputs, 1)</c>: consecutive slices of the channel dimension, each one earlier output (an Inception
     /// block's branches). The concatenation's channels are those outputs' channel spaces laid end to end.
     /// </summary>
-    private static (Space[]? Layout, long Expansion)? ExplainConcatenation(Tensor value, TraceState state)
+    private static (Space[]? Layout, long Expansion, bool Last)? ExplainConcatenation(Tensor value, TraceState state)
     {
         if (value.dim() < 2)
         {
@@ -563,7 +628,7 @@ internal static class ChannelGroupTracer
         bool SameExceptChannels(Tensor t) =>
             t.dim() == value.dim() && t.shape[1] < value.shape[1] && t.shape.Select((d, i) => i == 1 || d == value.shape[i]).All(b => b);
 
-        var candidates = Candidates(s => s.Layout is not null && SameExceptChannels(s.Value), state);
+        var candidates = Candidates(s => s.Layout is not null && !s.Last && SameExceptChannels(s.Value), state);
         var layout = new List<Space>();
         long expansion = -1;
         long offset = 0;
@@ -596,15 +661,73 @@ internal static class ChannelGroupTracer
             offset += piece.Value.shape[1];
         }
 
-        return layout.Count < 2 ? null : (layout.ToArray(), expansion);
+        return layout.Count < 2 ? null : (layout.ToArray(), expansion, false);
     }
 
-    private static (Space[]? Layout, long Expansion) Propagate(string name, nn.Module module, Seen source, Tensor x, Tensor y, TraceState state, List<Space> touched)
+    /// <summary>
+    /// One position of a sequence (<c>x[-1]</c>, <c>x[:, 0]</c>) or its mean or maximum over positions, from an output
+    /// whose channels are in the last dimension, or from the sum of two such outputs (a transformer's last residual
+    /// addition, read only through the pooling): the channels are unchanged.
+    /// </summary>
+    private static (Space[]? Layout, long Expansion, bool Last)? ExplainSequenceReduction(Tensor value, string consumer, string? consumerType, TraceState state)
     {
-        var (result, expansion) = PropagateOnce(name, module, source, x, y, state);
+        var candidates = Candidates(
+            s => s.Last && s.Layout is not null && s.Value.dim() == value.dim() + 1 && s.Value.shape[^1] == value.shape[^1],
+            state);
+
+        bool Reduces(Tensor t)
+        {
+            for (long d = 0; d < t.dim() - 1; d++)
+            {
+                using var scope = NewDisposeScope();
+                if (t.shape.Where((_, i) => i != d).SequenceEqual(value.shape)
+                    && (t.select(d, -1).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true)
+                        || t.select(d, 0).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true)
+                        || t.mean([d]).allclose(value, rtol: 1e-4, atol: 1e-5, equal_nan: true)
+                        || t.amax([d]).allclose(value, rtol: 1e-5, atol: 1e-6, equal_nan: true)))
+                {
+                    return true;
+                }
+            }
+
+            return false;
+        }
+
+        foreach (var c in candidates)
+        {
+            if (Reduces(c.Value))
+            {
+                return (c.Layout, 1, value.dim() > 2);
+            }
+        }
+
+        for (int i = 0; i < candidates.Count; i++)
+        {
+            for (int j = i + 1; j < candidates.Count; j++)
+            {
+                var (a, b) = (candidates[i], candidates[j]);
+                if (!a.Value.shape.SequenceEqual(b.Value.shape))
+                {
+                    continue;
+                }
+
+                using var scope = NewDisposeScope();
+                if (Reduces(a.Value + b.Value))
+                {
+                    return (Join(a, b, consumer, consumerType), 1, value.dim() > 2);
+                }
+            }
+        }
+
+        return null;
+    }
+
+    private static (Space[]? Layout, long Expansion, bool Last) Propagate(string name, nn.Module module, Seen source, Tensor x, Tensor y, TraceState state, List<Space> touched)
+    {
+        var (result, expansion, last) = PropagateOnce(name, module, source, x, y, state);
         touched.AddRange(source.Layout ?? []);
         touched.AddRange(result ?? []);
-        return (result, expansion);
+        return (result, expansion, last);
     }
 
     /// <summary>Adds a member to every segment of a layout, with the segment's offset in the layer's channel dimension.</summary>
@@ -635,15 +758,21 @@ internal static class ChannelGroupTracer
         return [produced];
     }
 
-    private static (Space[]? Layout, long Expansion) PropagateOnce(string name, nn.Module module, Seen source, Tensor x, Tensor y, TraceState state)
+    private static (Space[]? Layout, long Expansion, bool Last) PropagateOnce(string name, nn.Module module, Seen source, Tensor x, Tensor y, TraceState state)
     {
         var layout = source.Layout;
         UnresolvedReason Why(string why) => new(name, module.GetType().Name, why);
+        if (source.Last && x.dim() > 2 && module is not (Linear or LayerNorm) && !(ElementwiseTypes.Contains(module.GetType()) && x.shape.SequenceEqual(y.shape)))
+        {
+            // A convolution, BatchNorm, flatten… reads channels in dimension 1, where this tensor has sequence positions.
+            MarkEach(layout, Why("the layer reads channels in dimension 1, and its input's channels are in the last dimension"));
+            layout = null;
+        }
 
         switch (module)
         {
             case Linear linear:
-                if (layout is not null && x.dim() == 2)
+                if (layout is not null && (x.dim() == 2 || source.Last))
                 {
                     AddToEach(layout, name, module, ChannelRole.Consumer, source.Expansion);
                 }
@@ -652,7 +781,8 @@ internal static class ChannelGroupTracer
                     MarkEach(layout, Why($"the layer reads a {x.dim()}-D input whose last dimension is not the channel dimension"));
                 }
 
-                return (Produce(name, module, linear.out_features, state), 1);
+                // On a sequence ([L, N, E] or [N, L, E]) its output's channels are in the last dimension.
+                return (Produce(name, module, linear.out_features, state), 1, y.dim() > 2);
 
             case Conv1d or Conv2d when ((Convolution)module).groups == 1:
                 if (layout is not null)
@@ -665,7 +795,7 @@ internal static class ChannelGroupTracer
                     AddToEach(layout, name, module, ChannelRole.Consumer, 1);
                 }
 
-                return (Produce(name, module, ((Convolution)module).out_channels, state), 1);
+                return (Produce(name, module, ((Convolution)module).out_channels, state), 1, false);
 
             case Conv1d or Conv2d when ((Convolution)module) is var conv && conv.groups == conv.in_channels && conv.out_channels == conv.in_channels:
                 // Depthwise: channel c in → channel c out, with its own filter.
@@ -674,13 +804,13 @@ internal static class ChannelGroupTracer
                     AddToEach(layout, name, module, ChannelRole.PassThrough, 1);
                 }
 
-                return (layout, source.Expansion);
+                return (layout, source.Expansion, false);
 
             case Conv1d or Conv2d:
                 MarkEach(layout, Why("the layer is a grouped convolution, which couples channels in blocks"));
 
                 // Its output channels come in blocks too: they are not pruned, and their readers keep them all.
-                return (layout is null ? null : [state.NewSpace(y.shape[1])], 1);
+                return (layout is null ? null : [state.NewSpace(y.shape[1])], 1, false);
 
             case BatchNorm1d or BatchNorm2d:
                 if (source.Expansion != 1)
@@ -694,7 +824,20 @@ internal static class ChannelGroupTracer
                     AddToEach(layout, name, module, ChannelRole.PassThrough, 1);
                 }
 
-                return (layout, source.Expansion);
+                return (layout, source.Expansion, false);
+
+            case LayerNorm norm when source.Last && x.dim() > 2:
+                if (norm.normalized_shape.Length != 1)
+                {
+                    MarkEach(layout, Why("the layer normalises over the channels and positions of a sequence"));
+                }
+                else if (layout is not null)
+                {
+                    // A transformer's LayerNorm over the last dimension: one weight per channel, sliced with them.
+                    AddToEach(layout, name, module, ChannelRole.PassThrough, 1);
+                }
+
+                return (layout, source.Expansion, true);
 
             case LayerNorm norm:
             {
@@ -702,7 +845,7 @@ internal static class ChannelGroupTracer
                 if (first >= 2)
                 {
                     // Normalises within each channel: the channels pass through untouched.
-                    return (layout, source.Expansion);
+                    return (layout, source.Expansion, false);
                 }
 
                 if (first != 1 || source.Expansion != 1)
@@ -716,7 +859,7 @@ internal static class ChannelGroupTracer
                     AddToEach(layout, name, module, ChannelRole.PassThrough, 1);
                 }
 
-                return (layout, source.Expansion);
+                return (layout, source.Expansion, false);
             }
 
             case GroupNorm norm:
@@ -736,29 +879,35 @@ internal static class ChannelGroupTracer
                     AddToEach(layout, name, module, ChannelRole.PassThrough, 1);
                 }
 
-                return (layout, source.Expansion);
+                return (layout, source.Expansion, false);
 
             case Flatten flatten:
             {
                 long end = flatten.end_dim < 0 ? x.dim() + flatten.end_dim : flatten.end_dim;
                 if (x.dim() > 2 && flatten.start_dim == 1 && end == x.dim() - 1)
                 {
-                    return (layout, source.Expansion * x.shape.Skip(2).Aggregate(1L, (p, d) => p * d));
+                    return (layout, source.Expansion * x.shape.Skip(2).Aggregate(1L, (p, d) => p * d), false);
                 }
 
                 if (x.dim() == 2)
                 {
-                    return (layout, source.Expansion);
+                    return (layout, source.Expansion, false);
                 }
 
                 MarkEach(layout, Why($"the layer flattens dimensions {flatten.start_dim}..{flatten.end_dim}, which the tracer does not map"));
-                return (null, 1);
+                return (null, 1, false);
             }
 
             default:
+                if (source.Last && x.dim() > 2 && layout is not null)
+                {
+                    // An activation or dropout between a transformer's Linear layers.
+                    return (layout, source.Expansion, true);
+                }
+
                 if (ElementwiseTypes.Contains(module.GetType()) && x.dim() == y.dim() && (x.dim() < 2 || x.shape[1] == y.shape[1]))
                 {
-                    return (layout, source.Expansion);
+                    return (layout, source.Expansion, false);
                 }
 
                 // Anything else (softmax over channels, shuffles, custom layers) may mix channels in ways the tracer
@@ -767,12 +916,12 @@ internal static class ChannelGroupTracer
                 MarkEach(layout, unknownWhy);
                 if (y.dim() < 2)
                 {
-                    return (null, 1);
+                    return (null, 1, false);
                 }
 
                 var unknown = state.NewSpace(y.shape[1]);
                 unknown.MarkUnresolved(unknownWhy);
-                return ([unknown], 1);
+                return ([unknown], 1, false);
         }
     }
 
@@ -788,7 +937,7 @@ internal static class ChannelGroupTracer
 
             var group = new ChannelGroup(groups.Count, root.Channels)
             {
-                Fixed = root.ModelInput ? "it carries the model's input channels" : root.ModelOutput ? "it carries the model's output" : null,
+                Fixed = root.ModelInput ? "it carries the model's input channels" : root.ModelOutput ? "it carries the model's output" : root.Held,
                 Unresolved = root.Unresolved,
                 Blocks = root.Blocks,
             };
