@@ -146,6 +146,26 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         var calibration = Calibrate(model, targets, context);
         try
         {
+            if (_options.Mode == QuantizationMode.StaticInt8)
+            {
+                // A layer the model never calls on the calibration data (Inception's auxiliary head, used only in
+                // training, or a branch the data never takes) has no activation range: it stays in float, said out loud.
+                var uncalled = targets.Where(t => t.Module is not Embedding && !calibration.Ranges.ContainsKey(t.Name)).ToList();
+                if (uncalled.Count == targets.Count(t => t.Module is not Embedding) && uncalled.Count > 0)
+                {
+                    throw new ArgumentException(
+                        $"No layer to quantize was called on the calibration data ({string.Join(", ", uncalled.Select(t => t.Name))}), so no activation range is known. " +
+                        "Are the layers called through call(), and does the model's forward use them?",
+                        nameof(model));
+                }
+
+                if (uncalled.Count > 0)
+                {
+                    context.AddNote($"left in float (never called on the calibration data, so no activation range): {string.Join(", ", uncalled.Select(t => t.Name))}");
+                    targets = [.. targets.Except(uncalled)];
+                }
+            }
+
             var result = Convert(model, targets, leftInFloat, structure, calibration, context);
             RoundInPlace(rounded, fixedTypes, context);
             return result;
@@ -410,7 +430,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             {
                 if (!inputs.ContainsKey(target.Name))
                 {
-                    throw new InvalidOperationException($"Layer '{target.Name}' was never called during calibration, so its activation range is unknown. Is it called through call()?");
+                    continue; // never called on the calibration data: no range, so the layer stays in float (see Apply)
                 }
 
                 ranges[target.Name] = observers[target.Name].ComputeRange(_options.SymmetricActivations);

@@ -387,9 +387,18 @@ public sealed class StructuredPruningStepTests
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         pruned.eval();
-        var output = pruned.call(randn(2, 3, 32, 32));
+        var input = randn(2, 3, 32, 32);
+        var output = pruned.call(input);
         Assert.That(output.shape, Is.EqualTo(new long[] { 2, 1000 }));
         Assert.That(output.isfinite().all().item<bool>(), Is.True);
+
+        // Loaded into a fresh, unpruned MobileNetV3, the SE blocks take the file's narrower channels.
+        using var stream = new MemoryStream();
+        ModelCompression.Serialization.CompressedModel.Save(pruned, stream);
+        stream.Position = 0;
+        using var architecture = torchvision.models.mobilenet_v3_small();
+        using var loaded = ModelCompression.Serialization.CompressedModel.Load(stream, architecture);
+        Assert.That(loaded.call(input).eq(output).all().item<bool>(), Is.True);
     }
 
     [Test]

@@ -156,6 +156,51 @@ public sealed class PostTrainingQuantizationStepTests
     }
 
     [Test]
+    public void StaticInt8_LayerNeverCalledOnTheCalibrationData_StaysFloatWithANote()
+    {
+        // Inception v3's AuxLogits: a head its forward uses in training only, so calibration (in eval) never sees it.
+        torch.random.manual_seed(41);
+        using var original = new AuxiliaryHeadNet();
+        using var model = new AuxiliaryHeadNet();
+        model.load_state_dict(original.state_dict());
+        using var data = new TensorDataset(randn(16, 6), zeros(16, dtype: int64));
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.StaticInt8, CalibrationBatches = 1, CalibrationBatchSize = 16, KeepFloatWhenSlower = false };
+        var context = Context(original, data);
+
+        var result = new PostTrainingQuantizationStep(options).Apply(model, context);
+
+        Assert.That(ModuleTree.GetSubmodule(result, "fc1"), Is.InstanceOf<QuantizedLinear>());
+        Assert.That(ModuleTree.GetSubmodule(result, "fc2"), Is.InstanceOf<QuantizedLinear>());
+        Assert.That(ModuleTree.GetSubmodule(result, "aux"), Is.InstanceOf<Linear>());
+        Assert.That(context.Notes, Has.One.Contains("never called on the calibration data").And.Contains("aux"));
+
+        // When no selected layer is called at all, nothing is known to quantize with: a clear error, nothing changed.
+        using var other = new AuxiliaryHeadNet();
+        string before = TestModels.StateHash(other);
+        var auxOnly = new PostTrainingQuantizationOptions { Mode = QuantizationMode.StaticInt8, CalibrationBatches = 1, Layers = LayerSelection.Named("aux") };
+        var ex = Assert.Throws<ArgumentException>(() => new PostTrainingQuantizationStep(auxOnly).Apply(other, Context(original, data)));
+        Assert.That(ex!.Message, Does.Contain("aux").And.Contain("calibration data"));
+        Assert.That(TestModels.StateHash(other), Is.EqualTo(before));
+    }
+
+    private sealed class AuxiliaryHeadNet : nn.Module<Tensor, Tensor>
+    {
+        private readonly nn.Module<Tensor, Tensor> fc1 = nn.Linear(6, 8);
+        private readonly nn.Module<Tensor, Tensor> fc2 = nn.Linear(8, 3);
+        private readonly nn.Module<Tensor, Tensor> aux = nn.Linear(8, 3);
+
+        public AuxiliaryHeadNet() : base(nameof(AuxiliaryHeadNet)) => RegisterComponents();
+
+        public override Tensor forward(Tensor input)
+        {
+            using var scope = NewDisposeScope();
+            var hidden = nn.functional.relu(fc1.call(input));
+            var output = fc2.call(hidden);
+            return (training ? output + aux.call(hidden) : output).MoveToOuterDisposeScope();
+        }
+    }
+
+    [Test]
     public void NonFiniteWeight_ThrowsNamingTheLayerBeforeAnyChange()
     {
         using var original = ModelZoo.LeNet300100();

@@ -7,7 +7,7 @@ namespace ModelCompression.Pruning;
 
 /// <summary>
 /// Channel counts that TorchVision's modules keep in private fields besides their layers, brought in line after
-/// structured pruning changes the layers: TorchVision 0.107.0's <c>SqueezeExcitation</c> (MobileNetV3's) checks its input
+/// structured pruning changes the layers, or a file's layers replace those of the architecture given to <c>CompressedModel.Load</c>: TorchVision 0.107.0's <c>SqueezeExcitation</c> (MobileNetV3's) checks its input
 /// against an <c>input_channels</c> field, which must follow its <c>fc1</c> when the block's channels are pruned.
 /// </summary>
 /// <remarks>
