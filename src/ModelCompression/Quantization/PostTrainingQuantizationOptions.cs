@@ -97,12 +97,24 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
     /// <value>The default is <see langword="false"/>: every selected layer is quantized.</value>
     public bool KeepFloatWhenSlower { get; set; }
 
-    internal int Bits => Mode == QuantizationMode.WeightOnlyInt4 ? 4 : 8;
+    /// <summary>Gets or sets how weights are put on the integer grid: <see cref="WeightRounding.Nearest"/> or <see cref="WeightRounding.Gptq"/>.</summary>
+    /// <value>The default is <see cref="WeightRounding.Nearest"/>.</value>
+    public WeightRounding Rounding { get; set; } = WeightRounding.Nearest;
+
+    /// <summary>
+    /// Gets or sets the bits per weight of the weight-only modes: 2, 3 or 4 under <see cref="QuantizationMode.WeightOnlyInt4"/>
+    /// (levels ±1, ±3 or ±7) and 5 to 8 under <see cref="QuantizationMode.WeightOnlyInt8"/>; the file stores that many
+    /// bits per weight before entropy coding.
+    /// </summary>
+    /// <value>The default (<see langword="null"/>) is 4 and 8 respectively; the activation-quantizing modes use 8.</value>
+    public int? WeightBits { get; set; }
+
+    internal int Bits => WeightBits ?? (Mode == QuantizationMode.WeightOnlyInt4 ? 4 : 8);
 
     internal bool IsInteger => Mode is QuantizationMode.DynamicInt8 or QuantizationMode.StaticInt8 or QuantizationMode.WeightOnlyInt8 or QuantizationMode.WeightOnlyInt4;
 
     internal QuantizationGranularity EffectiveGranularity =>
-        WeightGranularity ?? (Bits == 4 ? QuantizationGranularity.PerGroup(64) : QuantizationGranularity.PerChannel);
+        WeightGranularity ?? (Mode == QuantizationMode.WeightOnlyInt4 ? QuantizationGranularity.PerGroup(64) : QuantizationGranularity.PerChannel);
 
     /// <inheritdoc/>
     public IReadOnlyList<string> Validate()
@@ -155,6 +167,29 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
             errors.Add($"{Owner}.{nameof(FixedTypeLayers)} is not a known choice (was {(int)FixedTypeLayers}).");
         }
 
+        if (WeightBits is { } bits && !(Mode == QuantizationMode.WeightOnlyInt4 ? bits is >= 2 and <= 4 : Mode == QuantizationMode.WeightOnlyInt8 && bits is >= 5 and <= 8))
+        {
+            errors.Add($"{Owner}.{nameof(WeightBits)} must be 2 to 4 under {nameof(QuantizationMode.WeightOnlyInt4)} and 5 to 8 under {nameof(QuantizationMode.WeightOnlyInt8)}; other modes use 8 bits (was {bits} under {Mode}).");
+        }
+
+        if (Rounding is null)
+        {
+            errors.Add($"{Owner}.{nameof(Rounding)} is required.");
+        }
+        else
+        {
+            errors.AddRange(Rounding.Errors($"{Owner}.{nameof(Rounding)}"));
+            if (Rounding is GptqRounding && !IsInteger)
+            {
+                errors.Add($"{Owner}.{nameof(Rounding)}: GPTQ rounds onto an integer grid; {Mode} has none.");
+            }
+
+            if (Rounding is GptqRounding && WeightGranularity is PerTensorGranularity)
+            {
+                errors.Add($"{Owner}.{nameof(Rounding)}: GPTQ needs a scale per row or per group; {nameof(WeightGranularity)} is per tensor.");
+            }
+        }
+
         OptionsValidationException.AddNested(errors, Owner, nameof(Layers), Layers?.Validate());
         if (Fallback is not null)
         {
@@ -178,6 +213,8 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
         FoldBatchNorm = FoldBatchNorm,
         FuseRelu = FuseRelu,
         KeepFloatWhenSlower = KeepFloatWhenSlower,
+        Rounding = Rounding,
+        WeightBits = WeightBits,
         Fallback = Fallback is null ? null : new QuantizationFallback { MaxAccuracyDrop = Fallback.MaxAccuracyDrop, MaxFloatLayers = Fallback.MaxFloatLayers },
     };
 }

@@ -3,6 +3,7 @@ using Microsoft.Extensions.Logging;
 using ModelCompression.Data;
 using ModelCompression.Metrics;
 using ModelCompression.Modules;
+using ModelCompression.Quantization.Gptq;
 using ModelCompression.Quantization.Kernels;
 using ModelCompression.Training;
 using TorchSharp;
@@ -250,6 +251,11 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
                 }
             }
 
+            // GPTQ solves each Linear layer's rounding in the order the model calls them, the layers before it quantized.
+            var solved = _options.Rounding is GptqRounding gptq
+                ? GptqLayers.Solve(ref root, targets, gptq, _options, t => Activations(calibration.Ranges.GetValueOrDefault(t.Name)), context)
+                : null;
+
             var quantized = new List<(Target Target, nn.Module<Tensor, Tensor> Layer, IQuantizedLayer Info)>();
             foreach (var target in targets)
             {
@@ -257,7 +263,9 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
                 // A lookup has nothing to fuse; its SQNR is its table's, measured when it is made.
                 bool relu = target.Module is not Embedding && _options.FuseRelu && structure.TryGetValue(target.Name, out var next) && next.Relu is not null;
                 var settings = Activations(calibration.Ranges.GetValueOrDefault(target.Name));
-                var layer = Quantize(target.Module, settings, relu);
+                var layer = solved is not null && solved.TryGetValue(target.Name, out var matrix)
+                    ? new QuantizedLinear(matrix, settings, relu, _options.Mode)
+                    : Quantize(target.Module, settings, relu);
                 var info = (IQuantizedLayer)layer;
                 if (layer is QuantizedLayer integerLayer)
                 {
@@ -456,7 +464,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
 
     private nn.Module<Tensor, Tensor> Quantize(nn.Module<Tensor, Tensor> module, ActivationSettings settings, bool relu) => module switch
     {
-        Embedding embedding => QuantizedEmbedding.FromEmbedding(embedding, _options.Bits, _options.EffectiveGranularity),
+        Embedding embedding => QuantizedEmbedding.FromEmbedding(embedding, _options.Bits <= 4 ? 4 : 8, _options.EffectiveGranularity), // tables come in 4 or 8 bits
         Linear linear => QuantizedLinear.Create(linear, _options.Bits, _options.EffectiveGranularity, settings, relu, _options.Mode),
         Conv2d conv => QuantizedConv2d.Create(conv, _options.Bits, _options.EffectiveGranularity, settings, relu, _options.Mode),
         _ => throw new ArgumentException($"Cannot quantize a {module.GetType().Name}.", nameof(module)),

@@ -256,7 +256,7 @@ internal sealed unsafe class QuantizedMatrix
         return max;
     }
 
-    private static float ScaleFor(ReadOnlySpan<float> values, int qmax, int bits)
+    internal static float ScaleFor(ReadOnlySpan<float> values, int qmax, int bits)
     {
         if (bits == 1)
         {

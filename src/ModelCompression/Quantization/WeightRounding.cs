@@ -1,0 +1,92 @@
+namespace ModelCompression.Quantization;
+
+/// <summary>
+/// How post-training quantization puts a layer's weights on its integer grid: <see cref="Nearest"/> rounds each weight
+/// on its own; <see cref="Gptq"/> rounds column by column and compensates each column's error in the columns still to
+/// come, from calibration inputs (<see cref="PostTrainingQuantizationOptions.Rounding"/>).
+/// </summary>
+public abstract class WeightRounding
+{
+    private protected WeightRounding()
+    {
+    }
+
+    /// <summary>Gets round-to-nearest: each weight to its closest level, no calibration data needed for the weights.</summary>
+    public static WeightRounding Nearest { get; } = new NearestRounding();
+
+    /// <summary>Gets GPTQ's error-compensating rounding with the given settings (see <see cref="GptqRounding"/>).</summary>
+    /// <param name="dampingFraction">The damping added to the Hessian's diagonal, as a fraction of its mean (GPTQ's default 0.01).</param>
+    /// <param name="actOrder">Whether the inputs with the largest activations are rounded first.</param>
+    /// <param name="blockSize">Columns per lazy-update block.</param>
+    /// <returns>The rounding.</returns>
+    public static GptqRounding Gptq(double dampingFraction = 0.01, bool actOrder = true, int blockSize = 128) =>
+        new() { DampingFraction = dampingFraction, ActOrder = actOrder, BlockSize = blockSize };
+
+    internal abstract IEnumerable<string> Errors(string owner);
+
+    private sealed class NearestRounding : WeightRounding
+    {
+        internal override IEnumerable<string> Errors(string owner) => [];
+
+        public override string ToString() => "round to nearest";
+    }
+}
+
+/// <summary>
+/// GPTQ (Frantar, Ashkboos, Hoefler and Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+/// Pre-trained Transformers", ICLR 2023): each Linear layer in the order the model calls them, with the layers before
+/// it already quantized, gets the Hessian H = 2·XᵀX/n of its calibration inputs; its weight columns are then rounded
+/// one at a time and each column's rounding error is carried into the remaining columns through H⁻¹, which keeps the
+/// layer's output close rather than its weights.
+/// </summary>
+/// <remarks>
+/// <para>
+/// The result is the same quantized layer and file as round-to-nearest, with the same scales' layout: one per row or
+/// per group of consecutive inputs. Calibration uses <see cref="PostTrainingQuantizationOptions.CalibrationBatches"/>
+/// batches of <see cref="PostTrainingQuantizationOptions.CalibrationBatchSize"/> samples, run once per Linear layer
+/// (the layers before it already quantized); the step holds one K×K float64 Hessian at a time (K the layer's inputs:
+/// 128 MB for K = 4,096). Convolutions, embeddings and natively implemented layers are rounded to nearest.
+/// </para>
+/// <para>
+/// A Hessian that is not positive definite after damping gets ten times the damping and another try (four at most);
+/// the step's notes name the layers that needed it.
+/// </para>
+/// </remarks>
+public sealed class GptqRounding : WeightRounding
+{
+    internal GptqRounding()
+    {
+    }
+
+    /// <summary>Gets the damping added to the Hessian's diagonal, as a fraction of its mean diagonal.</summary>
+    /// <value>GPTQ's default is 0.01; greater than 0 and at most 1.</value>
+    public double DampingFraction { get; init; } = 0.01;
+
+    /// <summary>
+    /// Gets a value indicating whether inputs are rounded in order of decreasing Hessian diagonal (GPTQ's act-order),
+    /// which helps when a few input channels carry outliers. Group scales then come from the original weights
+    /// ("static groups"), so groups remain runs of consecutive inputs.
+    /// </summary>
+    /// <value>The default is <see langword="true"/>.</value>
+    public bool ActOrder { get; init; } = true;
+
+    /// <summary>Gets the columns per lazy-update block (changes speed only, not the result beyond rounding of sums).</summary>
+    /// <value>The default is 128; at least 1.</value>
+    public int BlockSize { get; init; } = 128;
+
+    /// <inheritdoc/>
+    public override string ToString() => $"GPTQ (damping {DampingFraction:G3}, act-order {(ActOrder ? "on" : "off")}, block {BlockSize})";
+
+    internal override IEnumerable<string> Errors(string owner)
+    {
+        if (!(DampingFraction > 0 && DampingFraction <= 1))
+        {
+            yield return $"{owner}: GPTQ's {nameof(DampingFraction)} must be in (0, 1] (was {DampingFraction}).";
+        }
+
+        if (BlockSize < 1)
+        {
+            yield return $"{owner}: GPTQ's {nameof(BlockSize)} must be at least 1 (was {BlockSize}).";
+        }
+    }
+}
