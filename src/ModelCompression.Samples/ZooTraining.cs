@@ -88,7 +88,7 @@ public static class ZooTraining
     }
 
     /// <summary>The first 12 hex digits of the SHA-256 of the data's inputs and targets.</summary>
-    private static string Fingerprint(ModelCompression.Data.TensorDataset data)
+    internal static string Fingerprint(ModelCompression.Data.TensorDataset data)
     {
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         using var scope = NewDisposeScope();

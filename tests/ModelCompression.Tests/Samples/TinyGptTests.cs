@@ -95,6 +95,19 @@ public sealed class TinyGptTests
         Assert.That(loaded.call(input).eq(quantized.call(input)).all().item<bool>(), Is.True);
     }
 
+    [Test]
+    public void Windows_PredictEveryTokenOnce_LastWindowPadded()
+    {
+        int[] tokens = [5, 6, 7, 8, 9, 10, 11];
+        using var windows = TinyGptTraining.Windows(tokens, context: 4);
+        Assert.That(windows.Inputs.shape, Is.EqualTo(new long[] { 2, 4 }));
+        Assert.That(windows.Inputs.data<long>().ToArray(), Is.EqualTo(new long[] { 5, 6, 7, 8, 9, 10, 0, 0 }));
+        Assert.That(windows.Targets.data<long>().ToArray(), Is.EqualTo(new long[] { 6, 7, 8, 9, 10, 11, -100, -100 }));
+        using var overlapping = TinyGptTraining.Windows(tokens, context: 4, stride: 2);
+        Assert.That(overlapping.Inputs.shape[0], Is.EqualTo(3));
+        Assert.Throws<ArgumentException>(() => TinyGptTraining.Windows([1], 4));
+    }
+
     private sealed class ConstantLogits(long vocabulary) : nn.Module<Tensor, Tensor>(nameof(ConstantLogits))
     {
         public override Tensor forward(Tensor input) => zeros([input.shape[0], input.shape[1], vocabulary]);
