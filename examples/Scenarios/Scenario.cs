@@ -73,6 +73,7 @@ public static class ScenarioCatalog
         new OnnxExportScenario(),
         new TradeOffsScenario(),
         new ZooMatrixScenario(),
+        new GptPtqScenario(),
     ];
 }
 

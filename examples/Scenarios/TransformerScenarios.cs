@@ -1,0 +1,156 @@
+using ModelCompression;
+using ModelCompression.Modules;
+using ModelCompression.Quantization;
+using ModelCompression.Samples;
+using ModelCompression.Training;
+using TorchSharp;
+using static TorchSharp.torch;
+using TensorDataset = ModelCompression.Data.TensorDataset;
+
+namespace Scenarios;
+
+/// <summary>TinyGpt trained on the Brown corpus, the text data and the evaluation the transformer scenarios share.</summary>
+internal sealed class GptBaseline : IDisposable
+{
+    /// <summary>The shape the scenarios train: about 1.8M parameters with the bundled 4,096-token BPE.</summary>
+    public static TinyGptConfig Config(int vocabulary) => new(Vocabulary: vocabulary, Context: 64, Width: 128, Heads: 4, Layers: 4, MlpRatio: 4);
+
+    private GptBaseline(TinyGpt model, TensorDataset calibration, TensorDataset test, TrainedModel trained)
+    {
+        Model = model;
+        Calibration = calibration;
+        Test = test;
+        Trained = trained;
+    }
+
+    public TinyGpt Model { get; }
+
+    /// <summary>Windows of the training split the methods calibrate on.</summary>
+    public TensorDataset Calibration { get; }
+
+    /// <summary>The test split, cut into windows of the model's context, every token predicted once.</summary>
+    public TensorDataset Test { get; }
+
+    public TrainedModel Trained { get; }
+
+    public static GptBaseline Load(ScenarioContext context, int calibrationWindows = 128)
+    {
+        var corpus = BrownCorpus.LoadBundled();
+        var config = Config(corpus.Tokenizer.VocabularySize);
+        using var train = TinyGptTraining.Windows(corpus.TokenIds(TextSplit.Train), config.Context, stride: config.Context / 2);
+        var trained = TinyGptTraining.TrainOrLoad(config, train, context.CacheDirectory, context.Seed, progress: new SyncProgress<TrainingProgress>(p =>
+        {
+            if (p.Batch % 200 == 0)
+            {
+                context.Log.WriteLine($"  epoch {p.Epoch + 1}/{p.Epochs}, batch {p.Batch}/{p.BatchesPerEpoch}: loss {p.Loss:0.000}");
+            }
+        }));
+        context.Log.WriteLine(trained.FromCache ? "TinyGpt: trained weights from the cache" : $"TinyGpt: trained in {trained.Seconds:0} s");
+
+        // Calibration windows spread evenly over the training split (a fixed choice, the same every run).
+        long stride = Math.Max(1, train.Count / calibrationWindows);
+        var index = arange(0, train.Count, stride, dtype: ScalarType.Int64)[..calibrationWindows];
+        var calibration = new TensorDataset(train.Inputs.index_select(0, index), train.Targets.index_select(0, index));
+        var test = TinyGptTraining.Windows(corpus.TokenIds(TextSplit.Test), config.Context);
+        return new GptBaseline((TinyGpt)trained.Model, calibration, test, trained);
+    }
+
+    public CompressionData Data => new(Calibration, Test) { Evaluator = new PerplexityEvaluator(batchSize: 64) };
+
+    public double Perplexity(nn.Module<Tensor, Tensor> model) => new PerplexityEvaluator(batchSize: 64).Evaluate(model, Test).Value;
+
+    /// <summary>Quantizes a copy of the model with one step (no pipeline) and returns its test perplexity.</summary>
+    public double Quantized(PostTrainingQuantizationOptions options, ScenarioContext context, string label)
+    {
+        var watch = System.Diagnostics.Stopwatch.StartNew();
+        var stepContext = new CompressionContext(Data, Model, seed: context.Seed);
+        using var quantized = new PostTrainingQuantizationStep(options).Apply(ModuleCloner.DeepClone(Model), stepContext);
+        double seconds = watch.Elapsed.TotalSeconds;
+        double perplexity = Perplexity(quantized);
+        context.Log.WriteLine($"  {label,-22} perplexity {perplexity,8:0.00}   ({seconds:0.0} s to quantize)");
+        return perplexity;
+    }
+
+    public void Dispose()
+    {
+        Model.Dispose();
+        Calibration.Dispose();
+        Test.Dispose();
+    }
+}
+
+/// <summary>
+/// TinyGpt on the Brown corpus at 4 and 3 bits: round-to-nearest against GPTQ, all in <c>reference</c>; the pipeline
+/// run (and so <c>final</c>) is the best 4-bit model.
+/// </summary>
+public sealed class GptPtqScenario : IScenario
+{
+    public string Name => "gpt-ptq";
+
+    public string Description => "TinyGpt (Brown corpus): test perplexity of fp32, RTN and GPTQ at 4 bits (group 64) and 3 bits";
+
+    public IReadOnlyList<ScenarioTarget> Targets { get; } =
+    [
+        new("GPTQ beats round-to-nearest at 4 bits", r => Get(r, "perplexityGptq4") < Get(r, "perplexityRtn4")),
+        new("GPTQ beats round-to-nearest at 3 bits", r => Get(r, "perplexityGptq3") < Get(r, "perplexityRtn3")),
+        new("the best 4-bit model within 5% of fp32 perplexity", r => Get(r, "best4RelativeIncrease") <= 0.05),
+        new("GPTQ at 3 bits recovers ≥ 60% of RTN's perplexity gap", r => Get(r, "gptq3GapRecovered") >= 0.6),
+    ];
+
+    public CompressionReport Run(ScenarioContext context)
+    {
+        using var baseline = GptBaseline.Load(context);
+        double fp32 = baseline.Perplexity(baseline.Model);
+        context.Log.WriteLine($"  {"fp32",-22} perplexity {fp32,8:0.00}");
+
+        static PostTrainingQuantizationOptions Options(int bits, WeightRounding rounding) => new()
+        {
+            Mode = QuantizationMode.WeightOnlyInt4,
+            WeightBits = bits,
+            WeightGranularity = QuantizationGranularity.PerGroup(64),
+            Rounding = rounding,
+            CalibrationBatches = 4,
+            CalibrationBatchSize = 32,
+        };
+
+        double rtn4 = baseline.Quantized(Options(4, WeightRounding.Nearest), context, "RTN int4 (group 64)");
+        double rtn3 = baseline.Quantized(Options(3, WeightRounding.Nearest), context, "RTN int3 (group 64)");
+        double gptq3 = baseline.Quantized(Options(3, WeightRounding.Gptq()), context, "GPTQ int3 (group 64)");
+
+        // The best 4-bit method runs as the pipeline, so the report's final figures (size, speed) are its.
+        using var result = CompressionPipeline.Create()
+            .WithModelName("TinyGpt")
+            .WithSeed(context.Seed)
+            .AddPostTrainingQuantization(Options(4, WeightRounding.Gptq()))
+            .Build()
+            .Run(baseline.Model, baseline.Data);
+        var report = result.Report;
+        double gptq4 = report.Final.Accuracy;
+        context.Log.WriteLine($"  {"GPTQ int4 (group 64)",-22} perplexity {gptq4,8:0.00}   (the pipeline's final model)");
+
+        double best4 = Math.Min(rtn4, gptq4);
+        report.Reference = new Dictionary<string, double>
+        {
+            ["parameters"] = baseline.Model.parameters().Sum(p => p.numel()),
+            ["trainingSeconds"] = baseline.Trained.Seconds,
+            ["testTokens"] = baseline.Test.Targets.ne(TinyGptTraining.IgnoreIndex).sum().item<long>(),
+            ["perplexityFp32"] = fp32,
+            ["perplexityRtn4"] = rtn4,
+            ["perplexityGptq4"] = gptq4,
+            ["perplexityRtn3"] = rtn3,
+            ["perplexityGptq3"] = gptq3,
+            ["best4RelativeIncrease"] = (best4 / fp32) - 1,
+            ["gptq3GapRecovered"] = rtn3 > fp32 ? (rtn3 - gptq3) / (rtn3 - fp32) : double.NaN,
+        };
+        return report;
+    }
+
+    private static double Get(CompressionReport report, string key) =>
+        report.Reference is not null && report.Reference.TryGetValue(key, out var v) ? v : double.NaN;
+}
+
+/// <summary>Progress reported on the caller's thread, in order (<see cref="Progress{T}"/> posts to the thread pool).</summary>
+internal sealed class SyncProgress<T>(Action<T> report) : IProgress<T>
+{
+    public void Report(T value) => report(value);
+}
