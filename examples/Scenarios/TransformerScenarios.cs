@@ -37,7 +37,7 @@ internal sealed class GptBaseline : IDisposable
     {
         var corpus = BrownCorpus.LoadBundled();
         var config = Config(corpus.Tokenizer.VocabularySize);
-        using var train = TinyGptTraining.Windows(corpus.TokenIds(TextSplit.Train), config.Context, stride: config.Context / 2);
+        using var train = TinyGptTraining.Windows(corpus.TokenIds(TextSplit.Train), config.Context);
         var trained = TinyGptTraining.TrainOrLoad(config, train, context.CacheDirectory, context.Seed, progress: new SyncProgress<TrainingProgress>(p =>
         {
             if (p.Batch % 200 == 0)
@@ -87,7 +87,7 @@ public sealed class GptPtqScenario : IScenario
 {
     public string Name => "gpt-ptq";
 
-    public string Description => "TinyGpt (Brown corpus): test perplexity of fp32, RTN and GPTQ at 4 bits (group 64) and 3 bits";
+    public string Description => "TinyGpt (Brown corpus): test perplexity of fp32, RTN and GPTQ at 4, 3 and 2 bits (group 64)";
 
     public IReadOnlyList<ScenarioTarget> Targets { get; } =
     [
@@ -116,6 +116,8 @@ public sealed class GptPtqScenario : IScenario
         double rtn4 = baseline.Quantized(Options(4, WeightRounding.Nearest), context, "RTN int4 (group 64)");
         double rtn3 = baseline.Quantized(Options(3, WeightRounding.Nearest), context, "RTN int3 (group 64)");
         double gptq3 = baseline.Quantized(Options(3, WeightRounding.Gptq()), context, "GPTQ int3 (group 64)");
+        double rtn2 = baseline.Quantized(Options(2, WeightRounding.Nearest), context, "RTN int2 (group 64)");
+        double gptq2 = baseline.Quantized(Options(2, WeightRounding.Gptq()), context, "GPTQ int2 (group 64)");
 
         // The best 4-bit method runs as the pipeline, so the report's final figures (size, speed) are its.
         using var result = CompressionPipeline.Create()
@@ -139,6 +141,8 @@ public sealed class GptPtqScenario : IScenario
             ["perplexityGptq4"] = gptq4,
             ["perplexityRtn3"] = rtn3,
             ["perplexityGptq3"] = gptq3,
+            ["perplexityRtn2"] = rtn2,
+            ["perplexityGptq2"] = gptq2,
             ["best4RelativeIncrease"] = (best4 / fp32) - 1,
             ["gptq3GapRecovered"] = rtn3 > fp32 ? (rtn3 - gptq3) / (rtn3 - fp32) : double.NaN,
         };

@@ -19,7 +19,7 @@ public static class TinyGptTraining
     /// </summary>
     /// <param name="epochs">Passes over the training windows.</param>
     /// <returns>New training options.</returns>
-    public static TrainingOptions Recipe(int epochs = 2) => new()
+    public static TrainingOptions Recipe(int epochs = 1) => new()
     {
         Epochs = epochs,
         BatchSize = 32,
@@ -52,7 +52,7 @@ public static class TinyGptTraining
     /// <param name="epochs">Passes over the training windows.</param>
     /// <param name="progress">Optional training progress.</param>
     /// <returns>The trained model, in evaluation mode.</returns>
-    public static TrainedModel TrainOrLoad(TinyGptConfig config, ModelCompression.Data.TensorDataset train, string? cacheDirectory = null, int seed = 0, int epochs = 2, IProgress<TrainingProgress>? progress = null)
+    public static TrainedModel TrainOrLoad(TinyGptConfig config, ModelCompression.Data.TensorDataset train, string? cacheDirectory = null, int seed = 0, int epochs = 1, IProgress<TrainingProgress>? progress = null)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(train);

@@ -140,7 +140,7 @@ internal static class QuantizationTargets
     /// model in evaluation mode without gradients, its mode restored after; <paramref name="afterBatch"/> gets the
     /// number of batches run so far.
     /// </summary>
-    public static void RunCalibrationBatches(nn.Module<Tensor, Tensor> model, IBatchSource data, int batches, int batchSize, CompressionContext context, Action<int>? afterBatch = null)
+    public static void RunCalibrationBatches(nn.Module<Tensor, Tensor> model, IBatchSource data, int batches, int batchSize, CompressionContext context, Action<int>? afterBatch = null, Action<Tensor, Tensor>? beforeBatch = null)
     {
         bool wasTraining = model.training;
         model.eval();
@@ -148,7 +148,7 @@ internal static class QuantizationTargets
         {
             using var noGrad = no_grad();
             int seen = 0;
-            foreach (var (input, _) in data.ScopedBatches(batchSize, shuffle: true, seed: context.StepSeed))
+            foreach (var (input, target) in data.ScopedBatches(batchSize, shuffle: true, seed: context.StepSeed))
             {
                 if (seen == batches)
                 {
@@ -156,6 +156,7 @@ internal static class QuantizationTargets
                 }
 
                 context.CancellationToken.ThrowIfCancellationRequested();
+                beforeBatch?.Invoke(input, target);
                 model.call(input.to(context.Device));
                 seen++;
                 afterBatch?.Invoke(seen);

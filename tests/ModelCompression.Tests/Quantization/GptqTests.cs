@@ -4,6 +4,7 @@ using ModelCompression.Quantization.Gptq;
 using ModelCompression.Quantization.Kernels;
 using ModelCompression.Serialization;
 using ModelCompression.Tests.Support;
+using ModelCompression.Training;
 using NUnit.Framework;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -129,6 +130,35 @@ public sealed class GptqTests
         stream.Position = 0;
         using var loaded = CompressedModel.Load(stream);
         Assert.That(loaded.call(heldOut).eq(gptq.call(heldOut)).all().item<bool>(), Is.True);
+    }
+
+    [Test]
+    public void Step_PaddedPositions_LeftOutOfTheHessian()
+    {
+        // Sequences [batch, time, features] whose last positions are padding (target −100): whatever the padding holds,
+        // GPTQ must find the same weights, because only scored positions enter the Hessian.
+        torch.random.manual_seed(15);
+        using var original = nn.Sequential(("fc1", nn.Linear(8, 16)), ("relu", nn.ReLU()), ("fc2", nn.Linear(16, 5)));
+        using var generator = new Generator(16);
+        var inputs = randn([32, 6, 8], generator: generator);
+        var targets = randint(0, 5, [32, 6], generator: generator, dtype: ScalarType.Int64);
+        targets[.., 4..] = -100;
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, WeightGranularity = QuantizationGranularity.PerGroup(8), Rounding = WeightRounding.Gptq(), CalibrationBatches = 2, CalibrationBatchSize = 16 };
+
+        float[] Quantize(Tensor padding)
+        {
+            var x = inputs.clone();
+            x[.., 4..] = padding;
+            using var data = new TensorDataset(x, targets);
+            var context = new CompressionContext(new ModelCompression.CompressionData(data, data) { Evaluator = new PerplexityEvaluator() }, original);
+            using var quantized = new PostTrainingQuantizationStep(options).Apply(ModuleCloner.DeepClone(original), context);
+            using var noGrad = no_grad();
+            return quantized.call(inputs).contiguous().data<float>().ToArray();
+        }
+
+        var a = Quantize(randn([32, 2, 8], generator: generator) * 100);
+        var b = Quantize(zeros([32, 2, 8]));
+        Assert.That(a, Is.EqualTo(b));
     }
 
     [TestCase(true)]

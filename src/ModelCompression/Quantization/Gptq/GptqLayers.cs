@@ -1,5 +1,6 @@
 using ModelCompression.Modules;
 using ModelCompression.Quantization.Kernels;
+using ModelCompression.Training;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -143,10 +144,19 @@ internal static class GptqLayers
         var sum = zeros([k, k], ScalarType.Float64);
         long rows = 0;
         bool finite = true;
+        // Padding: positions whose next-token target is the ignored id say nothing about the layer's real inputs.
+        long ignored = context.Evaluator is PerplexityEvaluator perplexity ? perplexity.IgnoreIndex : -100;
+        Tensor? scored = null;
         var remove = target.Module.register_forward_pre_hook((m, input) =>
         {
             using var scope = NewDisposeScope();
-            var x = input.detach().to(ScalarType.Float64).cpu().reshape(-1, k);
+            var values = input.detach();
+            if (scored is not null && values.dim() == 3 && values.shape[0] == scored.shape[0] && values.shape[1] == scored.shape[1])
+            {
+                values = values.masked_select(scored.to(values.device).unsqueeze(-1)).reshape(-1, k);
+            }
+
+            var x = values.to(ScalarType.Float64).cpu().reshape(-1, k);
             if (!isfinite(x).all().item<bool>())
             {
                 finite = false;
@@ -159,7 +169,11 @@ internal static class GptqLayers
         }).remove;
         try
         {
-            QuantizationTargets.RunCalibrationBatches(root, context.CalibrationData, options.CalibrationBatches, options.CalibrationBatchSize, context);
+            QuantizationTargets.RunCalibrationBatches(root, context.CalibrationData, options.CalibrationBatches, options.CalibrationBatchSize, context, beforeBatch: (_, target) =>
+            {
+                // Token targets [batch, time] mark the positions to use; anything else uses every row.
+                scored = target.dtype == ScalarType.Int64 && target.dim() == 2 ? target.ne(ignored) : null;
+            });
         }
         finally
         {
