@@ -74,6 +74,7 @@ public static class ScenarioCatalog
         new TradeOffsScenario(),
         new ZooMatrixScenario(),
         new GptPtqScenario(),
+        new GptDecodeScenario(),
     ];
 }
 

@@ -158,3 +158,117 @@ internal sealed class SyncProgress<T>(Action<T> report) : IProgress<T>
 {
     public void Report(T value) => report(value);
 }
+
+/// <summary>
+/// TinyGpt generating text at batch 1 (greedy, the whole window recomputed each token): tokens per second of fp32,
+/// dynamic int8 and GPTQ int4 in one run, each model generating twice to show the same tokens come out.
+/// </summary>
+public sealed class GptDecodeScenario : IScenario
+{
+    private const int PromptTokens = 16;
+    private const int NewTokens = 48;
+
+    public string Name => "gpt-decode";
+
+    public string Description => $"TinyGpt (Brown corpus): greedy generation of {NewTokens} tokens at batch 1 in fp32, dynamic int8 and GPTQ int4";
+
+    public IReadOnlyList<ScenarioTarget> Targets { get; } =
+    [
+        global::Scenarios.Targets.ReferenceAtLeast("repeatable", 1, "every model generates the same tokens on a second run"),
+    ];
+
+    public CompressionReport Run(ScenarioContext context)
+    {
+        using var baseline = GptBaseline.Load(context);
+        var corpus = BrownCorpus.LoadBundled();
+        var prompt = corpus.TokenIds(TextSplit.Test)[..PromptTokens];
+        context.Log.WriteLine($"Prompt: {corpus.Tokenizer.Decode(prompt)}");
+
+        var int8Options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.DynamicInt8, CalibrationBatches = 1, CalibrationBatchSize = 32 };
+        var int4Options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, WeightGranularity = QuantizationGranularity.PerGroup(64), Rounding = WeightRounding.Gptq(), CalibrationBatches = 4, CalibrationBatchSize = 32 };
+        using var int8 = Quantize(baseline, int8Options, context);
+        using var int4 = Quantize(baseline, int4Options, context);
+
+        var models = new (string Name, nn.Module<Tensor, Tensor> Model)[] { ("fp32", baseline.Model), ("int8", int8), ("int4", int4) };
+        var reference = new Dictionary<string, double> { ["repeatable"] = 1 };
+        // Warm each model once, then time them in turns so that load on the machine falls on all alike.
+        foreach (var (_, model) in models)
+        {
+            Generate(model, prompt, 4);
+        }
+
+        var seconds = new double[models.Length];
+        var first = new int[models.Length][];
+        for (int round = 0; round < 2; round++)
+        {
+            for (int i = 0; i < models.Length; i++)
+            {
+                var watch = System.Diagnostics.Stopwatch.StartNew();
+                var tokens = Generate(models[i].Model, prompt, NewTokens);
+                seconds[i] += watch.Elapsed.TotalSeconds;
+                if (round == 0)
+                {
+                    first[i] = tokens;
+                }
+                else if (!tokens.SequenceEqual(first[i]))
+                {
+                    reference["repeatable"] = 0;
+                    context.Log.WriteLine($"{models[i].Name}: the second run generated different tokens");
+                }
+            }
+        }
+
+        for (int i = 0; i < models.Length; i++)
+        {
+            double perSecond = 2 * NewTokens / seconds[i];
+            reference[$"tokensPerSecond{Capitalized(models[i].Name)}"] = perSecond;
+            context.Log.WriteLine($"  {models[i].Name,-5} {perSecond,7:0.0} tokens/s   …{corpus.Tokenizer.Decode(first[i][PromptTokens..])}");
+        }
+
+        reference["int8SpeedupOverFp32"] = reference["tokensPerSecondInt8"] / reference["tokensPerSecondFp32"];
+        reference["int4SpeedupOverFp32"] = reference["tokensPerSecondInt4"] / reference["tokensPerSecondFp32"];
+        reference["int8SameTokensAsFp32"] = first[1].SequenceEqual(first[0]) ? 1 : 0;
+        reference["int4SameTokensAsFp32"] = first[2].SequenceEqual(first[0]) ? 1 : 0;
+        context.Log.WriteLine($"Speed-up over fp32: int8 {reference["int8SpeedupOverFp32"]:0.00}×, int4 {reference["int4SpeedupOverFp32"]:0.00}× (paired, same run)");
+
+        return new CompressionReport
+        {
+            Model = "TinyGpt",
+            Metric = "perplexity",
+            Baseline = Figures(baseline.Perplexity(baseline.Model), baseline.Model),
+            Final = Figures(baseline.Perplexity(int4), int4),
+            Reference = reference,
+        };
+    }
+
+    private static ModelFigures Figures(double perplexity, nn.Module<Tensor, Tensor> model)
+    {
+        long parameters = ModelCompression.Metrics.ModelMetrics.CountParameters(model);
+        return new ModelFigures { Accuracy = perplexity, Parameters = parameters, NonzeroParameters = parameters, SizeBytes = ModelCompression.Serialization.CompressedModel.Measure(model).TotalBytes };
+    }
+
+    private static nn.Module<Tensor, Tensor> Quantize(GptBaseline baseline, PostTrainingQuantizationOptions options, ScenarioContext context)
+    {
+        var stepContext = new CompressionContext(baseline.Data, baseline.Model, seed: context.Seed);
+        return new PostTrainingQuantizationStep(options).Apply(ModuleCloner.DeepClone(baseline.Model), stepContext);
+    }
+
+    /// <summary>Greedy decoding: the prompt and then <paramref name="count"/> tokens, each the argmax after the last window.</summary>
+    private static int[] Generate(nn.Module<Tensor, Tensor> model, int[] prompt, int count)
+    {
+        model.eval();
+        var tokens = new List<int>(prompt);
+        using var noGrad = no_grad();
+        for (int i = 0; i < count; i++)
+        {
+            using var scope = NewDisposeScope();
+            var window = tokens.Skip(Math.Max(0, tokens.Count - 64)).Select(t => (long)t).ToArray();
+            var logits = model.call(tensor(window, [1, window.Length], ScalarType.Int64));
+            tokens.Add((int)logits[0, -1].argmax().item<long>());
+        }
+
+        return [.. tokens];
+    }
+
+    private static string Capitalized(string name) => char.ToUpperInvariant(name[0]) + name[1..];
+}
