@@ -1,6 +1,3 @@
-using System.IO.Compression;
-using System.Security.Cryptography;
-using System.Text;
 using ModelCompression.Data;
 using static TorchSharp.torch;
 
@@ -102,23 +99,11 @@ public sealed class MnistDigits
     /// <exception cref="InvalidDataException">The data is corrupt or truncated.</exception>
     public static MnistDigits Load(Stream stream)
     {
-        ArgumentNullException.ThrowIfNull(stream);
-        byte[] payload;
-        try
+        // Magic, gzip and the SHA-256 at the end are checked as for the bundled text files.
+        var payload = BundledPayload.Read(stream, Magic, "digits");
+        if (payload.Length < HeaderBytes)
         {
-            using var gzip = new GZipStream(stream, CompressionMode.Decompress, leaveOpen: true);
-            using var buffer = new MemoryStream();
-            gzip.CopyTo(buffer);
-            payload = buffer.ToArray();
-        }
-        catch (Exception ex) when (ex is InvalidDataException or EndOfStreamException or IOException)
-        {
-            throw new InvalidDataException($"The digits file is not valid gzip data: {ex.Message}", ex);
-        }
-
-        if (payload.Length < HeaderBytes + DigestBytes || Encoding.ASCII.GetString(payload, 0, Magic.Length) != Magic)
-        {
-            throw new InvalidDataException("The digits file does not start with the MCMNIST1 header.");
+            throw new InvalidDataException($"The digits file is truncated: {payload.Length + DigestBytes} bytes, shorter than its header.");
         }
 
         int count = BitConverter.ToInt32(payload, 8);
@@ -129,17 +114,10 @@ public sealed class MnistDigits
             throw new InvalidDataException($"The digits file declares {count} digits of {rows}×{cols}; expected 28×28.");
         }
 
-        long expected = HeaderBytes + count + ((long)count * PixelCount) + DigestBytes;
+        long expected = HeaderBytes + count + ((long)count * PixelCount);
         if (payload.Length != expected)
         {
-            throw new InvalidDataException($"The digits file is truncated or padded: {payload.Length} bytes where {expected} were expected.");
-        }
-
-        int bodyLength = payload.Length - DigestBytes;
-        var digest = SHA256.HashData(payload.AsSpan(0, bodyLength));
-        if (!digest.AsSpan().SequenceEqual(payload.AsSpan(bodyLength)))
-        {
-            throw new InvalidDataException("The digits file's SHA-256 does not match its contents: the file is corrupt.");
+            throw new InvalidDataException($"The digits file is truncated or padded: {payload.Length + DigestBytes} bytes where {expected + DigestBytes} were expected.");
         }
 
         var labels = payload.AsSpan(HeaderBytes, count).ToArray();

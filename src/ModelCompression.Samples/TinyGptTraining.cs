@@ -56,36 +56,9 @@ public static class TinyGptTraining
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(train);
-        var net = TinyGpt.Create(config, seed);
         string key = $"TinyGpt-v{config.Vocabulary}-c{config.Context}-w{config.Width}-h{config.Heads}-l{config.Layers}-m{config.MlpRatio}";
         string? path = cacheDirectory is null ? null : Path.Combine(cacheDirectory, $"{key}-e{epochs}-seed{seed}-r{RecipeVersion}-{ZooTraining.Fingerprint(train)}.weights");
-        if (path is not null && File.Exists(path))
-        {
-            try
-            {
-                net.load(path);
-                net.eval();
-                return new TrainedModel(net, true, 0);
-            }
-            catch (Exception ex) when (ex is IOException or ArgumentException or InvalidOperationException or EndOfStreamException)
-            {
-                // A stale or damaged cache entry: train again and overwrite it.
-                net.Dispose();
-                net = TinyGpt.Create(config, seed);
-            }
-        }
-
-        var summary = new Trainer(Recipe(epochs)).Train(net, train, seed: seed, progress: progress);
-        net.eval();
-        if (path is not null)
-        {
-            Directory.CreateDirectory(cacheDirectory!);
-            string temp = path + ".tmp";
-            net.save(temp);
-            File.Move(temp, path, overwrite: true);
-        }
-
-        return new TrainedModel(net, false, summary.Seconds);
+        return ZooTraining.TrainOrLoadCached(() => TinyGpt.Create(config, seed), path, net => new Trainer(Recipe(epochs)).Train(net, train, seed: seed, progress: progress).Seconds);
     }
 
     /// <summary>

@@ -55,9 +55,22 @@ public static class ZooTraining
     public static TrainedModel TrainOrLoad(ZooModel model, MnistSplit split, string? cacheDirectory = null, int seed = 0, IProgress<TrainingProgress>? progress = null)
     {
         ArgumentNullException.ThrowIfNull(split);
-        var net = ModelZoo.Create(model, seed);
         // The key covers the training data itself, so another split, layout or scaling never reuses these weights.
         string? path = cacheDirectory is null ? null : Path.Combine(cacheDirectory, $"{model}-seed{seed}-r{RecipeVersion}-{Fingerprint(split.Train)}.weights");
+        return TrainOrLoadCached(() => ModelZoo.Create(model, seed), path, net => new Trainer(Recipe(model)).Train(net, split.Train, seed: seed, progress: progress).Seconds);
+    }
+
+    /// <summary>
+    /// Reads a model's weights from <paramref name="path"/> when they are there and fit, else builds it, trains it and
+    /// writes the weights there (through a temporary file, so a crash never leaves half a file).
+    /// </summary>
+    /// <param name="create">Builds the untrained model.</param>
+    /// <param name="path">The cache file, or <see langword="null"/> to always train.</param>
+    /// <param name="train">Trains the model and returns the seconds it took.</param>
+    /// <returns>The trained model, in evaluation mode.</returns>
+    internal static TrainedModel TrainOrLoadCached(Func<nn.Module<Tensor, Tensor>> create, string? path, Func<nn.Module<Tensor, Tensor>, double> train)
+    {
+        var net = create();
         if (path is not null && File.Exists(path))
         {
             try
@@ -70,21 +83,21 @@ public static class ZooTraining
             {
                 // A stale or damaged cache entry: train again and overwrite it.
                 net.Dispose();
-                net = ModelZoo.Create(model, seed);
+                net = create();
             }
         }
 
-        var summary = new Trainer(Recipe(model)).Train(net, split.Train, seed: seed, progress: progress);
+        double seconds = train(net);
         net.eval();
         if (path is not null)
         {
-            Directory.CreateDirectory(cacheDirectory!);
+            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
             string temp = path + ".tmp";
             net.save(temp);
             File.Move(temp, path, overwrite: true);
         }
 
-        return new TrainedModel(net, false, summary.Seconds);
+        return new TrainedModel(net, false, seconds);
     }
 
     /// <summary>The first 12 hex digits of the SHA-256 of the data's inputs and targets.</summary>
