@@ -87,7 +87,7 @@ public sealed class GptPtqScenario : IScenario
 {
     public string Name => "gpt-ptq";
 
-    public string Description => "TinyGpt (Brown corpus): test perplexity of fp32, RTN and GPTQ at 4, 3 and 2 bits (group 64)";
+    public string Description => "TinyGpt (Brown corpus): test perplexity of fp32, RTN, AWQ and GPTQ at 4, 3 and 2 bits (group 64)";
 
     public IReadOnlyList<ScenarioTarget> Targets { get; } =
     [
@@ -103,18 +103,21 @@ public sealed class GptPtqScenario : IScenario
         double fp32 = baseline.Perplexity(baseline.Model);
         context.Log.WriteLine($"  {"fp32",-22} perplexity {fp32,8:0.00}");
 
-        static PostTrainingQuantizationOptions Options(int bits, WeightRounding rounding) => new()
+        static PostTrainingQuantizationOptions Options(int bits, WeightRounding rounding, bool awq = false) => new()
         {
             Mode = QuantizationMode.WeightOnlyInt4,
             WeightBits = bits,
             WeightGranularity = QuantizationGranularity.PerGroup(64),
             Rounding = rounding,
+            Awq = awq ? new AwqOptions() : null,
             CalibrationBatches = 4,
             CalibrationBatchSize = 32,
         };
 
         double rtn4 = baseline.Quantized(Options(4, WeightRounding.Nearest), context, "RTN int4 (group 64)");
+        double awq4 = baseline.Quantized(Options(4, WeightRounding.Nearest, awq: true), context, "AWQ int4 (group 64)");
         double rtn3 = baseline.Quantized(Options(3, WeightRounding.Nearest), context, "RTN int3 (group 64)");
+        double awq3 = baseline.Quantized(Options(3, WeightRounding.Nearest, awq: true), context, "AWQ int3 (group 64)");
         double gptq3 = baseline.Quantized(Options(3, WeightRounding.Gptq()), context, "GPTQ int3 (group 64)");
         double rtn2 = baseline.Quantized(Options(2, WeightRounding.Nearest), context, "RTN int2 (group 64)");
         double gptq2 = baseline.Quantized(Options(2, WeightRounding.Gptq()), context, "GPTQ int2 (group 64)");
@@ -130,7 +133,7 @@ public sealed class GptPtqScenario : IScenario
         double gptq4 = report.Final.Accuracy;
         context.Log.WriteLine($"  {"GPTQ int4 (group 64)",-22} perplexity {gptq4,8:0.00}   (the pipeline's final model)");
 
-        double best4 = Math.Min(rtn4, gptq4);
+        double best4 = Math.Min(Math.Min(rtn4, gptq4), awq4);
         report.Reference = new Dictionary<string, double>
         {
             ["parameters"] = baseline.Model.parameters().Sum(p => p.numel()),
@@ -139,7 +142,9 @@ public sealed class GptPtqScenario : IScenario
             ["perplexityFp32"] = fp32,
             ["perplexityRtn4"] = rtn4,
             ["perplexityGptq4"] = gptq4,
+            ["perplexityAwq4"] = awq4,
             ["perplexityRtn3"] = rtn3,
+            ["perplexityAwq3"] = awq3,
             ["perplexityGptq3"] = gptq3,
             ["perplexityRtn2"] = rtn2,
             ["perplexityGptq2"] = gptq2,

@@ -102,6 +102,12 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
     public WeightRounding Rounding { get; set; } = WeightRounding.Nearest;
 
     /// <summary>
+    /// Gets or sets AWQ's activation-aware scaling, applied before rounding in the weight-only modes; <see langword="null"/>
+    /// (the default) for none. See <see cref="AwqOptions"/>.
+    /// </summary>
+    public AwqOptions? Awq { get; set; }
+
+    /// <summary>
     /// Gets or sets the bits per weight of the weight-only modes: 2, 3 or 4 under <see cref="QuantizationMode.WeightOnlyInt4"/>
     /// (levels ±1, ±3 or ±7) and 5 to 8 under <see cref="QuantizationMode.WeightOnlyInt8"/>; the file stores that many
     /// bits per weight before entropy coding.
@@ -190,6 +196,15 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
             }
         }
 
+        if (Awq is not null)
+        {
+            errors.AddRange(Awq.Errors($"{Owner}.{nameof(Awq)}"));
+            if (Mode is not (QuantizationMode.WeightOnlyInt4 or QuantizationMode.WeightOnlyInt8))
+            {
+                errors.Add($"{Owner}.{nameof(Awq)} applies to the weight-only modes; {Mode} quantizes activations too (SmoothQuant's migration is what balances those).");
+            }
+        }
+
         OptionsValidationException.AddNested(errors, Owner, nameof(Layers), Layers?.Validate());
         if (Fallback is not null)
         {
@@ -215,6 +230,7 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
         KeepFloatWhenSlower = KeepFloatWhenSlower,
         Rounding = Rounding,
         WeightBits = WeightBits,
+        Awq = Awq is null ? null : new AwqOptions { GridPoints = Awq.GridPoints, MaxRows = Awq.MaxRows },
         Fallback = Fallback is null ? null : new QuantizationFallback { MaxAccuracyDrop = Fallback.MaxAccuracyDrop, MaxFloatLayers = Fallback.MaxFloatLayers },
     };
 }

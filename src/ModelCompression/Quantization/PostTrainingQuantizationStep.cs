@@ -3,6 +3,7 @@ using Microsoft.Extensions.Logging;
 using ModelCompression.Data;
 using ModelCompression.Metrics;
 using ModelCompression.Modules;
+using ModelCompression.Quantization.Awq;
 using ModelCompression.Quantization.Gptq;
 using ModelCompression.Quantization.Kernels;
 using ModelCompression.Training;
@@ -144,6 +145,15 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
 
         using var scope = NewDisposeScope();
         var structure = _options.FoldBatchNorm || _options.FuseRelu ? QuantizationTargets.FollowingLayers(model, targets) : [];
+        if (_options.Awq is { } awq)
+        {
+            // Scales folded into the LayerNorms before anything is observed or rounded; the float model is unchanged.
+            foreach (string note in AwqScaling.Apply(model, targets, _options, awq, context))
+            {
+                context.AddNote($"AWQ: {note}");
+            }
+        }
+
         var calibration = Calibrate(model, targets, context);
         try
         {

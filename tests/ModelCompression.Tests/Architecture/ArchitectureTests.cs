@@ -185,7 +185,7 @@ public sealed class ArchitectureTests
         DepthwiseSeparableRewriteStep.Rewrite(conv).Block.Dispose();
         GC.Collect();
         GC.WaitForPendingFinalizers();
-        long before = Tensor.TotalCount;
+        long before = TestModels.SettledTensorCount();
         var (block, _) = DepthwiseSeparableRewriteStep.Rewrite(conv);
         block.Dispose();
         long afterFirst = Tensor.TotalCount - before;

@@ -149,7 +149,7 @@ public sealed class WeightClusteringStepTests
         {
             GC.Collect();
             GC.WaitForPendingFinalizers();
-            long before = Tensor.TotalCount;
+            long before = TestModels.SettledTensorCount();
             step.Apply(ModuleCloner.DeepClone(model), Context(model, train)).Dispose();
             GC.Collect();
             GC.WaitForPendingFinalizers();

@@ -1,4 +1,5 @@
 using ModelCompression.Data;
+using ModelCompression.Tests.Support;
 using NUnit.Framework;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -66,7 +67,7 @@ public sealed class TensorDatasetTests
         using var data = Numbered(20);
         GC.Collect();
         GC.WaitForPendingFinalizers();
-        long before = Tensor.TotalCount;
+        long before = TestModels.SettledTensorCount();
         foreach (var (x, _) in data.ScopedBatches(3, shuffle: true))
         {
             _ = (x * 2).sum();

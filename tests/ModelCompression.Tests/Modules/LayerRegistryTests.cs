@@ -71,7 +71,7 @@ public sealed class LayerRegistryTests
         GC.Collect();
         GC.WaitForPendingFinalizers();
 
-        long before = Tensor.TotalCount;
+        long before = TestModels.SettledTensorCount();
         NativeLayers[name]().Dispose();
         long construction = Tensor.TotalCount - before;
         before = Tensor.TotalCount;

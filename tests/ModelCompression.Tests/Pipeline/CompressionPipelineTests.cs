@@ -307,7 +307,7 @@ public sealed class CompressionPipelineTests
     {
         GC.Collect();
         GC.WaitForPendingFinalizers();
-        long before = Tensor.TotalCount;
+        long before = TestModels.SettledTensorCount();
         action();
         return Tensor.TotalCount - before;
     }

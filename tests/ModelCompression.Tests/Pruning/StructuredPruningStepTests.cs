@@ -333,7 +333,7 @@ public sealed class StructuredPruningStepTests
         ChannelGroupTracer.Trace(model, x);
         GC.Collect();
         GC.WaitForPendingFinalizers();
-        long before = Tensor.TotalCount;
+        long before = TestModels.SettledTensorCount();
         ChannelGroupTracer.Trace(model, x);
         Assert.That(Tensor.TotalCount, Is.EqualTo(before));
     }

@@ -181,7 +181,7 @@ public sealed class GptqTests
         int oldState = model.state_dict().Count;
         GC.Collect();
         GC.WaitForPendingFinalizers();
-        long before = Tensor.TotalCount;
+        long before = TestModels.SettledTensorCount();
         using var result = step.Apply(model, new CompressionContext(new ModelCompression.CompressionData(data, data), original));
         GC.Collect();
         GC.WaitForPendingFinalizers();

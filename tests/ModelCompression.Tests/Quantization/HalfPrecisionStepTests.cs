@@ -197,7 +197,7 @@ public sealed class HalfPrecisionStepTests
 
         GC.Collect();
         GC.WaitForPendingFinalizers();
-        long before = Tensor.TotalCount;
+        long before = TestModels.SettledTensorCount();
         using (no_grad())
         {
             for (int i = 0; i < 3; i++)

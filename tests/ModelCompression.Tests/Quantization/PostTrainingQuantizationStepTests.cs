@@ -463,7 +463,7 @@ public sealed class PostTrainingQuantizationStepTests
         int oldState = model.state_dict().Count;
         GC.Collect();
         GC.WaitForPendingFinalizers();
-        long before = Tensor.TotalCount;
+        long before = TestModels.SettledTensorCount();
         using var result = step.Apply(model, Context(original, data));
         GC.Collect();
         GC.WaitForPendingFinalizers();

@@ -272,7 +272,7 @@ public sealed class QuantizationAwareTrainingTests
         int oldState = model.state_dict().Count;
         GC.Collect();
         GC.WaitForPendingFinalizers();
-        long before = Tensor.TotalCount;
+        long before = TestModels.SettledTensorCount();
         using var result = step.Apply(model, Context(original, data, data));
         GC.Collect();
         GC.WaitForPendingFinalizers();

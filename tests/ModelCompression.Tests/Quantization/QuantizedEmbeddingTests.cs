@@ -1,6 +1,7 @@
 using ModelCompression.Metrics;
 using ModelCompression.Modules;
 using ModelCompression.Quantization;
+using ModelCompression.Tests.Support;
 using NUnit.Framework;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -269,7 +270,7 @@ public sealed class QuantizedEmbeddingTests
         using var ids = randint(0, 64, [3, 7], dtype: ScalarType.Int64);
         int8.call(ids).Dispose();
         int4.call(ids).Dispose();
-        long before = Tensor.TotalCount;
+        long before = TestModels.SettledTensorCount();
         for (int i = 0; i < 5; i++)
         {
             int8.call(ids).Dispose();

@@ -56,6 +56,18 @@ internal static class TestModels
         return bn;
     }
 
+    /// <summary>
+    /// The live tensor count once earlier garbage is collected and finalized: taken as a leak test's baseline, so that
+    /// other tests' tensors finalized during the measurement cannot lower the count.
+    /// </summary>
+    public static long SettledTensorCount()
+    {
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        GC.Collect();
+        return Tensor.TotalCount;
+    }
+
     /// <summary>SHA-256 of every state_dict entry's name, dtype, shape and bytes, in order.</summary>
     public static string StateHash(nn.Module module)
     {

@@ -427,7 +427,7 @@ public sealed class PyTorchImportTests
         Assert.Throws<StateDictMismatchException>(() => PyTorchImport.LoadStateDict(model, bad));
         GC.Collect();
         GC.WaitForPendingFinalizers();
-        long before = Tensor.TotalCount;
+        long before = TestModels.SettledTensorCount();
 
         PyTorchImport.LoadStateDict(model, path);
         Assert.Throws<StateDictMismatchException>(() => PyTorchImport.LoadStateDict(model, bad));

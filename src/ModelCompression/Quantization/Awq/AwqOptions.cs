@@ -1,0 +1,38 @@
+namespace ModelCompression.Quantization;
+
+/// <summary>
+/// Options of AWQ's activation-aware scaling (<see cref="PostTrainingQuantizationOptions.Awq"/>; Lin et al., MLSys 2024):
+/// the Linear layers that read one LayerNorm's output get per-input-channel scales s = mean|x|^α, folded into that
+/// LayerNorm (its weight and bias divided by s, the layers' weights multiplied), with α chosen on the calibration
+/// inputs for the smallest output error after rounding. The float model computes the same; the salient input
+/// channels' weights lose less to rounding.
+/// </summary>
+/// <remarks>
+/// Linear layers whose input is not a LayerNorm's output (an attention's output projection, an MLP's second layer)
+/// are not scaled, and the step's notes name them: no layer before them can absorb the inverse scale. AWQ composes with
+/// either rounding (<see cref="WeightRounding.Nearest"/> or <see cref="WeightRounding.Gptq"/>), which then rounds the
+/// scaled weights. Calibration holds the inputs of one layer per LayerNorm, at most <see cref="MaxRows"/> rows each.
+/// </remarks>
+public sealed class AwqOptions
+{
+    /// <summary>Gets or sets the number of exponents α tried, evenly from 0 (no scaling) to below 1.</summary>
+    /// <value>The default is 20 (AWQ's grid); at least 2.</value>
+    public int GridPoints { get; set; } = 20;
+
+    /// <summary>Gets or sets the most calibration rows (tokens) per LayerNorm used to measure the output error.</summary>
+    /// <value>The default is 4,096; at least 1.</value>
+    public int MaxRows { get; set; } = 4096;
+
+    internal IEnumerable<string> Errors(string owner)
+    {
+        if (GridPoints < 2)
+        {
+            yield return $"{owner}.{nameof(GridPoints)} must be at least 2 (was {GridPoints}).";
+        }
+
+        if (MaxRows < 1)
+        {
+            yield return $"{owner}.{nameof(MaxRows)} must be at least 1 (was {MaxRows}).";
+        }
+    }
+}

@@ -1,0 +1,207 @@
+using ModelCompression.Modules;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ModelCompression.Quantization.Awq;
+
+/// <summary>
+/// AWQ's activation-aware scaling (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
+/// Acceleration", MLSys 2024): before the weights are rounded, each input channel of the Linear layers that read one
+/// LayerNorm's output is scaled up by s = mean|x|^α (so the weights of salient channels lose less to rounding) and the
+/// LayerNorm's weight and bias are divided by s, so the float model computes the same. α is searched per LayerNorm on
+/// the calibration inputs for the smallest output error of the rounded layers.
+/// </summary>
+internal static class AwqScaling
+{
+    /// <summary>Scales every foldable group in place and returns one line per group for the notes.</summary>
+    /// <param name="root">The model (changed in place: LayerNorm and Linear weights).</param>
+    /// <param name="targets">The layers to be quantized; only Linear ones are scaled.</param>
+    /// <param name="options">The step's options (bits, granularity, calibration).</param>
+    /// <param name="awq">AWQ's settings.</param>
+    /// <param name="context">The step's context.</param>
+    /// <returns>What was scaled, and what could not be.</returns>
+    public static List<string> Apply(nn.Module<Tensor, Tensor> root, IReadOnlyList<Target> targets, PostTrainingQuantizationOptions options, AwqOptions awq, CompressionContext context)
+    {
+        var linear = targets.Where(t => t.Module is Linear).ToDictionary(t => (object)t.Module, t => t.Name, ReferenceEqualityComparer.Instance);
+        var norms = root.named_modules().Where(m => m.module is LayerNorm).ToDictionary(m => (object)m.module, m => m.name, ReferenceEqualityComparer.Instance);
+        if (linear.Count == 0 || norms.Count == 0)
+        {
+            return ["AWQ: no Linear layer reads a LayerNorm's output directly, so nothing was scaled"];
+        }
+
+        // One calibration pass: which LayerNorm output each Linear reads, and that input's rows.
+        var producedBy = new Dictionary<object, string>(ReferenceEqualityComparer.Instance);
+        var readers = new Dictionary<string, List<string>>(StringComparer.Ordinal);
+        var inputs = new Dictionary<string, List<Tensor>>(StringComparer.Ordinal);
+        var unfoldable = new HashSet<string>(StringComparer.Ordinal);
+        var removers = new List<Action>();
+        using var scope = NewDisposeScope();
+        try
+        {
+            foreach (var (module, name) in norms)
+            {
+                removers.Add(((LayerNorm)module).register_forward_hook((m, x, y) =>
+                {
+                    producedBy[y] = name;
+                    return y;
+                }).remove);
+            }
+
+            foreach (var (module, name) in linear)
+            {
+                removers.Add(((Linear)module).register_forward_pre_hook((m, x) =>
+                {
+                    if (!producedBy.TryGetValue(x, out var norm))
+                    {
+                        unfoldable.Add(name);
+                        return x;
+                    }
+
+                    if (!readers.TryGetValue(norm, out var list))
+                    {
+                        readers[norm] = list = [];
+                        inputs[norm] = [];
+                    }
+
+                    if (!list.Contains(name))
+                    {
+                        list.Add(name);
+                    }
+
+                    if (list[0] == name)
+                    {
+                        // Kept past the batch's dispose scope; freed below.
+                        inputs[norm].Add(x.detach().reshape(-1, x.shape[^1]).to(ScalarType.Float32).cpu().clone().DetachFromDisposeScope());
+                    }
+
+                    return x;
+                }).remove);
+            }
+
+            QuantizationTargets.RunCalibrationBatches(root, context.CalibrationData, options.CalibrationBatches, options.CalibrationBatchSize, context, afterBatch: _ => producedBy.Clear());
+        }
+        finally
+        {
+            removers.ForEach(remove => remove());
+        }
+
+        try
+        {
+            return Scale(root, linear, readers, inputs, unfoldable, options, awq, context);
+        }
+        finally
+        {
+            foreach (var t in inputs.Values.SelectMany(list => list))
+            {
+                t.Dispose();
+            }
+        }
+    }
+
+    private static List<string> Scale(
+        nn.Module<Tensor, Tensor> root,
+        Dictionary<object, string> linear,
+        Dictionary<string, List<string>> readers,
+        Dictionary<string, List<Tensor>> inputs,
+        HashSet<string> unfoldable,
+        PostTrainingQuantizationOptions options,
+        AwqOptions awq,
+        CompressionContext context)
+    {
+        using var scope = NewDisposeScope();
+        var notes = new List<string>();
+        int groupSize = options.EffectiveGranularity is PerGroupGranularity g ? g.Size : 0;
+        foreach (var (normName, names) in readers)
+        {
+            context.CancellationToken.ThrowIfCancellationRequested();
+            var norm = (LayerNorm)ModuleTree.GetSubmodule(root, normName);
+            if (norm.weight is null || names.Any(unfoldable.Contains))
+            {
+                notes.Add($"{normName}: not scaled ({(norm.weight is null ? "the LayerNorm has no affine weight to fold into" : "a reader also reads other inputs")})");
+                continue;
+            }
+
+            var layers = names.Select(n => (Linear)ModuleTree.GetSubmodule(root, n)).ToList();
+            var x = cat(inputs[normName], 0);
+            if (x.shape[0] > awq.MaxRows)
+            {
+                x = x[..awq.MaxRows];
+            }
+
+            var (alpha, before, after, scales) = Search(x, layers, options.Bits, groupSize, awq.GridPoints);
+            using (no_grad())
+            {
+                foreach (var layer in layers)
+                {
+                    layer.weight!.mul_(scales.unsqueeze(0));
+                }
+
+                norm.weight.div_(scales);
+                norm.bias?.div_(scales);
+            }
+
+            notes.Add($"{normName} → {string.Join(", ", names)}: α = {alpha:0.00}, output error {after / before:P0} of round-to-nearest's");
+        }
+
+        var unscaled = linear.Values.Where(n => !readers.Values.Any(r => r.Contains(n))).ToList();
+        if (unscaled.Count > 0)
+        {
+            notes.Add($"not scaled (their input is not a LayerNorm's output, so no layer absorbs the inverse scale): {string.Join(", ", unscaled)}");
+        }
+
+        return notes;
+    }
+
+    /// <summary>The exponent α on a grid from 0 with the smallest output error of the rounded, scaled layers.</summary>
+    private static (double Alpha, double Before, double After, Tensor Scales) Search(Tensor x, List<Linear> layers, int bits, int groupSize, int gridPoints)
+    {
+        using var noGrad = no_grad();
+        var magnitude = x.abs().mean([0]).clamp_min(1e-8);
+        var references = layers.Select(l => x.matmul(l.weight!.detach().t())).ToList();
+        double best = double.PositiveInfinity, before = double.NaN, bestAlpha = 0;
+        Tensor bestScales = ones_like(magnitude);
+        for (int i = 0; i < gridPoints; i++)
+        {
+            using var step = NewDisposeScope();
+            double alpha = (double)i / gridPoints;
+            var s = magnitude.pow(alpha);
+            s = s / (s.max() * s.min()).sqrt();
+            double error = 0;
+            for (int j = 0; j < layers.Count; j++)
+            {
+                var w = layers[j].weight!.detach();
+                var rounded = RoundToNearest(w * s.unsqueeze(0), bits, groupSize) / s.unsqueeze(0);
+                error += (x.matmul(rounded.t()) - references[j]).square().sum().item<float>();
+            }
+
+            if (i == 0)
+            {
+                before = error;
+            }
+
+            if (error < best)
+            {
+                best = error;
+                bestAlpha = alpha;
+                bestScales = s.MoveToOuterDisposeScope();
+            }
+        }
+
+        return (bestAlpha, before, best, bestScales);
+    }
+
+    /// <summary>Symmetric round-to-nearest with a scale per row or per group of consecutive inputs (the quantized layers' grid).</summary>
+    private static Tensor RoundToNearest(Tensor w, int bits, int groupSize)
+    {
+        int qmax = Kernels.QuantizedMatrix.MaxLevel(bits);
+        long n = w.shape[0], k = w.shape[1];
+        long size = groupSize <= 0 || groupSize >= k ? k : groupSize;
+        long padded = (k + size - 1) / size * size;
+        var p = padded == k ? w : nn.functional.pad(w, [0, padded - k]);
+        var grouped = p.reshape(n, padded / size, size);
+        var scale = grouped.abs().amax([-1], keepdim: true).clamp_min(1e-12) / qmax;
+        var q = (grouped / scale).round().clamp(-qmax, qmax) * scale;
+        return padded == k ? q.reshape(n, k) : q.reshape(n, padded).narrow(1, 0, k);
+    }
+}

@@ -1,0 +1,107 @@
+using ModelCompression.Modules;
+using ModelCompression.Quantization;
+using ModelCompression.Quantization.Awq;
+using ModelCompression.Tests.Support;
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+using TensorDataset = ModelCompression.Data.TensorDataset;
+
+namespace ModelCompression.Tests.Quantization;
+
+[TestFixture]
+public sealed class AwqTests
+{
+    [Test]
+    public void Scaling_FoldedIntoTheLayerNorm_LeavesTheFloatModelUnchanged()
+    {
+        using var original = Model(21);
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = Data(22);
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, WeightBits = 3, Awq = new AwqOptions(), CalibrationBatches = 2, CalibrationBatchSize = 64 };
+        var context = new CompressionContext(new ModelCompression.CompressionData(data, data), original);
+        var targets = QuantizationTargetsFor(model);
+
+        var notes = AwqScaling.Apply(model, targets, options, options.Awq!, context);
+
+        Assert.That(notes, Has.Some.Contains("norm → fc1, gate"));
+        Assert.That(notes, Has.Some.Contains("not scaled").And.Contains("fc2"));
+        using var noGrad = no_grad();
+        var x = data.Inputs[..32];
+        var expected = original.call(x);
+        var actual = model.call(x);
+        Assert.That((actual - expected).abs().max().item<float>(), Is.LessThan(1e-5 * expected.abs().max().item<float>() + 1e-6));
+        Assert.That(TestModels.StateHash(model), Is.Not.EqualTo(TestModels.StateHash(original)), "the weights did change");
+    }
+
+    [TestCase(3)]
+    [TestCase(4)]
+    public void Step_SalientChannels_AwqBelowRoundToNearest(int bits)
+    {
+        using var original = Model(23);
+        using var data = Data(24);
+        using var heldOut = Data(25);
+        double Error(AwqOptions? awq)
+        {
+            var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, WeightBits = bits, WeightGranularity = QuantizationGranularity.PerGroup(16), Awq = awq, CalibrationBatches = 2, CalibrationBatchSize = 64 };
+            var context = new CompressionContext(new ModelCompression.CompressionData(data, data), original);
+            using var quantized = new PostTrainingQuantizationStep(options).Apply(ModuleCloner.DeepClone(original), context);
+            using var noGrad = no_grad();
+            return (quantized.call(heldOut.Inputs) - original.call(heldOut.Inputs)).square().mean().item<float>();
+        }
+
+        double rtn = Error(null), awq = Error(new AwqOptions());
+        TestContext.Out.WriteLine($"{bits} bits: RTN {rtn:G4}, AWQ {awq:G4}");
+        Assert.That(awq, Is.LessThan(rtn));
+    }
+
+    [Test]
+    public void Options_AwqOutsideTheWeightOnlyModes_Rejected()
+    {
+        var errors = new PostTrainingQuantizationOptions { Mode = QuantizationMode.DynamicInt8, Awq = new AwqOptions { GridPoints = 1 } }.Validate();
+        Assert.That(errors, Has.Some.Contains("weight-only"));
+        Assert.That(errors, Has.Some.Contains("GridPoints"));
+    }
+
+    /// <summary>LayerNorm → two Linear layers reading it (a gated MLP) → Linear; a few channels of the norm are large.</summary>
+    private static nn.Module<Tensor, Tensor> Model(int seed)
+    {
+        torch.random.manual_seed(seed);
+        var model = new GatedMlp();
+        using (no_grad())
+        {
+            var norm = (TorchSharp.Modules.LayerNorm)ModuleTree.GetSubmodule(model, "norm");
+            norm.weight![3] = 25;
+            norm.weight[9] = 15;
+            norm.bias!.normal_(0, 0.1);
+        }
+
+        return model;
+    }
+
+    private static TensorDataset Data(int seed)
+    {
+        using var generator = new Generator((ulong)seed);
+        return new TensorDataset(randn([128, 16], generator: generator), zeros(128, dtype: ScalarType.Int64));
+    }
+
+    private static List<Target> QuantizationTargetsFor(nn.Module<Tensor, Tensor> model) =>
+        [.. model.named_modules().Where(m => m.module is TorchSharp.Modules.Linear).Select(m => new Target(m.name, (nn.Module<Tensor, Tensor>)m.module))];
+
+    private sealed class GatedMlp : nn.Module<Tensor, Tensor>
+    {
+        private readonly nn.Module<Tensor, Tensor> norm = nn.LayerNorm(16);
+        private readonly nn.Module<Tensor, Tensor> fc1 = nn.Linear(16, 32);
+        private readonly nn.Module<Tensor, Tensor> gate = nn.Linear(16, 32);
+        private readonly nn.Module<Tensor, Tensor> fc2 = nn.Linear(32, 8);
+
+        public GatedMlp() : base(nameof(GatedMlp)) => RegisterComponents();
+
+        public override Tensor forward(Tensor input)
+        {
+            using var scope = NewDisposeScope();
+            var h = norm.call(input);
+            return fc2.call(fc1.call(h) * nn.functional.sigmoid(gate.call(h))).MoveToOuterDisposeScope();
+        }
+    }
+}
