@@ -119,6 +119,10 @@ public sealed class GptPtqScenario : IScenario
         double rtn3 = baseline.Quantized(Options(3, WeightRounding.Nearest), context, "RTN int3 (group 64)");
         double awq3 = baseline.Quantized(Options(3, WeightRounding.Nearest, awq: true), context, "AWQ int3 (group 64)");
         double gptq3 = baseline.Quantized(Options(3, WeightRounding.Gptq()), context, "GPTQ int3 (group 64)");
+        var w8a8 = new PostTrainingQuantizationOptions { Mode = QuantizationMode.StaticInt8, CalibrationBatches = 4, CalibrationBatchSize = 32 };
+        double staticInt8 = baseline.Quantized(w8a8, context, "W8A8 (static int8)");
+        w8a8.SmoothQuant = new SmoothQuantOptions();
+        double smoothQuant = baseline.Quantized(w8a8, context, "W8A8 + SmoothQuant");
         double rtn2 = baseline.Quantized(Options(2, WeightRounding.Nearest), context, "RTN int2 (group 64)");
         double gptq2 = baseline.Quantized(Options(2, WeightRounding.Gptq()), context, "GPTQ int2 (group 64)");
 
@@ -146,6 +150,8 @@ public sealed class GptPtqScenario : IScenario
             ["perplexityRtn3"] = rtn3,
             ["perplexityAwq3"] = awq3,
             ["perplexityGptq3"] = gptq3,
+            ["perplexityStaticInt8"] = staticInt8,
+            ["perplexityStaticInt8SmoothQuant"] = smoothQuant,
             ["perplexityRtn2"] = rtn2,
             ["perplexityGptq2"] = gptq2,
             ["best4RelativeIncrease"] = (best4 / fp32) - 1,

@@ -108,6 +108,12 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
     public AwqOptions? Awq { get; set; }
 
     /// <summary>
+    /// Gets or sets SmoothQuant's migration of activation outliers into the weights, applied before quantizing in the int8
+    /// modes that quantize activations; <see langword="null"/> (the default) for none. See <see cref="SmoothQuantOptions"/>.
+    /// </summary>
+    public SmoothQuantOptions? SmoothQuant { get; set; }
+
+    /// <summary>
     /// Gets or sets the bits per weight of the weight-only modes: 2, 3 or 4 under <see cref="QuantizationMode.WeightOnlyInt4"/>
     /// (levels ±1, ±3 or ±7) and 5 to 8 under <see cref="QuantizationMode.WeightOnlyInt8"/>; the file stores that many
     /// bits per weight before entropy coding.
@@ -205,6 +211,15 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
             }
         }
 
+        if (SmoothQuant is not null)
+        {
+            errors.AddRange(SmoothQuant.Errors($"{Owner}.{nameof(SmoothQuant)}"));
+            if (Mode is not (QuantizationMode.StaticInt8 or QuantizationMode.DynamicInt8))
+            {
+                errors.Add($"{Owner}.{nameof(SmoothQuant)} applies to the modes that quantize activations (StaticInt8, DynamicInt8); {Mode} does not.");
+            }
+        }
+
         OptionsValidationException.AddNested(errors, Owner, nameof(Layers), Layers?.Validate());
         if (Fallback is not null)
         {
@@ -231,6 +246,7 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
         Rounding = Rounding,
         WeightBits = WeightBits,
         Awq = Awq is null ? null : new AwqOptions { GridPoints = Awq.GridPoints, MaxRows = Awq.MaxRows },
+        SmoothQuant = SmoothQuant is null ? null : new SmoothQuantOptions { MigrationStrength = SmoothQuant.MigrationStrength },
         Fallback = Fallback is null ? null : new QuantizationFallback { MaxAccuracyDrop = Fallback.MaxAccuracyDrop, MaxFloatLayers = Fallback.MaxFloatLayers },
     };
 }

@@ -3,9 +3,9 @@ using Microsoft.Extensions.Logging;
 using ModelCompression.Data;
 using ModelCompression.Metrics;
 using ModelCompression.Modules;
-using ModelCompression.Quantization.Awq;
 using ModelCompression.Quantization.Gptq;
 using ModelCompression.Quantization.Kernels;
+using ModelCompression.Quantization.Scaling;
 using ModelCompression.Training;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -145,13 +145,15 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
 
         using var scope = NewDisposeScope();
         var structure = _options.FoldBatchNorm || _options.FuseRelu ? QuantizationTargets.FollowingLayers(model, targets) : [];
+        // Scales folded into the LayerNorms before anything is observed or rounded; the float model is unchanged.
         if (_options.Awq is { } awq)
         {
-            // Scales folded into the LayerNorms before anything is observed or rounded; the float model is unchanged.
-            foreach (string note in AwqScaling.Apply(model, targets, _options, awq, context))
-            {
-                context.AddNote($"AWQ: {note}");
-            }
+            LayerNormScaling.Awq(model, targets, _options, awq, context).ForEach(note => context.AddNote($"AWQ: {note}"));
+        }
+
+        if (_options.SmoothQuant is { } smooth)
+        {
+            LayerNormScaling.SmoothQuant(model, targets, _options, smooth, context).ForEach(note => context.AddNote($"SmoothQuant: {note}"));
         }
 
         var calibration = Calibrate(model, targets, context);

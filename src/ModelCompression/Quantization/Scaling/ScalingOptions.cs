@@ -36,3 +36,30 @@ public sealed class AwqOptions
         }
     }
 }
+
+/// <summary>
+/// Options of SmoothQuant's migration (<see cref="PostTrainingQuantizationOptions.SmoothQuant"/>; Xiao et al.,
+/// "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language Models", ICML 2023): before int8
+/// quantization of weights and activations, each input channel of the Linear layers that read one LayerNorm's output is
+/// divided by s = max|x|^α / max|w|^(1−α) in the LayerNorm and multiplied back in the weights, so activation outliers
+/// move into the weights, whose per-channel scales absorb them. The float model computes the same.
+/// </summary>
+/// <remarks>
+/// For <see cref="QuantizationMode.StaticInt8"/> (one activation range per layer, where outliers hurt most) and
+/// <see cref="QuantizationMode.DynamicInt8"/>. Layers whose input is not a LayerNorm's output are not smoothed, and the
+/// step's notes name them. Calibration holds the inputs of one layer per LayerNorm.
+/// </remarks>
+public sealed class SmoothQuantOptions
+{
+    /// <summary>Gets or sets the migration strength α: 0 leaves activations alone, 1 moves their whole range into the weights.</summary>
+    /// <value>The default is 0.5 (SmoothQuant's for most models); 0 to 1.</value>
+    public double MigrationStrength { get; set; } = 0.5;
+
+    internal IEnumerable<string> Errors(string owner)
+    {
+        if (!(MigrationStrength >= 0 && MigrationStrength <= 1))
+        {
+            yield return $"{owner}.{nameof(MigrationStrength)} must be in [0, 1] (was {MigrationStrength}).";
+        }
+    }
+}

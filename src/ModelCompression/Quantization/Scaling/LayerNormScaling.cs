@@ -3,31 +3,60 @@ using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
-namespace ModelCompression.Quantization.Awq;
+namespace ModelCompression.Quantization.Scaling;
 
 /// <summary>
-/// AWQ's activation-aware scaling (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
-/// Acceleration", MLSys 2024): before the weights are rounded, each input channel of the Linear layers that read one
-/// LayerNorm's output is scaled up by s = mean|x|^α (so the weights of salient channels lose less to rounding) and the
-/// LayerNorm's weight and bias are divided by s, so the float model computes the same. α is searched per LayerNorm on
-/// the calibration inputs for the smallest output error of the rounded layers.
+/// Per-input-channel scales for the Linear layers that read one LayerNorm's output, folded into that LayerNorm: the
+/// layers' weight columns are multiplied by s and the LayerNorm's weight and bias divided by s, so the float model
+/// computes the same. AWQ (Lin et al., MLSys 2024) chooses s to protect the weights of salient input channels from
+/// rounding; SmoothQuant (Xiao et al., ICML 2023) chooses it to move activation outliers into the weights, where int8
+/// handles them. Both share the discovery of which Linear layers read which LayerNorm, from one calibration pass.
 /// </summary>
-internal static class AwqScaling
+internal static class LayerNormScaling
 {
+    /// <summary>Chooses the scales of one group from its calibration inputs [rows, channels] and its layers; returns them and a note.</summary>
+    public delegate (Tensor Scales, string Note) ScaleChooser(Tensor inputs, List<Linear> layers);
+
+    /// <summary>AWQ: α on a grid, for the smallest output error of the rounded layers on the calibration inputs.</summary>
+    public static List<string> Awq(nn.Module<Tensor, Tensor> root, IReadOnlyList<Target> targets, PostTrainingQuantizationOptions options, AwqOptions awq, CompressionContext context)
+    {
+        int groupSize = options.EffectiveGranularity is PerGroupGranularity g ? g.Size : 0;
+        return Fold(root, targets, options, awq.MaxRows, context, (x, layers) =>
+        {
+            var (alpha, before, after, scales) = Search(x, layers, options.Bits, groupSize, awq.GridPoints);
+            return (scales, $"α = {alpha:0.00}, output error {after / before:P0} of round-to-nearest's");
+        });
+    }
+
+    /// <summary>SmoothQuant: s = max|x|^α / max|w|^(1−α) per input channel, α the migration strength.</summary>
+    public static List<string> SmoothQuant(nn.Module<Tensor, Tensor> root, IReadOnlyList<Target> targets, PostTrainingQuantizationOptions options, SmoothQuantOptions smooth, CompressionContext context) =>
+        Fold(root, targets, options, int.MaxValue, context, (x, layers) =>
+        {
+            using var noGrad = no_grad();
+            var activation = x.abs().amax([0]).clamp_min(1e-5);
+            var weight = stack(layers.Select(l => l.weight!.detach().abs().amax([0])).ToList()).amax([0]).clamp_min(1e-5);
+            var scales = (activation.pow(smooth.MigrationStrength) / weight.pow(1 - smooth.MigrationStrength)).clamp_min(1e-5);
+            double before = activation.max().item<float>() / activation.median().item<float>();
+            var smoothed = activation / scales;
+            double after = smoothed.max().item<float>() / smoothed.median().item<float>();
+            return (scales, $"α = {smooth.MigrationStrength:0.00}, largest/median channel range {before:0.0} → {after:0.0}");
+        });
+
     /// <summary>Scales every foldable group in place and returns one line per group for the notes.</summary>
     /// <param name="root">The model (changed in place: LayerNorm and Linear weights).</param>
     /// <param name="targets">The layers to be quantized; only Linear ones are scaled.</param>
-    /// <param name="options">The step's options (bits, granularity, calibration).</param>
-    /// <param name="awq">AWQ's settings.</param>
+    /// <param name="options">The step's options (calibration).</param>
+    /// <param name="maxRows">The most calibration rows per group handed to <paramref name="choose"/>.</param>
     /// <param name="context">The step's context.</param>
+    /// <param name="choose">Chooses each group's scales.</param>
     /// <returns>What was scaled, and what could not be.</returns>
-    public static List<string> Apply(nn.Module<Tensor, Tensor> root, IReadOnlyList<Target> targets, PostTrainingQuantizationOptions options, AwqOptions awq, CompressionContext context)
+    private static List<string> Fold(nn.Module<Tensor, Tensor> root, IReadOnlyList<Target> targets, PostTrainingQuantizationOptions options, int maxRows, CompressionContext context, ScaleChooser choose)
     {
         var linear = targets.Where(t => t.Module is Linear).ToDictionary(t => (object)t.Module, t => t.Name, ReferenceEqualityComparer.Instance);
         var norms = root.named_modules().Where(m => m.module is LayerNorm).ToDictionary(m => (object)m.module, m => m.name, ReferenceEqualityComparer.Instance);
         if (linear.Count == 0 || norms.Count == 0)
         {
-            return ["AWQ: no Linear layer reads a LayerNorm's output directly, so nothing was scaled"];
+            return ["no Linear layer reads a LayerNorm's output directly, so nothing was scaled"];
         }
 
         // One calibration pass: which LayerNorm output each Linear reads, and that input's rows.
@@ -88,7 +117,7 @@ internal static class AwqScaling
 
         try
         {
-            return Scale(root, linear, readers, inputs, unfoldable, options, awq, context);
+            return Scale(root, linear, readers, inputs, unfoldable, maxRows, choose, context);
         }
         finally
         {
@@ -105,13 +134,12 @@ internal static class AwqScaling
         Dictionary<string, List<string>> readers,
         Dictionary<string, List<Tensor>> inputs,
         HashSet<string> unfoldable,
-        PostTrainingQuantizationOptions options,
-        AwqOptions awq,
+        int maxRows,
+        ScaleChooser choose,
         CompressionContext context)
     {
         using var scope = NewDisposeScope();
         var notes = new List<string>();
-        int groupSize = options.EffectiveGranularity is PerGroupGranularity g ? g.Size : 0;
         foreach (var (normName, names) in readers)
         {
             context.CancellationToken.ThrowIfCancellationRequested();
@@ -124,12 +152,12 @@ internal static class AwqScaling
 
             var layers = names.Select(n => (Linear)ModuleTree.GetSubmodule(root, n)).ToList();
             var x = cat(inputs[normName], 0);
-            if (x.shape[0] > awq.MaxRows)
+            if (x.shape[0] > maxRows)
             {
-                x = x[..awq.MaxRows];
+                x = x[..maxRows];
             }
 
-            var (alpha, before, after, scales) = Search(x, layers, options.Bits, groupSize, awq.GridPoints);
+            var (scales, note) = choose(x, layers);
             using (no_grad())
             {
                 foreach (var layer in layers)
@@ -141,7 +169,7 @@ internal static class AwqScaling
                 norm.bias?.div_(scales);
             }
 
-            notes.Add($"{normName} → {string.Join(", ", names)}: α = {alpha:0.00}, output error {after / before:P0} of round-to-nearest's");
+            notes.Add($"{normName} → {string.Join(", ", names)}: {note}");
         }
 
         var unscaled = linear.Values.Where(n => !readers.Values.Any(r => r.Contains(n))).ToList();

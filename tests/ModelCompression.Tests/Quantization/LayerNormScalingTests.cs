@@ -1,6 +1,6 @@
 using ModelCompression.Modules;
 using ModelCompression.Quantization;
-using ModelCompression.Quantization.Awq;
+using ModelCompression.Quantization.Scaling;
 using ModelCompression.Tests.Support;
 using NUnit.Framework;
 using TorchSharp;
@@ -10,7 +10,7 @@ using TensorDataset = ModelCompression.Data.TensorDataset;
 namespace ModelCompression.Tests.Quantization;
 
 [TestFixture]
-public sealed class AwqTests
+public sealed class LayerNormScalingTests
 {
     [Test]
     public void Scaling_FoldedIntoTheLayerNorm_LeavesTheFloatModelUnchanged()
@@ -22,7 +22,7 @@ public sealed class AwqTests
         var context = new CompressionContext(new ModelCompression.CompressionData(data, data), original);
         var targets = QuantizationTargetsFor(model);
 
-        var notes = AwqScaling.Apply(model, targets, options, options.Awq!, context);
+        var notes = LayerNormScaling.Awq(model, targets, options, options.Awq!, context);
 
         Assert.That(notes, Has.Some.Contains("norm → fc1, gate"));
         Assert.That(notes, Has.Some.Contains("not scaled").And.Contains("fc2"));
@@ -61,6 +61,53 @@ public sealed class AwqTests
         var errors = new PostTrainingQuantizationOptions { Mode = QuantizationMode.DynamicInt8, Awq = new AwqOptions { GridPoints = 1 } }.Validate();
         Assert.That(errors, Has.Some.Contains("weight-only"));
         Assert.That(errors, Has.Some.Contains("GridPoints"));
+    }
+
+    [Test]
+    public void SmoothQuant_FoldedIntoTheLayerNorm_LeavesTheFloatModelUnchanged()
+    {
+        using var original = Model(26);
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = Data(27);
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.StaticInt8, SmoothQuant = new SmoothQuantOptions(), CalibrationBatches = 2, CalibrationBatchSize = 64 };
+        var context = new CompressionContext(new ModelCompression.CompressionData(data, data), original);
+
+        var notes = LayerNormScaling.SmoothQuant(model, QuantizationTargetsFor(model), options, options.SmoothQuant!, context);
+
+        Assert.That(notes, Has.Some.Contains("norm → fc1, gate").And.Contains("largest/median"));
+        using var noGrad = no_grad();
+        var x = data.Inputs[..32];
+        var expected = original.call(x);
+        Assert.That((model.call(x) - expected).abs().max().item<float>(), Is.LessThan(1e-5 * expected.abs().max().item<float>() + 1e-6));
+    }
+
+    [Test]
+    public void SmoothQuant_ActivationOutliers_StaticInt8ErrorBelowWithout()
+    {
+        using var original = Model(28);
+        using var data = Data(29);
+        using var heldOut = Data(30);
+        double Error(SmoothQuantOptions? smooth)
+        {
+            var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.StaticInt8, SmoothQuant = smooth, CalibrationBatches = 2, CalibrationBatchSize = 64 };
+            var context = new CompressionContext(new ModelCompression.CompressionData(data, data), original);
+            using var quantized = new PostTrainingQuantizationStep(options).Apply(ModuleCloner.DeepClone(original), context);
+            Assert.That(quantized.modules().OfType<QuantizedLinear>().Count(), Is.EqualTo(3));
+            using var noGrad = no_grad();
+            return (quantized.call(heldOut.Inputs) - original.call(heldOut.Inputs)).square().mean().item<float>();
+        }
+
+        double plain = Error(null), smoothed = Error(new SmoothQuantOptions());
+        TestContext.Out.WriteLine($"static int8: without {plain:G4}, with SmoothQuant {smoothed:G4}");
+        Assert.That(smoothed, Is.LessThan(plain));
+    }
+
+    [Test]
+    public void Options_SmoothQuantOutsideTheActivationModes_Rejected()
+    {
+        var errors = new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, SmoothQuant = new SmoothQuantOptions { MigrationStrength = 2 } }.Validate();
+        Assert.That(errors, Has.Some.Contains("quantize activations"));
+        Assert.That(errors, Has.Some.Contains("MigrationStrength"));
     }
 
     /// <summary>LayerNorm → two Linear layers reading it (a gated MLP) → Linear; a few channels of the norm are large.</summary>
