@@ -44,8 +44,10 @@ public abstract class WeightRounding
 /// The result is the same quantized layer and file as round-to-nearest, with the same scales' layout: one per row or
 /// per group of consecutive inputs. Calibration uses <see cref="PostTrainingQuantizationOptions.CalibrationBatches"/>
 /// batches of <see cref="PostTrainingQuantizationOptions.CalibrationBatchSize"/> samples, run once per Linear layer
-/// (the layers before it already quantized); the step holds one K×K float64 Hessian at a time (K the layer's inputs:
-/// 128 MB for K = 4,096). Convolutions, embeddings and natively implemented layers are rounded to nearest.
+/// (the layers before it already quantized). Memory is per layer, one layer at a time: at most four K×K float64
+/// matrices (K the layer's inputs: the accumulated Hessian, its working copy and two factors while it is factorised;
+/// 512 MB for K = 4,096) besides the layer's weights. Convolutions, embeddings and natively implemented layers are
+/// rounded to nearest.
 /// </para>
 /// <para>
 /// A Hessian that is not positive definite after damping gets ten times the damping and another try (four at most);

@@ -70,27 +70,39 @@ internal static class GptqSolver
 
         var permutation = actOrder ? h.diagonal().sort(descending: true, stable: true).Indices : arange(k, dtype: ScalarType.Int64);
         long[] order = permutation.data<long>().ToArray();
-        w = w.index_select(1, permutation).contiguous();
-        h = h.index_select(0, permutation).index_select(1, permutation);
+        var permuted = w.index_select(1, permutation).contiguous();
+        w.Dispose();
+        w = permuted;
+        var rows = h.index_select(0, permutation);
+        h.Dispose();
+        h = rows.index_select(1, permutation);
+        rows.Dispose();
 
-        // Damping: a fraction of the mean diagonal, raised tenfold until the Cholesky factorisation succeeds.
+        // Damping: a fraction of the mean diagonal, raised tenfold until the Cholesky factorisation succeeds. Each try's
+        // K×K intermediates are freed before the next, and only the factor the updates need is kept.
         double mean = h.diagonal().mean().item<double>();
         double damping = dampingFraction;
         int retries = 0;
-        Tensor upper;
-        while (true)
+        Tensor? hinv = null;
+        while (hinv is null)
         {
-            var damped = h + (eye(k, dtype: ScalarType.Float64) * (damping * mean));
-            var (factor, info) = linalg.cholesky_ex(damped);
-            if (info.item<int>() == 0)
+            using (var attempt = NewDisposeScope())
             {
-                var inverseHessian = cholesky_inverse(factor);
-                // The upper factor U of H⁻¹ = UᵀU is the transpose of its lower factor.
-                var (lower, info2) = linalg.cholesky_ex(inverseHessian);
-                if (info2.item<int>() == 0 && isfinite(lower).all().item<bool>())
+                var damped = h + (eye(k, dtype: ScalarType.Float64) * (damping * mean));
+                var (factor, info) = linalg.cholesky_ex(damped);
+                damped.Dispose();
+                if (info.item<int>() == 0)
                 {
-                    upper = lower.mT;
-                    break;
+                    var inverseHessian = cholesky_inverse(factor);
+                    factor.Dispose();
+                    // The upper factor U of H⁻¹ = UᵀU is the transpose of its lower factor.
+                    var (lower, info2) = linalg.cholesky_ex(inverseHessian);
+                    inverseHessian.Dispose();
+                    if (info2.item<int>() == 0 && isfinite(lower).all().item<bool>())
+                    {
+                        hinv = lower.mT.contiguous().MoveToOuterDisposeScope();
+                        break;
+                    }
                 }
             }
 
@@ -105,8 +117,8 @@ internal static class GptqSolver
             retries++;
         }
 
+        h.Dispose();
         var levels = new sbyte[n * k];
-        var hinv = upper.contiguous();
         var hinvRows = hinv.data<double>().ToArray(); // row-major [K, K], upper triangular
         for (int start = 0; start < k; start += blockSize)
         {
