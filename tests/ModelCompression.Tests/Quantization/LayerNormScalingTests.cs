@@ -103,6 +103,23 @@ public sealed class LayerNormScalingTests
     }
 
     [Test]
+    public void PostNormResidual_ReadsTheLayerNormToo_FoldUndoneAndNoted()
+    {
+        // h = norm(x) feeds fc and the residual sum: a scale folded into the norm would change the sum, so it is undone.
+        torch.random.manual_seed(31);
+        using var original = new PostNorm();
+        using var model = ModuleCloner.DeepClone(original);
+        using var data = Data(32);
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.StaticInt8, SmoothQuant = new SmoothQuantOptions(), CalibrationBatches = 1, CalibrationBatchSize = 64 };
+        var context = new CompressionContext(new ModelCompression.CompressionData(data, data), original);
+
+        var notes = LayerNormScaling.SmoothQuant(model, QuantizationTargetsFor(model), options, options.SmoothQuant!, context);
+
+        Assert.That(notes, Has.Some.Contains("norm: not scaled").And.Contains("reads its output"));
+        Assert.That(TestModels.StateHash(model), Is.EqualTo(TestModels.StateHash(original)));
+    }
+
+    [Test]
     public void Options_SmoothQuantOutsideTheActivationModes_Rejected()
     {
         var errors = new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, SmoothQuant = new SmoothQuantOptions { MigrationStrength = 2 } }.Validate();
@@ -134,6 +151,29 @@ public sealed class LayerNormScalingTests
 
     private static List<Target> QuantizationTargetsFor(nn.Module<Tensor, Tensor> model) =>
         [.. model.named_modules().Where(m => m.module is TorchSharp.Modules.Linear).Select(m => new Target(m.name, (nn.Module<Tensor, Tensor>)m.module))];
+
+    private sealed class PostNorm : nn.Module<Tensor, Tensor>
+    {
+        private readonly nn.Module<Tensor, Tensor> norm = nn.LayerNorm(16);
+        private readonly nn.Module<Tensor, Tensor> fc = nn.Linear(16, 16);
+        private readonly nn.Module<Tensor, Tensor> head = nn.Linear(16, 4);
+
+        public PostNorm() : base(nameof(PostNorm))
+        {
+            RegisterComponents();
+            using (no_grad())
+            {
+                ((TorchSharp.Modules.LayerNorm)norm).weight![2] = 20;
+            }
+        }
+
+        public override Tensor forward(Tensor input)
+        {
+            using var scope = NewDisposeScope();
+            var h = norm.call(input);
+            return head.call(fc.call(h) + h).MoveToOuterDisposeScope();
+        }
+    }
 
     private sealed class GatedMlp : nn.Module<Tensor, Tensor>
     {

@@ -1,3 +1,4 @@
+using ModelCompression.Data;
 using ModelCompression.Modules;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -140,6 +141,12 @@ internal static class LayerNormScaling
     {
         using var scope = NewDisposeScope();
         var notes = new List<string>();
+        // A LayerNorm whose output something else also reads (a post-norm block's residual path) cannot absorb a
+        // scale: each fold is checked on a calibration batch and undone when the model's output moved.
+        var (sample, _) = context.CalibrationData.FirstBatch(Math.Min(8, (int)Math.Min(int.MaxValue, context.CalibrationData.Count)));
+        sample = sample.to(context.Device);
+        var reference = Output(root, sample);
+        double tolerance = 1e-4 * Math.Max(1e-6, reference.abs().max().item<float>());
         foreach (var (normName, names) in readers)
         {
             context.CancellationToken.ThrowIfCancellationRequested();
@@ -158,6 +165,7 @@ internal static class LayerNormScaling
             }
 
             var (scales, note) = choose(x, layers);
+            var saved = layers.Select(l => l.weight!.detach().clone()).Append(norm.weight.detach().clone()).Append(norm.bias?.detach().clone()).ToList();
             using (no_grad())
             {
                 foreach (var layer in layers)
@@ -167,6 +175,23 @@ internal static class LayerNormScaling
 
                 norm.weight.div_(scales);
                 norm.bias?.div_(scales);
+            }
+
+            if ((Output(root, sample) - reference).abs().max().item<float>() > tolerance)
+            {
+                using (no_grad())
+                {
+                    for (int i = 0; i < layers.Count; i++)
+                    {
+                        layers[i].weight!.copy_(saved[i]!);
+                    }
+
+                    norm.weight.copy_(saved[layers.Count]!);
+                    norm.bias?.copy_(saved[layers.Count + 1]!);
+                }
+
+                notes.Add($"{normName}: not scaled (something besides {string.Join(", ", names)} reads its output, so the scale changed the model)");
+                continue;
             }
 
             notes.Add($"{normName} → {string.Join(", ", names)}: {note}");
@@ -179,6 +204,22 @@ internal static class LayerNormScaling
         }
 
         return notes;
+    }
+
+    /// <summary>The model's output on <paramref name="sample"/> in evaluation mode, without gradients; the mode is restored.</summary>
+    private static Tensor Output(nn.Module<Tensor, Tensor> root, Tensor sample)
+    {
+        bool wasTraining = root.training;
+        root.eval();
+        try
+        {
+            using var noGrad = no_grad();
+            return root.call(sample).to(ScalarType.Float32);
+        }
+        finally
+        {
+            root.train(wasTraining);
+        }
     }
 
     /// <summary>The exponent α on a grid from 0 with the smallest output error of the rounded, scaled layers.</summary>
