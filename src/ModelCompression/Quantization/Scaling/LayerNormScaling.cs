@@ -165,6 +165,13 @@ internal static class LayerNormScaling
             }
 
             var (scales, note) = choose(x, layers);
+            if (!isfinite(scales).all().item<bool>() || !(scales.min().item<float>() > 0))
+            {
+                // NaN or infinite calibration activations: the step's calibration names the layer; nothing is folded.
+                notes.Add($"{normName}: not scaled (its calibration inputs gave no finite positive scales)");
+                continue;
+            }
+
             var saved = layers.Select(l => l.weight!.detach().clone()).Append(norm.weight.detach().clone()).Append(norm.bias?.detach().clone()).ToList();
             using (no_grad())
             {
@@ -177,7 +184,7 @@ internal static class LayerNormScaling
                 norm.bias?.div_(scales);
             }
 
-            if ((Output(root, sample) - reference).abs().max().item<float>() > tolerance)
+            if (!((Output(root, sample) - reference).abs().max().item<float>() <= tolerance))
             {
                 using (no_grad())
                 {
