@@ -267,17 +267,11 @@ internal static class LayerNormScaling
         return (bestAlpha, before, best, bestScales);
     }
 
-    /// <summary>Symmetric round-to-nearest with a scale per row or per group of consecutive inputs (the quantized layers' grid).</summary>
+    /// <summary>Symmetric round-to-nearest with a scale per row or per group of consecutive inputs: the grid <see cref="WeightGrid"/> rounds onto.</summary>
     private static Tensor RoundToNearest(Tensor w, int bits, int groupSize)
     {
-        int qmax = Kernels.QuantizedMatrix.MaxLevel(bits);
-        long n = w.shape[0], k = w.shape[1];
-        long size = groupSize <= 0 || groupSize >= k ? k : groupSize;
-        long padded = (k + size - 1) / size * size;
-        var p = padded == k ? w : nn.functional.pad(w, [0, padded - k]);
-        var grouped = p.reshape(n, padded / size, size);
-        var scale = grouped.abs().amax([-1], keepdim: true).clamp_min(1e-12) / qmax;
-        var q = (grouped / scale).round().clamp(-qmax, qmax) * scale;
-        return padded == k ? q.reshape(n, k) : q.reshape(n, padded).narrow(1, 0, k);
+        var values = w.to(ScalarType.Float32).contiguous().data<float>().ToArray();
+        WeightGrid.Round(values, w.shape[0], bits, groupSize);
+        return tensor(values, w.shape);
     }
 }
