@@ -75,6 +75,7 @@ public static class ScenarioCatalog
         new ZooMatrixScenario(),
         new GptPtqScenario(),
         new GptDecodeScenario(),
+        new TextClassifierSmoothQuantScenario(),
     ];
 }
 
