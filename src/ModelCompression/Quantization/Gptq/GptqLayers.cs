@@ -1,6 +1,6 @@
+using ModelCompression.Calibration;
 using ModelCompression.Modules;
 using ModelCompression.Quantization.Kernels;
-using ModelCompression.Training;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -37,7 +37,7 @@ internal static class GptqLayers
             return solved;
         }
 
-        var order = CallOrder(root, linear, options, context);
+        var order = LayerInputs.CallOrder(root, linear, t => t.Module, options.CalibrationBatchSize, context);
         var standIns = new List<(string Name, nn.Module<Tensor, Tensor> Original, nn.Module<Tensor, Tensor> StandIn)>();
         var raised = new List<string>();
         var dead = new List<string>();
@@ -52,7 +52,7 @@ internal static class GptqLayers
                 int k = checked((int)layer.in_features);
                 int n = checked((int)layer.out_features);
                 using var scope = NewDisposeScope();
-                var hessian = Hessian(root, target, k, options, context);
+                var hessian = LayerInputs.Hessian(root, target.Name, target.Module, k, options.CalibrationBatches, options.CalibrationBatchSize, context);
                 var granularity = QuantizedMatrix.ForInputs(granularityRequested, k);
                 int groupSize = granularity is PerGroupGranularity g ? g.Size : 0;
                 var result = GptqSolver.Quantize(layer.weight!, hessian, options.Bits, groupSize, rounding.ActOrder, rounding.DampingFraction, rounding.BlockSize);
@@ -105,86 +105,5 @@ internal static class GptqLayers
         }
 
         return solved;
-    }
-
-    /// <summary>The Linear targets in the order of their first call on one calibration batch; layers never called are left out.</summary>
-    private static List<Target> CallOrder(nn.Module<Tensor, Tensor> root, List<Target> linear, PostTrainingQuantizationOptions options, CompressionContext context)
-    {
-        var order = new List<Target>();
-        var removers = new List<Action>();
-        try
-        {
-            foreach (var target in linear)
-            {
-                removers.Add(target.Module.register_forward_pre_hook((m, input) =>
-                {
-                    if (!order.Contains(target))
-                    {
-                        order.Add(target);
-                    }
-
-                    return input;
-                }).remove);
-            }
-
-            using var scope = NewDisposeScope();
-            QuantizationTargets.RunCalibrationBatches(root, context.CalibrationData, 1, options.CalibrationBatchSize, context);
-        }
-        finally
-        {
-            removers.ForEach(remove => remove());
-        }
-
-        return order;
-    }
-
-    /// <summary>2·XᵀX/n of one layer's inputs over the calibration batches (float64), with the model as it stands.</summary>
-    private static Tensor Hessian(nn.Module<Tensor, Tensor> root, Target target, int k, PostTrainingQuantizationOptions options, CompressionContext context)
-    {
-        var sum = zeros([k, k], ScalarType.Float64);
-        long rows = 0;
-        bool finite = true;
-        // Padding: positions whose next-token target is the ignored id say nothing about the layer's real inputs.
-        long ignored = context.Evaluator is PerplexityEvaluator perplexity ? perplexity.IgnoreIndex : -100;
-        Tensor? scored = null;
-        var remove = target.Module.register_forward_pre_hook((m, input) =>
-        {
-            using var scope = NewDisposeScope();
-            var values = input.detach();
-            if (scored is not null && values.dim() == 3 && values.shape[0] == scored.shape[0] && values.shape[1] == scored.shape[1])
-            {
-                values = values.masked_select(scored.to(values.device).unsqueeze(-1)).reshape(-1, k);
-            }
-
-            var x = values.to(ScalarType.Float64).cpu().reshape(-1, k);
-            if (!isfinite(x).all().item<bool>())
-            {
-                finite = false;
-                return input;
-            }
-
-            sum.addmm_(x.t(), x);
-            rows += x.shape[0];
-            return input;
-        }).remove;
-        try
-        {
-            QuantizationTargets.RunCalibrationBatches(root, context.CalibrationData, options.CalibrationBatches, options.CalibrationBatchSize, context, beforeBatch: (_, target) =>
-            {
-                // Token targets [batch, time] mark the positions to use; anything else uses every row.
-                scored = target.dtype == ScalarType.Int64 && target.dim() == 2 ? target.ne(ignored) : null;
-            });
-        }
-        finally
-        {
-            remove();
-        }
-
-        if (!finite)
-        {
-            throw new ArgumentException($"Layer '{target.Name}' received NaN or infinite activations during calibration; nothing was quantized.", "model");
-        }
-
-        return sum.mul_(2.0 / Math.Max(1, rows));
     }
 }

@@ -1,3 +1,4 @@
+using ModelCompression.Calibration;
 using ModelCompression.Quantization.Kernels;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -11,10 +12,8 @@ namespace ModelCompression.Quantization.Gptq;
 /// H = 2·XᵀX/n of the layer's inputs, so the layer's output error ‖WX − ŴX‖ rather than the weight error is kept small.
 /// </summary>
 /// <remarks>
-/// The inverse Hessian is used through the upper Cholesky factor of H⁻¹, whose row i (from column i on) holds what
-/// the exact sequential update needs once columns 0…i−1 are fixed; updates to columns beyond the current block are
-/// applied once per block (lazy batching), so the work is one K×K Cholesky, one inversion and N·K² multiply-adds. All
-/// arithmetic is float64. Scales are fixed before rounding, one per row or per group of consecutive inputs, from the
+/// The sweep itself (damping, Cholesky factor of H⁻¹, lazy block updates, float64) is <see cref="HessianSweep"/>, which
+/// SparseGPT shares. Scales are fixed before rounding, one per row or per group of consecutive inputs, from the
 /// weights as they stand when the group is reached (as GPTQ does) or, with act-order, from the original weights
 /// ("static groups"), so that the groups stay runs of consecutive inputs that the quantized layers and the file store.
 /// </remarks>
@@ -48,128 +47,18 @@ internal static class GptqSolver
         int group = groupSize <= 0 || groupSize >= k ? 0 : groupSize;
         int groups = group == 0 ? 1 : (k + group - 1) / group;
 
-        var w = weight.detach().to(ScalarType.Float64).cpu().clone();
-        var h = hessian.detach().to(ScalarType.Float64).cpu().clone();
-
-        // An input that is always zero carries no information: its weights cannot matter, so they become zero.
-        var dead = h.diagonal().eq(0);
-        int deadInputs = (int)dead.sum().item<long>();
-        if (deadInputs > 0)
-        {
-            h.diagonal().masked_fill_(dead, 1);
-            w.masked_fill_(dead.unsqueeze(0), 0);
-        }
-
-        // Scales fixed before any column moves (per row; per group with act-order) come from the original weights.
-        var scales = new float[n * groups];
-        var original = w.to(ScalarType.Float32).contiguous().data<float>().ToArray();
+        using var sweep = HessianSweep.Prepare(weight, hessian, actOrder, dampingFraction, maxRetries, "GPTQ");
+        var rule = new RoundingRule(sweep, n, k, group, groups, qmax, bits, actOrder);
         if (group == 0 || actOrder)
         {
-            FillScales(original, n, k, group, qmax, bits, scales, 0, groups);
+            // Scales fixed before any column moves (per row; per group with act-order) come from the original weights,
+            // as the sweep holds them before it starts (dead inputs zeroed), in input order.
+            var original = sweep.WeightsInInputOrder().contiguous().data<float>().ToArray();
+            FillScales(original, n, k, group, qmax, bits, rule.Scales, 0, groups);
         }
 
-        var permutation = actOrder ? h.diagonal().sort(descending: true, stable: true).Indices : arange(k, dtype: ScalarType.Int64);
-        long[] order = permutation.data<long>().ToArray();
-        var permuted = w.index_select(1, permutation).contiguous();
-        w.Dispose();
-        w = permuted;
-        var rows = h.index_select(0, permutation);
-        h.Dispose();
-        h = rows.index_select(1, permutation);
-        rows.Dispose();
-
-        // Damping: a fraction of the mean diagonal, raised tenfold until the Cholesky factorisation succeeds. Each try's
-        // K×K intermediates are freed before the next, and only the factor the updates need is kept.
-        double mean = h.diagonal().mean().item<double>();
-        double damping = dampingFraction;
-        int retries = 0;
-        Tensor? hinv = null;
-        while (hinv is null)
-        {
-            using (var attempt = NewDisposeScope())
-            {
-                var damped = h + (eye(k, dtype: ScalarType.Float64) * (damping * mean));
-                var (factor, info) = linalg.cholesky_ex(damped);
-                damped.Dispose();
-                if (info.item<int>() == 0)
-                {
-                    var inverseHessian = cholesky_inverse(factor);
-                    factor.Dispose();
-                    // The upper factor U of H⁻¹ = UᵀU is the transpose of its lower factor.
-                    var (lower, info2) = linalg.cholesky_ex(inverseHessian);
-                    inverseHessian.Dispose();
-                    if (info2.item<int>() == 0 && isfinite(lower).all().item<bool>())
-                    {
-                        hinv = lower.mT.contiguous().MoveToOuterDisposeScope();
-                        break;
-                    }
-                }
-            }
-
-            if (retries == maxRetries)
-            {
-                throw new ArgumentException(
-                    $"GPTQ: the layer's input Hessian is not positive definite even with damping {damping:G3} of its mean diagonal ({retries} retries). " +
-                    "Give more calibration samples or a larger damping.");
-            }
-
-            damping *= 10;
-            retries++;
-        }
-
-        h.Dispose();
-        var levels = new sbyte[n * k];
-        var hinvRows = hinv.data<double>().ToArray(); // row-major [K, K], upper triangular
-        for (int start = 0; start < k; start += blockSize)
-        {
-            int end = Math.Min(k, start + blockSize);
-            int width = end - start;
-            // The block's columns as the earlier blocks' updates left them; this block's own updates happen here.
-            var block = w[.., start..end].contiguous().data<double>().ToArray(); // [N, width]
-            var errors = new double[n * width];
-            for (int c = start; c < end; c++)
-            {
-                int column = (int)order[c];
-                if (group != 0 && !actOrder && column % group == 0)
-                {
-                    // The group's scales from its weights as of this block's start (GPTQ's choice), in original order
-                    // since without act-order columns are not permuted.
-                    using var groupScope = NewDisposeScope();
-                    var current = w[.., column..Math.Min(k, column + group)].to(ScalarType.Float32).contiguous().data<float>().ToArray();
-                    FillScales(current, n, current.Length / n, 0, qmax, bits, scales, column / group, groups, firstGroupOnly: true);
-                }
-
-                int local = c - start;
-                double d = hinvRows[((long)c * k) + c];
-                int scaleGroup = group == 0 ? 0 : column / group;
-                for (int row = 0; row < n; row++)
-                {
-                    int rowBase = row * width;
-                    double value = block[rowBase + local];
-                    float s = scales[(row * groups) + scaleGroup];
-                    float level = Math.Clamp(MathF.Round((float)value / s, MidpointRounding.ToEven), -qmax, qmax);
-                    levels[((long)row * k) + column] = (sbyte)level;
-                    double error = (value - ((double)level * s)) / d;
-                    errors[rowBase + local] = error;
-                    // The exact sequential update of the rest of this block: W[:, j] -= error · Hinv[c, j].
-                    long hBase = (long)c * k;
-                    for (int j = local + 1; j < width; j++)
-                    {
-                        block[rowBase + j] -= error * hinvRows[hBase + start + j];
-                    }
-                }
-            }
-
-            if (end < k)
-            {
-                // The lazy update of every later column by the whole block's errors: W[:, end:] -= E · Hinv[start:end, end:].
-                using var blockScope = NewDisposeScope();
-                var e = tensor(errors, [n, width], ScalarType.Float64);
-                w[.., end..].sub_(e.matmul(hinv[start..end, end..]));
-            }
-        }
-
-        return new Result(levels, scales, damping, retries, deadInputs);
+        sweep.Run(blockSize, rule);
+        return new Result(rule.Levels, rule.Scales, sweep.Damping, sweep.Retries, sweep.DeadInputs);
     }
 
     /// <summary>
@@ -188,6 +77,43 @@ internal static class GptqSolver
                 int length = Math.Min(size, k - start);
                 scales[(row * groups) + (firstGroupOnly ? target : g)] = QuantizedMatrix.ScaleFor(values.AsSpan((row * k) + start, length), qmax, bits);
             }
+        }
+    }
+
+    /// <summary>GPTQ's column rule: each weight to its nearest level on the row's (or group's) symmetric grid.</summary>
+    private sealed class RoundingRule(HessianSweep sweep, int n, int k, int group, int groups, int qmax, int bits, bool actOrder) : IColumnRule
+    {
+        private int _column;
+        private int _scaleGroup;
+
+        public sbyte[] Levels { get; } = new sbyte[n * k];
+
+        public float[] Scales { get; } = new float[n * groups];
+
+        public void BeginBlock(int start, int end, double[] block, ReadOnlySpan<double> inverseDiagonal)
+        {
+        }
+
+        public void BeginColumn(int position, int local, double[] block, int width)
+        {
+            _column = (int)sweep.Order[position];
+            _scaleGroup = group == 0 ? 0 : _column / group;
+            if (group != 0 && !actOrder && _column % group == 0)
+            {
+                // The group's scales from its weights as of this block's start (GPTQ's choice), in input order since
+                // without act-order columns are not permuted.
+                using var groupScope = NewDisposeScope();
+                var current = sweep.Weights[.., _column..Math.Min(k, _column + group)].to(ScalarType.Float32).contiguous().data<float>().ToArray();
+                FillScales(current, n, current.Length / n, 0, qmax, bits, Scales, _scaleGroup, groups, firstGroupOnly: true);
+            }
+        }
+
+        public double Fix(int row, int position, int local, double value)
+        {
+            float s = Scales[(row * groups) + _scaleGroup];
+            float level = Math.Clamp(MathF.Round((float)value / s, MidpointRounding.ToEven), -qmax, qmax);
+            Levels[((long)row * k) + _column] = (sbyte)level;
+            return (double)level * s;
         }
     }
 }
