@@ -85,6 +85,17 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
     /// <value>The default is <see langword="null"/>. Needs 1 ≤ N &lt; M ≤ 64 and a one-shot schedule.</value>
     public NMPattern? Pattern { get; set; }
 
+    /// <summary>
+    /// Gets or sets which weights are removed: the smallest magnitudes, or the ones whose removal changes each layer's
+    /// output least on calibration data (<see cref="PruningCriterion.Wanda"/>, <see cref="PruningCriterion.SparseGpt"/>).
+    /// </summary>
+    /// <value>
+    /// The default is <see cref="PruningCriterion.Magnitude"/>. A <see cref="CalibratedPruningCriterion"/> needs the
+    /// one-shot schedule, a layer-wise scope, no <see cref="Quality"/>, and Linear layers only; it reads
+    /// <see cref="CompressionData.Calibration"/> (or the training data when none is given).
+    /// </value>
+    public PruningCriterion Criterion { get; set; } = PruningCriterion.Magnitude;
+
     /// <summary>Gets or sets the schedule.</summary>
     /// <value>The default is <see cref="OneShotPruning"/>.</value>
     public IPruningSchedule Schedule { get; set; } = new OneShotPruning();
@@ -205,6 +216,32 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
             }
         }
 
+        if (Criterion is null)
+        {
+            errors.Add($"{Name}.{nameof(Criterion)} must not be null.");
+        }
+        else
+        {
+            errors.AddRange(Criterion.Errors($"{Name}.{nameof(Criterion)}", Pattern));
+            if (Criterion is CalibratedPruningCriterion)
+            {
+                if (Schedule is not null and not OneShotPruning)
+                {
+                    errors.Add($"{Name}: {Criterion} prunes in one shot; it needs the one-shot schedule (was {Schedule}). Add fine-tuning after it instead.");
+                }
+
+                if (Scope == PruningScope.Global)
+                {
+                    errors.Add($"{Name}: {Criterion} compares weights within each layer; it needs a layer-wise {nameof(Scope)} (use {nameof(LayerSparsity)} for per-layer targets).");
+                }
+
+                if (Quality is not null)
+                {
+                    errors.Add($"{Name}: {Criterion} needs a sparsity or an N:M {nameof(Pattern)}, not Han's {nameof(Quality)} rule.");
+                }
+            }
+        }
+
         OptionsValidationException.AddNested(errors, Name, nameof(FineTuning), FineTuning?.Validate(), required: false);
         ModelCompression.Distillation.RecoveryDistillation.AddErrors(errors, Name, Distillation, FineTuning);
         OptionsValidationException.AddNested(errors, Name, nameof(Layers), Layers?.Validate());
@@ -220,6 +257,7 @@ public sealed class MagnitudePruningOptions : IValidatableOptions
         LayerSparsity = new Dictionary<string, double>(LayerSparsity, StringComparer.Ordinal),
         Quality = Quality,
         Pattern = Pattern,
+        Criterion = Criterion,
         Schedule = Schedule,
         FineTuning = FineTuning?.Clone(),
         Distillation = ModelCompression.Distillation.RecoveryDistillation.Copy(Distillation),

@@ -33,7 +33,9 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
     }
 
     /// <inheritdoc/>
-    public string Name => _options.Pattern is { } p
+    public string Name => _options.Criterion is CalibratedPruningCriterion criterion
+        ? $"{criterion}({(_options.Pattern is { } nm ? nm.ToString() : $"{_options.Sparsity * 100:0.#}%{(_options.LayerSparsity.Count > 0 ? " with overrides" : string.Empty)}")})"
+        : _options.Pattern is { } p
         ? $"{StepName}({p})"
         : _options.Quality is { } q
             ? $"{StepName}(q={q:0.###}, {_options.Schedule})"
@@ -64,7 +66,9 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
         {
             context.CancellationToken.ThrowIfCancellationRequested();
             context.ReportProgress(CompressionPhase.Applying, (double)round / schedule.Rounds);
-            using var masks = ComputeMasks(targets, final => schedule.RoundSparsity(round, final), round, floored);
+            using var masks = _options.Criterion is CalibratedPruningCriterion criterion
+                ? CalibratedPruning.Prune(model, targets, criterion, name => _options.LayerSparsity.TryGetValue(name, out double own) ? own : _options.Sparsity, _options.Pattern, context)
+                : ComputeMasks(targets, final => schedule.RoundSparsity(round, final), round, floored);
             masks.ApplyToWeights();
             context.Logger.LogInformation("{Step}: round {Round} pruned to {Sparsity:P1} sparsity", Name, round + 1, Sparsity(targets));
 
@@ -127,6 +131,13 @@ public sealed class MagnitudePruningStep : ICompressionStep, ICompressionStepReq
         {
             var weight = module.named_parameters(recurse: false).FirstOrDefault(p => p.name == "weight").parameter
                 ?? throw new ArgumentException($"Layer '{name}' ({module.GetType().Name}) has no weight parameter to prune.", nameof(model));
+            if (_options.Criterion is CalibratedPruningCriterion calibrated && module is not Linear)
+            {
+                throw new ArgumentException(
+                    $"{calibrated} prunes Linear layers from their calibration inputs; layer '{name}' is a {module.GetType().Name}. Select Linear layers only (LayerSelection.OfType<Linear>()), or prune it by magnitude in another step.",
+                    nameof(model));
+            }
+
             if (_options.Pattern is { } pattern && (weight.dim() < 2 || weight.shape[1] % pattern.M != 0))
             {
                 throw new ArgumentException(
