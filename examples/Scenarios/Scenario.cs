@@ -76,6 +76,7 @@ public static class ScenarioCatalog
         new GptPtqScenario(),
         new GptDecodeScenario(),
         new TextClassifierSmoothQuantScenario(),
+        new GptSparsityScenario(),
     ];
 }
 

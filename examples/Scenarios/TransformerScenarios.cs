@@ -283,3 +283,99 @@ public sealed class GptDecodeScenario : IScenario
 
     private static string Capitalized(string name) => char.ToUpperInvariant(name[0]) + name[1..];
 }
+
+/// <summary>
+/// TinyGpt on the Brown corpus pruned in one shot, no fine-tuning: magnitude, Wanda and SparseGPT at 50% unstructured
+/// and at 2:4, all in <c>reference</c>; the pipeline run (and so <c>final</c>) is SparseGPT at 50%.
+/// </summary>
+public sealed class GptSparsityScenario : IScenario
+{
+    public string Name => "gpt-sparsity";
+
+    public string Description => "TinyGpt (Brown corpus): test perplexity after one-shot pruning of the blocks' Linear layers at 50% and 2:4 — magnitude, Wanda, SparseGPT";
+
+    public IReadOnlyList<ScenarioTarget> Targets { get; } =
+    [
+        new("Wanda beats magnitude at 50%", r => Get(r, "perplexityWanda50") < Get(r, "perplexityMagnitude50")),
+        new("SparseGPT beats magnitude at 50%", r => Get(r, "perplexitySparseGpt50") < Get(r, "perplexityMagnitude50")),
+        new("Wanda beats magnitude at 2:4", r => Get(r, "perplexityWanda24") < Get(r, "perplexityMagnitude24")),
+        new("SparseGPT beats magnitude at 2:4", r => Get(r, "perplexitySparseGpt24") < Get(r, "perplexityMagnitude24")),
+        new("the best 50% model within 15% of dense perplexity", r => Get(r, "best50RelativeIncrease") <= 0.15),
+    ];
+
+    /// <summary>The blocks' projections and MLP layers; the embeddings and the output head stay dense, as in Wanda's and SparseGPT's experiments.</summary>
+    private static ModelCompression.Modules.LayerSelection Blocks => ModelCompression.Modules.LayerSelection.Named("blocks.*");
+
+    public CompressionReport Run(ScenarioContext context)
+    {
+        using var baseline = GptBaseline.Load(context);
+        double dense = baseline.Perplexity(baseline.Model);
+        context.Log.WriteLine($"  {"dense",-24} perplexity {dense,8:0.00}");
+
+        static ModelCompression.Pruning.MagnitudePruningOptions Options(ModelCompression.Pruning.PruningCriterion criterion, bool twoOfFour) => new()
+        {
+            Sparsity = 0.5,
+            Pattern = twoOfFour ? ModelCompression.Pruning.NMPattern.TwoOfFour : null,
+            Criterion = criterion,
+            Layers = Blocks,
+            SparseExecution = ModelCompression.Pruning.SparseExecution.Never,
+        };
+
+        var criteria = new (string Key, ModelCompression.Pruning.PruningCriterion Criterion)[]
+        {
+            ("Magnitude", ModelCompression.Pruning.PruningCriterion.Magnitude),
+            ("Wanda", ModelCompression.Pruning.PruningCriterion.Wanda(calibrationBatches: 4, calibrationBatchSize: 32)),
+            ("SparseGpt", ModelCompression.Pruning.PruningCriterion.SparseGpt(calibrationBatches: 4, calibrationBatchSize: 32)),
+        };
+        var reference = new Dictionary<string, double>
+        {
+            ["parameters"] = baseline.Model.parameters().Sum(p => p.numel()),
+            ["prunableParameters"] = baseline.Model.named_modules().Where(m => m.name.StartsWith("blocks.", StringComparison.Ordinal) && m.module is TorchSharp.Modules.Linear)
+                .Sum(m => ((TorchSharp.Modules.Linear)m.module).weight!.numel()),
+            ["perplexityDense"] = dense,
+        };
+        foreach (bool twoOfFour in new[] { false, true })
+        {
+            foreach (var (key, criterion) in criteria)
+            {
+                if (!twoOfFour && key == "SparseGpt")
+                {
+                    continue; // the pipeline run below
+                }
+
+                var watch = System.Diagnostics.Stopwatch.StartNew();
+                var stepContext = new CompressionContext(baseline.Data, baseline.Model, seed: context.Seed);
+                using var pruned = new ModelCompression.Pruning.MagnitudePruningStep(Options(criterion, twoOfFour)).Apply(ModuleCloner.DeepClone(baseline.Model), stepContext);
+                double seconds = watch.Elapsed.TotalSeconds;
+                double perplexity = baseline.Perplexity(pruned);
+                string label = $"{criterion} {(twoOfFour ? "2:4" : "50%")}";
+                context.Log.WriteLine($"  {label,-24} perplexity {perplexity,8:0.00}   ({seconds:0.0} s to prune)");
+                reference[$"perplexity{key}{(twoOfFour ? "24" : "50")}"] = perplexity;
+            }
+        }
+
+        using var result = CompressionPipeline.Create()
+            .WithModelName("TinyGpt")
+            .WithSeed(context.Seed)
+            .AddMagnitudePruning(Options(criteria[2].Criterion, twoOfFour: false))
+            .Build()
+            .Run(baseline.Model, baseline.Data);
+        var report = result.Report;
+        reference["perplexitySparseGpt50"] = report.Final.Accuracy;
+        context.Log.WriteLine($"  {"SparseGPT 50%",-24} perplexity {report.Final.Accuracy,8:0.00}   (the pipeline's final model)");
+        double best50 = Math.Min(Math.Min(reference["perplexityMagnitude50"], reference["perplexityWanda50"]), reference["perplexitySparseGpt50"]);
+        reference["best50RelativeIncrease"] = (best50 / dense) - 1;
+        foreach (var pattern in new[] { "50", "24" })
+        {
+            double magnitude = reference[$"perplexityMagnitude{pattern}"];
+            reference[$"wanda{pattern}GapClosed"] = magnitude > dense ? (magnitude - reference[$"perplexityWanda{pattern}"]) / (magnitude - dense) : double.NaN;
+            reference[$"sparseGpt{pattern}GapClosed"] = magnitude > dense ? (magnitude - reference[$"perplexitySparseGpt{pattern}"]) / (magnitude - dense) : double.NaN;
+        }
+
+        report.Reference = reference;
+        return report;
+    }
+
+    private static double Get(CompressionReport report, string key) =>
+        report.Reference is not null && report.Reference.TryGetValue(key, out var v) ? v : double.NaN;
+}
