@@ -555,6 +555,13 @@ public static class OnnxExporter
             {
                 y = MatMulNBits(at, x, m);
             }
+            else if (m.ZeroPoints is not null)
+            {
+                // HQQ's asymmetric weights outside MatMulNBits: DequantizeLinear takes integer zero points only, so the
+                // weight the levels, scales and zero points stand for is stored as float.
+                using var dequantized = tensor(m.Dequantize(), [m.N, m.K]).t().contiguous();
+                y = g.Node("MatMul", at, [RoundRows(at, x, a, m), g.Constant($"{at}.weight_t", dequantized)]);
+            }
             else
             {
                 y = g.Node("MatMul", at, [RoundRows(at, x, a, m), DequantizedWeight(at, m, transpose: true)]);
@@ -735,7 +742,8 @@ public static class OnnxExporter
         /// <summary>
         /// A 4-bit weight-only layer as ONNX Runtime's <c>com.microsoft.MatMulNBits</c> (measured fastest for int4 in
         /// ONNX Runtime 1.31): weights [N, blocks, block/2] as unsigned nibbles around the default zero point 8, one
-        /// scale per block; accuracy level 4 quantizes the input to int8 per block, as the library's kernel does.
+        /// scale per block (and HQQ's zero points, as floats); accuracy level 4 quantizes the input to int8 per block, as
+        /// the library's kernel does.
         /// </summary>
         private string MatMulNBits(string at, string x, QuantizedMatrix m)
         {
@@ -762,7 +770,14 @@ public static class OnnxExporter
             var g = Graph;
             string weight = g.Initializer($"{at}.weight_q4", TensorProto.Types.DataType.Uint8, packed, m.N, groups, blob);
             string scales = g.Constant($"{at}.weight_scale", m.Scales, (long)m.N * groups);
-            return g.NodeWithOutputs("MatMulNBits", at, [x, weight, scales], 1, new Dictionary<string, object>
+            string[] inputs = [x, weight, scales];
+            if (m.ZeroPoints is not null)
+            {
+                // HQQ's zero points, as floats in the unsigned nibbles' terms (level + 8).
+                inputs = [.. inputs, g.Constant($"{at}.weight_zero_point", [.. m.ZeroPoints.Select(z => z + 8)], (long)m.N * groups)];
+            }
+
+            return g.NodeWithOutputs("MatMulNBits", at, inputs, 1, new Dictionary<string, object>
             {
                 ["K"] = (long)m.K,
                 ["N"] = (long)m.N,

@@ -97,7 +97,7 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
     /// <value>The default is <see langword="false"/>: every selected layer is quantized.</value>
     public bool KeepFloatWhenSlower { get; set; }
 
-    /// <summary>Gets or sets how weights are put on the integer grid: <see cref="WeightRounding.Nearest"/> or <see cref="WeightRounding.Gptq"/>.</summary>
+    /// <summary>Gets or sets how weights are put on the integer grid: <see cref="WeightRounding.Nearest"/>, <see cref="WeightRounding.Gptq"/> or <see cref="WeightRounding.Hqq"/>.</summary>
     /// <value>The default is <see cref="WeightRounding.Nearest"/>.</value>
     public WeightRounding Rounding { get; set; } = WeightRounding.Nearest;
 
@@ -194,6 +194,16 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
             if (Rounding is GptqRounding && !IsInteger)
             {
                 errors.Add($"{Owner}.{nameof(Rounding)}: GPTQ rounds onto an integer grid; {Mode} has none.");
+            }
+
+            if (Rounding is HqqRounding && Mode is not (QuantizationMode.WeightOnlyInt4 or QuantizationMode.WeightOnlyInt8))
+            {
+                errors.Add($"{Owner}.{nameof(Rounding)}: HQQ's asymmetric weights run in the weight-only modes; {Mode} is not one.");
+            }
+
+            if (Rounding is HqqRounding && WeightGranularity is PerTensorGranularity)
+            {
+                errors.Add($"{Owner}.{nameof(Rounding)}: HQQ needs a scale and zero point per row or per group; {nameof(WeightGranularity)} is per tensor.");
             }
 
             if (Rounding is GptqRounding && WeightGranularity is PerTensorGranularity)

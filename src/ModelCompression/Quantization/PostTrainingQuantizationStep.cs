@@ -264,9 +264,12 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             }
 
             // GPTQ solves each Linear layer's rounding in the order the model calls them, the layers before it quantized.
-            var solved = _options.Rounding is GptqRounding gptq
-                ? GptqLayers.Solve(ref root, targets, gptq, _options, t => Activations(calibration.Ranges.GetValueOrDefault(t.Name)), context)
-                : null;
+            var solved = _options.Rounding switch
+            {
+                GptqRounding gptq => GptqLayers.Solve(ref root, targets, gptq, _options, t => Activations(calibration.Ranges.GetValueOrDefault(t.Name)), context),
+                HqqRounding hqq => Hqq.Solve(targets, hqq, _options, context),
+                _ => null,
+            };
 
             var quantized = new List<(Target Target, nn.Module<Tensor, Tensor> Layer, IQuantizedLayer Info)>();
             foreach (var target in targets)

@@ -188,7 +188,7 @@ public abstract class QuantizedLayer : nn.Module<Tensor, Tensor>, IQuantizedLaye
 }
 
 /// <summary>The tensors a quantized layer registers.</summary>
-internal sealed record StoredTensors(Tensor Weight, Tensor Scale, Tensor? Bias, Tensor? InputScale, Tensor? InputZeroPoint);
+internal sealed record StoredTensors(Tensor Weight, Tensor Scale, Tensor? Bias, Tensor? InputScale, Tensor? InputZeroPoint, Tensor? ZeroPoint = null);
 
 /// <summary>Describes a layer produced by post-training quantization or quantization-aware training.</summary>
 public interface IQuantizedLayer : ICompressedLayer
@@ -252,6 +252,7 @@ internal static class QuantizedTensors
         var bias = stored.Bias is null ? null : Expect(stored.Bias, ScalarType.Float32, "bias", layer);
         var inputScale = stored.InputScale is null ? null : Expect(stored.InputScale, ScalarType.Float32, "input_scale", layer);
         var inputZero = stored.InputZeroPoint is null ? null : Expect(stored.InputZeroPoint, ScalarType.Byte, "input_zero_point", layer);
+        var zeroPoint = stored.ZeroPoint is null ? null : Expect(stored.ZeroPoint, ScalarType.Float16, "weight_zero_point", layer);
 
         var weightBytes = weight.bytes;
         bool same = matrix.Bits == 8
@@ -261,6 +262,8 @@ internal static class QuantizedTensors
         same &= scales.AsSpan().SequenceEqual(matrix.Scales);
         var biasValues = bias?.data<float>().ToArray();
         same &= biasValues is null || biasValues.AsSpan().SequenceEqual(matrix.Bias);
+        var zeroValues = zeroPoint?.to(ScalarType.Float32).data<float>().ToArray();
+        same &= zeroValues is null || zeroValues.AsSpan().SequenceEqual(matrix.ZeroPoints);
         float newScale = inputScale?.data<float>()[0] ?? activations.Scale;
         float newZero = inputZero?.data<byte>()[0] ?? activations.ZeroPoint;
         same &= newScale.Equals(activations.Scale) && newZero.Equals(activations.ZeroPoint);
@@ -269,16 +272,21 @@ internal static class QuantizedTensors
             return null;
         }
 
-        int qmax = QuantizedMatrix.MaxLevel(matrix.Bits);
+        int qmax = QuantizedMatrix.MaxLevel(matrix.Bits), qmin = matrix.MinLevel;
         var q = matrix.Bits == 8
             ? MemoryMarshal.Cast<byte, sbyte>(weightBytes).ToArray()
             : QuantizedMatrix.UnpackBits(weightBytes, matrix.N, matrix.K, matrix.Bits);
-        int outside = Array.FindIndex(q, v => v < -qmax || v > qmax);
+        int outside = Array.FindIndex(q, v => v < qmin || v > qmax);
         if (outside >= 0)
         {
             throw new InvalidOperationException(
-                $"{layer}: its stored 'weight' now holds the level {q[outside]} (row {outside / matrix.K}), outside the ±{qmax} of {matrix.Bits}-bit weights. " +
+                $"{layer}: its stored 'weight' now holds the level {q[outside]} (row {outside / matrix.K}), outside the {qmin}…{qmax} of these {matrix.Bits}-bit weights. " +
                 "Load tensors saved from a quantized layer with the same settings.");
+        }
+
+        if (zeroValues is not null && Array.FindIndex(zeroValues, v => !float.IsFinite(v)) is var badZero and >= 0)
+        {
+            throw new InvalidOperationException($"{layer}: its stored 'weight_zero_point' now holds {zeroValues[badZero]}; zero points must be finite.");
         }
 
         if (Array.FindIndex(scales, v => !float.IsFinite(v) || v <= 0) is var badScale and >= 0)
@@ -296,7 +304,7 @@ internal static class QuantizedTensors
             throw new InvalidOperationException($"{layer}: its stored 'input_scale' now holds {newScale}; it must be finite and positive.");
         }
 
-        var rebuilt = QuantizedMatrix.FromLevels(matrix.N, matrix.K, matrix.Bits, matrix.Granularity, q, scales, biasValues);
+        var rebuilt = QuantizedMatrix.FromLevels(matrix.N, matrix.K, matrix.Bits, matrix.Granularity, q, scales, biasValues, zeroValues);
         return (rebuilt, activations with { Scale = newScale, ZeroPoint = newZero });
     }
 
@@ -315,7 +323,7 @@ internal static class QuantizedTensors
         return stored.contiguous();
     }
 
-    public static (Tensor Weight, Tensor Scale, Tensor? Bias, Tensor? InputScale, Tensor? InputZeroPoint) Create(QuantizedMatrix matrix, ActivationSettings activations, long[] weightShape)
+    public static (Tensor Weight, Tensor Scale, Tensor? Bias, Tensor? InputScale, Tensor? InputZeroPoint, Tensor? ZeroPoint) Create(QuantizedMatrix matrix, ActivationSettings activations, long[] weightShape)
     {
         using var scope = NewDisposeScope();
         // 8 bits: int8 in the layer's shape; fewer: bit-packed rows (two int4 per byte, eight signs per byte, ...).
@@ -342,6 +350,7 @@ internal static class QuantizedTensors
             scale.DetachFromDisposeScope(),
             bias?.DetachFromDisposeScope(),
             inputScale?.DetachFromDisposeScope(),
-            inputZero?.DetachFromDisposeScope());
+            inputZero?.DetachFromDisposeScope(),
+            matrix.ZeroPoints is null ? null : tensor(matrix.ZeroPoints, scaleShape).to(ScalarType.Float16).DetachFromDisposeScope());
     }
 }

@@ -16,8 +16,9 @@ namespace ModelCompression.Quantization;
 /// <remarks>
 /// Stored tensors: <c>weight</c> (int8 [out, in] at 8 bits; below that uint8 [out, ⌈in·bits/8⌉] packed LSB first —
 /// two 4-bit weights per byte, low nibble first; eight binary weights per byte, 1 = +1), <c>weight_scale</c>
-/// (float32, float16 for 4-bit), <c>bias</c> (float32) and, for static quantization, <c>input_scale</c> and
-/// <c>input_zero_point</c>.
+/// (float32, float16 for 4-bit), <c>bias</c> (float32), for static quantization <c>input_scale</c> and
+/// <c>input_zero_point</c>, and for HQQ's asymmetric weights <c>weight_zero_point</c> (float16, one per scale: the
+/// weight is scale × (level − zero point)).
 /// </remarks>
 public sealed class QuantizedLinear : QuantizedLayer
 {
@@ -26,16 +27,17 @@ public sealed class QuantizedLinear : QuantizedLayer
     private readonly Tensor? bias;
     private readonly Tensor? input_scale;
     private readonly Tensor? input_zero_point;
+    private readonly Tensor? weight_zero_point;
 
     internal QuantizedLinear(QuantizedMatrix matrix, ActivationSettings activations, bool fusedRelu, QuantizationMode mode)
         : base(nameof(QuantizedLinear), matrix, activations, fusedRelu, mode)
     {
-        (weight, weight_scale, bias, input_scale, input_zero_point) = QuantizedTensors.Create(matrix, activations, [matrix.N, matrix.K]);
+        (weight, weight_scale, bias, input_scale, input_zero_point, weight_zero_point) = QuantizedTensors.Create(matrix, activations, [matrix.N, matrix.K]);
         RegisterComponents();
     }
 
     /// <inheritdoc/>
-    private protected override StoredTensors Stored => new(weight, weight_scale, bias, input_scale, input_zero_point);
+    private protected override StoredTensors Stored => new(weight, weight_scale, bias, input_scale, input_zero_point, weight_zero_point);
 
     /// <summary>Gets the input features.</summary>
     public long InFeatures => Matrix.K;

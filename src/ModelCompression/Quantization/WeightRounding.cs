@@ -22,6 +22,12 @@ public abstract class WeightRounding
     public static GptqRounding Gptq(double dampingFraction = 0.01, bool actOrder = true, int blockSize = 128) =>
         new() { DampingFraction = dampingFraction, ActOrder = actOrder, BlockSize = blockSize };
 
+    /// <summary>Gets HQQ's calibration-free rounding with the given settings (see <see cref="HqqRounding"/>).</summary>
+    /// <param name="lpNorm">The p of the Lp loss on the weight error, below 1 (HQQ's default 0.7).</param>
+    /// <param name="iterations">The most optimisation steps per matrix.</param>
+    /// <returns>The rounding.</returns>
+    public static HqqRounding Hqq(double lpNorm = 0.7, int iterations = 20) => new() { LpNorm = lpNorm, Iterations = iterations };
+
     internal abstract IEnumerable<string> Errors(string owner);
 
     private sealed class NearestRounding : WeightRounding
@@ -89,6 +95,71 @@ public sealed class GptqRounding : WeightRounding
         if (BlockSize < 1)
         {
             yield return $"{owner}: GPTQ's {nameof(BlockSize)} must be at least 1 (was {BlockSize}).";
+        }
+    }
+}
+
+/// <summary>
+/// HQQ (Badri and Shaji, "Half-Quadratic Quantization of Large Machine Learning Models", 2023): each group of a
+/// Linear layer's weights gets an asymmetric grid w ≈ s · (q − z), the scale from the group's range and the zero point
+/// z found by half-quadratic optimisation of an Lp loss (p &lt; 1) on the weight error, which lets a few weights the
+/// grid cannot fit go and fits the others better. It needs no calibration data and takes a fraction of GPTQ's time.
+/// </summary>
+/// <remarks>
+/// <para>
+/// The layers are the same quantized layers with one float16 zero point per scale: the kernel computes with the
+/// levels as before and subtracts s · z times each group's input sum, about 1/group of the layer's work; the file
+/// stores the zero points beside the scales, and the ONNX export passes them to <c>MatMulNBits</c>. With z, a b-bit
+/// group uses all 2ᵇ levels (16 at 4 bits, against the symmetric grid's 15). Linear layers only: convolutions and
+/// embeddings are rounded to nearest on the symmetric grid, and the step's notes name them.
+/// </para>
+/// <para>Memory: a few float32 copies of one layer's weight at a time.</para>
+/// </remarks>
+public sealed class HqqRounding : WeightRounding
+{
+    internal HqqRounding()
+    {
+    }
+
+    /// <summary>Gets the p of the Lp loss on the weight error.</summary>
+    /// <value>HQQ's default is 0.7; in (0, 1].</value>
+    public double LpNorm { get; init; } = 0.7;
+
+    /// <summary>Gets the most optimisation steps per matrix; it stops earlier when the error stops falling.</summary>
+    /// <value>HQQ's default is 20; at least 1.</value>
+    public int Iterations { get; init; } = 20;
+
+    /// <summary>Gets the initial β of the half-quadratic splitting (the weight of the coupling term).</summary>
+    /// <value>HQQ's default is 10; positive.</value>
+    public double Beta { get; init; } = 10;
+
+    /// <summary>Gets the factor β grows by each step.</summary>
+    /// <value>HQQ's default is 1.01; at least 1.</value>
+    public double Kappa { get; init; } = 1.01;
+
+    /// <inheritdoc/>
+    public override string ToString() => $"HQQ (p {LpNorm:G3}, {Iterations} iterations)";
+
+    internal override IEnumerable<string> Errors(string owner)
+    {
+        if (!(LpNorm > 0 && LpNorm <= 1))
+        {
+            yield return $"{owner}: HQQ's {nameof(LpNorm)} must be in (0, 1] (was {LpNorm}).";
+        }
+
+        if (Iterations < 1)
+        {
+            yield return $"{owner}: HQQ's {nameof(Iterations)} must be at least 1 (was {Iterations}).";
+        }
+
+        if (!(Beta > 0 && double.IsFinite(Beta)))
+        {
+            yield return $"{owner}: HQQ's {nameof(Beta)} must be positive and finite (was {Beta}).";
+        }
+
+        if (!(Kappa >= 1 && double.IsFinite(Kappa)))
+        {
+            yield return $"{owner}: HQQ's {nameof(Kappa)} must be at least 1 and finite (was {Kappa}).";
         }
     }
 }

@@ -46,6 +46,9 @@ internal enum NodeKind : byte
     InvertedResidual = 48,
     SqueezeExcitation = 49,
 
+    /// <summary>A <see cref="QuantizedLinear"/> with a zero point per scale (HQQ): the levels span the bits' whole two's complement range.</summary>
+    AsymmetricQuantizedLinear = 50,
+
     /// <summary>A layer kind of the <see cref="Modules.LayerRegistry"/>: its id, version and named attributes, its own tensors by name, its children.</summary>
     Registered = 60,
 }
@@ -110,6 +113,7 @@ internal static class ModuleCodec
         [NodeKind.AvgPool2d] = [("kh", 1, MaxKernel), ("kw", 1, MaxKernel), ("sh", 1, MaxKernel), ("sw", 1, MaxKernel), ("ph", 0, MaxKernel), ("pw", 0, MaxKernel), ("ceil", 0, 1), ("countIncludePad", 0, 1), ("divisor", 0, MaxDim)],
         [NodeKind.AdaptiveAvgPool2d] = [("oh", 1, MaxDim), ("ow", 1, MaxDim)],
         [NodeKind.QuantizedLinear] = [("n", 1, MaxDim), ("k", 1, MaxDim), ("bits", 1, 8), ("granularity", 0, 2), ("groupSize", 0, MaxDim), ("mode", 0, 5), ("activations", 0, 3), ("symmetric", 0, 1), ("relu", 0, 1), ("bias", 0, 1)],
+        [NodeKind.AsymmetricQuantizedLinear] = [("n", 1, MaxDim), ("k", 1, MaxDim), ("bits", 2, 8), ("granularity", 1, 2), ("groupSize", 0, MaxDim), ("mode", 0, 5), ("activations", 0, 3), ("symmetric", 0, 1), ("relu", 0, 1), ("bias", 0, 1)],
         [NodeKind.QuantizedConv2d] = [("n", 1, MaxDim), ("k", 1, MaxDim), ("bits", 1, 8), ("granularity", 0, 2), ("groupSize", 0, MaxDim), ("mode", 0, 5), ("activations", 0, 3), ("symmetric", 0, 1), ("relu", 0, 1), ("bias", 0, 1), ("in", 1, MaxDim), ("kh", 1, MaxKernel), ("kw", 1, MaxKernel), ("sh", 1, MaxKernel), ("sw", 1, MaxKernel), ("ph", 0, MaxKernel), ("pw", 0, MaxKernel), ("dh", 1, MaxKernel), ("dw", 1, MaxKernel)],
         [NodeKind.LowRankConv2d] = [("decomposition", 0, 1)],
         [NodeKind.HalfPrecision] = [("bfloat16", 0, 1)],
@@ -124,6 +128,7 @@ internal static class ModuleCodec
         [NodeKind.LeakyReLU] = ["slope"],
         [NodeKind.Dropout] = ["p"],
         [NodeKind.QuantizedLinear] = ["inputScale", "inputZeroPoint"],
+        [NodeKind.AsymmetricQuantizedLinear] = ["inputScale", "inputZeroPoint"],
         [NodeKind.QuantizedConv2d] = ["inputScale", "inputZeroPoint"],
     };
 
@@ -136,7 +141,7 @@ internal static class ModuleCodec
     private static readonly HashSet<NodeKind> WithData =
     [
         NodeKind.Linear, NodeKind.SparseLinear, NodeKind.Conv2d, NodeKind.BatchNorm1d, NodeKind.BatchNorm2d, NodeKind.LayerNorm,
-        NodeKind.QuantizedLinear, NodeKind.QuantizedConv2d,
+        NodeKind.QuantizedLinear, NodeKind.QuantizedConv2d, NodeKind.AsymmetricQuantizedLinear,
     ];
 
     /// <summary>What was stored for one module, for size reports.</summary>
@@ -251,6 +256,7 @@ internal static class ModuleCodec
         AdaptiveAvgPool2d => NodeKind.AdaptiveAvgPool2d,
         Softmax => NodeKind.Softmax,
         SparseLinear => NodeKind.SparseLinear,
+        QuantizedLinear { Matrix.ZeroPoints: not null } => NodeKind.AsymmetricQuantizedLinear,
         QuantizedLinear => NodeKind.QuantizedLinear,
         QuantizedConv2d => NodeKind.QuantizedConv2d,
         LowRankLinear => NodeKind.LowRankLinear,
@@ -483,9 +489,14 @@ internal static class ModuleCodec
             case QuantizedLayer q:
             {
                 var m = q.Matrix;
-                var e = ValueCodec.WriteLevels(w, m.Q, QuantizedMatrix.MaxLevel(m.Bits));
+                // The levels' alphabet is symmetric: ±2ᵇ⁻¹ holds the asymmetric grid's −2ᵇ⁻¹ (its +2ᵇ⁻¹ stays unused).
+                var e = ValueCodec.WriteLevels(w, m.Q, -m.MinLevel);
                 encodings.Add(Describe($"int{m.Bits} weight", e));
                 encodings.Add(Describe("scales", ValueCodec.WriteFloats(w, m.Scales, $"The scales of '{path}'")));
+                if (m.ZeroPoints is not null)
+                {
+                    encodings.Add(Describe("zero points", ValueCodec.WriteFloats(w, m.ZeroPoints, $"The zero points of '{path}'")));
+                }
                 if (m.Bias is not null)
                 {
                     encodings.Add(Describe("bias", ValueCodec.WriteFloats(w, m.Bias, $"The bias of '{path}'")));
@@ -723,7 +734,7 @@ internal static class ModuleCodec
                 }
 
                 break;
-            case NodeKind.QuantizedLinear or NodeKind.QuantizedConv2d:
+            case NodeKind.QuantizedLinear or NodeKind.QuantizedConv2d or NodeKind.AsymmetricQuantizedLinear:
             {
                 long n = I[0], k = I[1];
                 int bits = (int)I[2];
@@ -736,8 +747,11 @@ internal static class ModuleCodec
                 }
 
                 long scales = I[3] switch { 0 => 1, 1 => n, _ => Product(ref r, at, n, (k + groupSize - 1) / groupSize) };
-                node.Arrays.Add(ValueCodec.ReadLevels(ref r, Product(ref r, at, n, k), QuantizedMatrix.MaxLevel(bits), budget, $"the weight of {at}"));
+                bool asymmetric = node.Kind == NodeKind.AsymmetricQuantizedLinear;
+                int maxLevel = asymmetric ? 1 << (bits - 1) : QuantizedMatrix.MaxLevel(bits);
+                node.Arrays.Add(ValueCodec.ReadLevels(ref r, Product(ref r, at, n, k), maxLevel, budget, $"the weight of {at}"));
                 node.Arrays.Add(ValueCodec.ReadFloats(ref r, scales, budget, $"the scales of {at}"));
+                node.Arrays.Add(asymmetric ? ValueCodec.ReadFloats(ref r, scales, budget, $"the zero points of {at}") : null!);
                 if (I[9] == 1)
                 {
                     node.Arrays.Add(ValueCodec.ReadFloats(ref r, n, budget, $"the bias of {at}"));
@@ -986,7 +1000,7 @@ internal static class ModuleCodec
                 return nn.AvgPool2d((I[0], I[1]), (I[2], I[3]), (I[4], I[5]), I[6] == 1, I[7] == 1, I[8] == 0 ? null : I[8]);
             case NodeKind.AdaptiveAvgPool2d:
                 return nn.AdaptiveAvgPool2d((I[0], I[1]));
-            case NodeKind.QuantizedLinear or NodeKind.QuantizedConv2d:
+            case NodeKind.QuantizedLinear or NodeKind.QuantizedConv2d or NodeKind.AsymmetricQuantizedLinear:
                 return BuildQuantized(node);
             case NodeKind.LowRankLinear:
                 return children is [Linear first, Linear second]
@@ -1061,7 +1075,7 @@ internal static class ModuleCodec
     private static (long In, long Out) FactorSize(NodeSpec owner, NodeSpec factor) => factor.Kind switch
     {
         NodeKind.Linear or NodeKind.SparseLinear or NodeKind.Conv2d => (factor.Ints[0], factor.Ints[1]),
-        NodeKind.QuantizedLinear => (factor.Ints[1], factor.Ints[0]),
+        NodeKind.QuantizedLinear or NodeKind.AsymmetricQuantizedLinear => (factor.Ints[1], factor.Ints[0]),
         NodeKind.QuantizedConv2d => (factor.Ints[10], factor.Ints[0]),
         NodeKind.HalfPrecision or NodeKind.Clustered when factor.Children is [var inner] => FactorSize(owner, inner),
         _ => throw Mismatch(owner, "two Linear or Conv2d factors, possibly compressed"),
@@ -1073,7 +1087,8 @@ internal static class ModuleCodec
         int n = (int)I[0], k = (int)I[1], bits = (int)I[2];
         var q = (sbyte[])node.Arrays[0];
         var scales = (float[])node.Arrays[1];
-        var bias = I[9] == 1 ? (float[])node.Arrays[2] : null;
+        var zeroPoints = (float[]?)node.Arrays[2];
+        var bias = I[9] == 1 ? (float[])node.Arrays[3] : null;
         if (bits == 1 && Array.IndexOf(q, (sbyte)0) >= 0)
         {
             throw new InvalidDataException($"{node.Describe} is binary but holds zero weights.");
@@ -1107,10 +1122,23 @@ internal static class ModuleCodec
             throw new InvalidDataException($"{node.Describe} has groups of {I[4]} inputs; a group shorter than the row ({k}) is a multiple of 8.");
         }
 
-        var matrix = QuantizedMatrix.FromLevels(n, k, bits, granularity, q, scales, bias);
+        if (zeroPoints is not null)
+        {
+            if (Array.FindIndex(zeroPoints, z => !float.IsFinite(z)) is var badZero and >= 0)
+            {
+                throw new InvalidDataException($"{node.Describe} has the zero point {zeroPoints[badZero]}; zero points must be finite.");
+            }
+
+            if (Array.IndexOf(q, (sbyte)(1 << (bits - 1))) is var over and >= 0)
+            {
+                throw new InvalidDataException($"{node.Describe} holds the level {1 << (bits - 1)} (row {over / k}), outside the {bits}-bit range.");
+            }
+        }
+
+        var matrix = QuantizedMatrix.FromLevels(n, k, bits, granularity, q, scales, bias, zeroPoints);
         var settings = new ActivationSettings(activationMode, inputScale, inputZero, I[7] == 1);
         var mode = (QuantizationMode)I[5];
-        if (node.Kind == NodeKind.QuantizedLinear)
+        if (node.Kind is NodeKind.QuantizedLinear or NodeKind.AsymmetricQuantizedLinear)
         {
             return new QuantizedLinear(matrix, settings, I[8] == 1, mode);
         }

@@ -7,13 +7,15 @@ namespace ModelCompression.Quantization.Kernels;
 internal readonly record struct ActivationSettings(ActivationMode Mode, float Scale, float ZeroPoint, bool Symmetric);
 
 /// <summary>
-/// A weight matrix [N, K] quantized to 1–8 bits with symmetric scales (per tensor, channel or group), its bias,
-/// and the packed copy the kernel reads. Immutable; shared by a layer and its copies.
+/// A weight matrix [N, K] quantized to 1–8 bits with symmetric scales (per tensor, channel or group) or, from HQQ,
+/// asymmetric ones (a zero point per scale: w = s · (q − z)), its bias, and the packed copy the kernel reads.
+/// Immutable; shared by a layer and its copies.
 /// </summary>
 internal sealed unsafe class QuantizedMatrix
 {
-    private QuantizedMatrix(int n, int k, int bits, QuantizationGranularity granularity, int groupSize, sbyte[] q, float[] scales, float[]? bias)
+    private QuantizedMatrix(int n, int k, int bits, QuantizationGranularity granularity, int groupSize, sbyte[] q, float[] scales, float[]? bias, float[]? zeroPoints = null)
     {
+        ZeroPoints = zeroPoints;
         N = n;
         K = k;
         Bits = bits;
@@ -49,6 +51,16 @@ internal sealed unsafe class QuantizedMatrix
     public float[] Scales { get; }
 
     public float[]? Bias { get; }
+
+    /// <summary>
+    /// Gets the zero points, one per scale, in level units (w = s · (q − z)), or <see langword="null"/> for the
+    /// symmetric grid (z = 0). With zero points the levels span the whole two's complement range of the bits
+    /// (−8…7 at 4 bits), see <see cref="MinLevel"/>.
+    /// </summary>
+    public float[]? ZeroPoints { get; }
+
+    /// <summary>Gets the lowest level: −<see cref="MaxLevel(int)"/> on the symmetric grid, −2ᵇ⁻¹ with zero points.</summary>
+    public int MinLevel => ZeroPoints is null ? -MaxLevel(Bits) : -(1 << (Bits - 1));
 
     public PackedWeights Packed { get; }
 
@@ -129,10 +141,10 @@ internal sealed unsafe class QuantizedMatrix
     /// A stored group longer than the row (written before groups were capped at K) becomes the whole-row group it
     /// always was: one scale per row, the same outputs.
     /// </summary>
-    public static QuantizedMatrix FromLevels(int n, int k, int bits, QuantizationGranularity granularity, sbyte[] q, float[] scales, float[]? bias)
+    public static QuantizedMatrix FromLevels(int n, int k, int bits, QuantizationGranularity granularity, sbyte[] q, float[] scales, float[]? bias, float[]? zeroPoints = null)
     {
         granularity = ForInputs(granularity, k);
-        return new(n, k, bits, granularity, granularity is PerGroupGranularity g ? g.Size : 0, q, scales, bias);
+        return new(n, k, bits, granularity, granularity is PerGroupGranularity g ? g.Size : 0, q, scales, bias, zeroPoints);
     }
 
     /// <summary>Returns the float weight the integers stand for, row-major [N, K].</summary>
@@ -143,7 +155,7 @@ internal sealed unsafe class QuantizedMatrix
         {
             for (int i = 0; i < K; i++)
             {
-                w[(row * K) + i] = Q[(row * K) + i] * ScaleAt(row, i);
+                w[(row * K) + i] = (Q[(row * K) + i] - ZeroAt(row, i)) * ScaleAt(row, i);
             }
         }
 
@@ -152,6 +164,10 @@ internal sealed unsafe class QuantizedMatrix
 
     public float ScaleAt(int row, int column) =>
         Scales.Length == 1 ? Scales[0] : Scales[(row * GroupsPerRow) + (GroupSize == 0 ? 0 : column / GroupSize)];
+
+    /// <summary>The zero point of a weight (0 on the symmetric grid).</summary>
+    public float ZeroAt(int row, int column) =>
+        ZeroPoints is null ? 0 : ZeroPoints.Length == 1 ? ZeroPoints[0] : ZeroPoints[(row * GroupsPerRow) + (GroupSize == 0 ? 0 : column / GroupSize)];
 
     /// <summary>Runs y = x · Wᵀ + b for x [rows, K] (float32, contiguous, CPU), returning a new [rows, N] tensor.</summary>
     public Tensor Run(Tensor x, ActivationSettings activations, bool relu, Int8KernelPath path)
@@ -162,15 +178,58 @@ internal sealed unsafe class QuantizedMatrix
         using var quantized = QuantizedActivations.Quantize(xs, rows, Packed, activations.Mode, activations.Scale, activations.ZeroPoint, activations.Symmetric);
         fixed (byte* py = y.bytes)
         {
-            Int8Kernel.Multiply(Packed, quantized, rows, (float*)py, N, relu, path);
+            Int8Kernel.Multiply(Packed, quantized, rows, (float*)py, N, relu && ZeroPoints is null, path);
+        }
+
+        if (ZeroPoints is not null)
+        {
+            // w = s · (q − z): the kernel computed Σ s·q·x; subtract Σ_groups (s·z) · (the group's input sum).
+            using var scope = NewDisposeScope();
+            y.sub_(GroupSums(x).matmul(ScaledZeroPoints()));
+            if (relu)
+            {
+                y.relu_();
+            }
         }
 
         return y;
     }
 
+    /// <summary>Each row's input sum per weight group, [rows, groups].</summary>
+    private Tensor GroupSums(Tensor x)
+    {
+        int groups = GroupsPerRow;
+        int size = GroupSize == 0 ? K : GroupSize;
+        int full = K / size;
+        var sums = x[.., ..(full * size)].reshape(x.shape[0], full, size).sum(-1);
+        return full == groups ? sums : cat([sums, x[.., (full * size)..].sum(-1, keepdim: true)], 1);
+    }
+
+    /// <summary>s · z as [groups, N], the matrix the group sums multiply.</summary>
+    private Tensor ScaledZeroPoints()
+    {
+        int groups = GroupsPerRow;
+        var sz = new float[groups * N];
+        for (int row = 0; row < N; row++)
+        {
+            for (int g = 0; g < groups; g++)
+            {
+                int at = Scales.Length == 1 ? 0 : (row * groups) + g;
+                sz[(g * N) + row] = Scales[at] * (ZeroPoints!.Length == 1 ? ZeroPoints[0] : ZeroPoints[at]);
+            }
+        }
+
+        return tensor(sz, [groups, N]);
+    }
+
     /// <summary>Runs a convolution on an NCHW float32 CPU batch through byte im2col, returning a new [batch, N, OH, OW] tensor.</summary>
     public Tensor RunImages(Tensor x, ConvGeometry geometry, ActivationSettings activations, bool relu, Int8KernelPath path)
     {
+        if (ZeroPoints is not null)
+        {
+            throw new InvalidOperationException("A convolution's weights have no zero points (HQQ quantizes Linear layers only).");
+        }
+
         var y = empty([geometry.Batch, N, geometry.OutHeight, geometry.OutWidth], dtype: ScalarType.Float32);
         var xs = MemoryMarshal.Cast<byte, float>(x.bytes);
         using var quantized = QuantizedActivations.FromImages(xs, geometry, Packed, activations.Mode, activations.Scale, activations.ZeroPoint, activations.Symmetric);
