@@ -749,7 +749,7 @@ internal static class ModuleCodec
                 long scales = I[3] switch { 0 => 1, 1 => n, _ => Product(ref r, at, n, (k + groupSize - 1) / groupSize) };
                 bool asymmetric = node.Kind == NodeKind.AsymmetricQuantizedLinear;
                 int maxLevel = asymmetric ? 1 << (bits - 1) : QuantizedMatrix.MaxLevel(bits);
-                node.Arrays.Add(ValueCodec.ReadLevels(ref r, Product(ref r, at, n, k), maxLevel, budget, $"the weight of {at}"));
+                node.Arrays.Add(ValueCodec.ReadLevels(ref r, Product(ref r, at, n, k), maxLevel, budget, $"the weight of {at}", highest: asymmetric ? maxLevel - 1 : maxLevel));
                 node.Arrays.Add(ValueCodec.ReadFloats(ref r, scales, budget, $"the scales of {at}"));
                 node.Arrays.Add(asymmetric ? ValueCodec.ReadFloats(ref r, scales, budget, $"the zero points of {at}") : null!);
                 if (I[9] == 1)
@@ -1122,17 +1122,9 @@ internal static class ModuleCodec
             throw new InvalidDataException($"{node.Describe} has groups of {I[4]} inputs; a group shorter than the row ({k}) is a multiple of 8.");
         }
 
-        if (zeroPoints is not null)
+        if (zeroPoints is not null && Array.FindIndex(zeroPoints, z => !float.IsFinite(z)) is var badZero and >= 0)
         {
-            if (Array.FindIndex(zeroPoints, z => !float.IsFinite(z)) is var badZero and >= 0)
-            {
-                throw new InvalidDataException($"{node.Describe} has the zero point {zeroPoints[badZero]}; zero points must be finite.");
-            }
-
-            if (Array.IndexOf(q, (sbyte)(1 << (bits - 1))) is var over and >= 0)
-            {
-                throw new InvalidDataException($"{node.Describe} holds the level {1 << (bits - 1)} (row {over / k}), outside the {bits}-bit range.");
-            }
+            throw new InvalidDataException($"{node.Describe} has the zero point {zeroPoints[badZero]}; zero points must be finite.");
         }
 
         var matrix = QuantizedMatrix.FromLevels(n, k, bits, granularity, q, scales, bias, zeroPoints);

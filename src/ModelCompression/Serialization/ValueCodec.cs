@@ -98,7 +98,8 @@ internal static class ValueCodec
         return layout == Dense ? storedValues : Scatter(storedValues, positions!, count, 0f, ref reader, what);
     }
 
-    public static sbyte[] ReadLevels(ref FormatReader reader, long count, int maxLevel, DecodeBudget budget, string what)
+    /// <summary>Reads levels in −<paramref name="maxLevel"/>…<paramref name="maxLevel"/> (the alphabet), at most <paramref name="highest"/> when given.</summary>
+    public static sbyte[] ReadLevels(ref FormatReader reader, long count, int maxLevel, DecodeBudget budget, string what, int? highest = null)
     {
         var (positions, layout) = ReadLayout(ref reader, count, budget, what);
         long stored = positions?.Length ?? count;
@@ -110,9 +111,16 @@ internal static class ValueCodec
 
         var symbols = SymbolStream.Read(ref reader, stored, (2 * maxLevel) + 1, $"the levels of {what}");
         var levels = new sbyte[stored];
+        int top = highest ?? maxLevel;
         for (int i = 0; i < levels.Length; i++)
         {
-            levels[i] = (sbyte)(symbols[i] - maxLevel);
+            int level = symbols[i] - maxLevel;
+            if (level > top)
+            {
+                throw reader.Fail($"{what} holds the level {level}, above its highest {top}");
+            }
+
+            levels[i] = (sbyte)level;
         }
 
         return layout == Dense ? levels : Scatter(levels, positions!, count, (sbyte)0, ref reader, what);

@@ -95,5 +95,15 @@ public sealed class HqqTests
         Assert.That(context.Notes, Has.Some.Contains("rounded to nearest on the symmetric grid").And.Some.Contains("conv"));
         Assert.That(quantized.modules().OfType<QuantizedLinear>().Single().Matrix.ZeroPoints, Is.Not.Null);
         Assert.That(quantized.modules().OfType<QuantizedConv2d>().Single().Matrix.ZeroPoints, Is.Null);
+
+        // 8 bits: the asymmetric grid's lowest level, −128, is stored and read back (the file's level alphabet is ±128).
+        Assert.That(quantized.modules().OfType<QuantizedLinear>().Single().Matrix.Q, Does.Contain((sbyte)-128));
+        using var stream = new MemoryStream();
+        CompressedModel.Save(quantized, stream);
+        stream.Position = 0;
+        using var loaded = CompressedModel.Load(stream, nn.Sequential(("conv", nn.Conv2d(1, 8, 3)), ("flatten", nn.Flatten()), ("fc", nn.Linear(8 * 36, 4))));
+        using var noGrad = no_grad();
+        var x = randn(3, 1, 8, 8);
+        Assert.That(loaded.call(x).eq(quantized.call(x)).all().item<bool>(), Is.True);
     }
 }
