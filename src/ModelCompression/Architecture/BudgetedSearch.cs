@@ -244,7 +244,7 @@ public sealed class BudgetedSearchStep : ICompressionStep, ICompressionStepRequi
             context.AddNote($"{iteration} iterations, {trace.Count} candidates, {clock.Elapsed.TotalSeconds:0} s; cost {currentCost / start:P1} of the start{(LastMetBudget ? string.Empty : " — budget NOT met (time limit or no candidate)")}");
             if (_options.FinalFineTuning is { } final)
             {
-                context.Train(current, final, ((TrainingCallbacks?)null).WithDistillation(_options.Distillation, context.OriginalModel));
+                FineTuneOrUndo(current, final, context);
             }
 
             return current;
@@ -257,6 +257,49 @@ public sealed class BudgetedSearchStep : ICompressionStep, ICompressionStepRequi
             }
 
             throw;
+        }
+    }
+
+    /// <summary>
+    /// The final fine-tuning; when it diverges (LibTorch's intermittent non-finite convolution gradients on some CPUs,
+    /// see the README), the searched model as it was before is kept, with a note and a warning. Holds one copy of the
+    /// model's state while it trains.
+    /// </summary>
+    private void FineTuneOrUndo(nn.Module<Tensor, Tensor> model, TrainingOptions final, CompressionContext context)
+    {
+        var saved = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        try
+        {
+            using (no_grad())
+            {
+                foreach (var (name, tensor) in model.state_dict())
+                {
+                    saved[name] = tensor.detach().clone().DetachFromDisposeScope();
+                }
+            }
+
+            context.Train(model, final, ((TrainingCallbacks?)null).WithDistillation(_options.Distillation, context.OriginalModel));
+        }
+        catch (TrainingDivergedException ex)
+        {
+            using (no_grad())
+            {
+                foreach (var (name, tensor) in model.state_dict())
+                {
+                    tensor.copy_(saved[name]);
+                }
+            }
+
+            string note = $"the final fine-tuning diverged and was undone (the searched model is kept as the search left it): {ex.Message}";
+            context.AddNote(note);
+            context.Logger.LogWarning("{Step}: {Note}", Name, note);
+        }
+        finally
+        {
+            foreach (var tensor in saved.Values)
+            {
+                tensor.Dispose();
+            }
         }
     }
 
