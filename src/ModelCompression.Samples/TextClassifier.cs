@@ -1,3 +1,4 @@
+using ModelCompression.Pruning;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -129,7 +130,11 @@ public sealed class TextClassifier : nn.Module<Tensor, Tensor>
 }
 
 /// <summary>One pre-LayerNorm block of <see cref="TextClassifier"/>: x + attention(norm(x)) over the real tokens, then x + MLP(norm(x)).</summary>
-public sealed class TextEncoderBlock : nn.Module<Tensor, Tensor, Tensor>
+/// <remarks>
+/// The head count is read from the query projection's output size (the head width is fixed), so the block keeps working
+/// when structured pruning removes heads or MLP width (<see cref="ITransformerBlock"/>).
+/// </remarks>
+public sealed class TextEncoderBlock : nn.Module<Tensor, Tensor, Tensor>, ITransformerBlock
 {
     private readonly LayerNorm norm1;
     private readonly nn.Module<Tensor, Tensor> query;
@@ -152,7 +157,7 @@ public sealed class TextEncoderBlock : nn.Module<Tensor, Tensor, Tensor>
             throw new ArgumentException($"An encoder block needs a positive width divisible by its heads and a positive MLP ratio (width {width}, heads {heads}, ratio {mlpRatio}).");
         }
 
-        Heads = heads;
+        HeadWidth = width / heads;
         norm1 = nn.LayerNorm(width);
         query = nn.Linear(width, width);
         key = nn.Linear(width, width);
@@ -165,8 +170,13 @@ public sealed class TextEncoderBlock : nn.Module<Tensor, Tensor, Tensor>
         RegisterComponents();
     }
 
-    /// <summary>Gets the attention heads.</summary>
-    public long Heads { get; }
+    /// <summary>Gets the width of one attention head.</summary>
+    public long HeadWidth { get; }
+
+    /// <inheritdoc/>
+    public TransformerBlockLayout DescribeLayout() => new(
+        new AttentionLayout(nameof(query), nameof(key), nameof(value), nameof(output), query is Linear q ? q.out_features / HeadWidth : 0),
+        new MlpLayout([nameof(up)], nameof(down)));
 
     /// <summary>Runs the block.</summary>
     /// <param name="input">The residual stream [batch, time, width].</param>
@@ -177,13 +187,14 @@ public sealed class TextEncoderBlock : nn.Module<Tensor, Tensor, Tensor>
         ArgumentNullException.ThrowIfNull(input);
         ArgumentNullException.ThrowIfNull(real);
         using var scope = NewDisposeScope();
-        long batch = input.shape[0], time = input.shape[1], width = input.shape[2];
-        long headWidth = width / Heads;
+        long batch = input.shape[0], time = input.shape[1];
         var h = norm1.call(input);
-        Tensor Split(Tensor t) => t.view(batch, time, Heads, headWidth).transpose(1, 2);
+        var q = query.call(h);
+        long inner = q.shape[2];
+        Tensor Split(Tensor t) => t.view(batch, time, inner / HeadWidth, HeadWidth).transpose(1, 2);
         var mask = real.view(batch, 1, 1, time);
-        var attended = nn.functional.scaled_dot_product_attention(Split(query.call(h)), Split(key.call(h)), Split(value.call(h)), mask);
-        var x = input + output.call(attended.transpose(1, 2).reshape(batch, time, width));
+        var attended = nn.functional.scaled_dot_product_attention(Split(q), Split(key.call(h)), Split(value.call(h)), mask);
+        var x = input + output.call(attended.transpose(1, 2).reshape(batch, time, inner));
         x = x + down.call(gelu.call(up.call(norm2.call(x))));
         return x.MoveToOuterDisposeScope();
     }

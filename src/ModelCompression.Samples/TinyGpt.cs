@@ -1,3 +1,4 @@
+using ModelCompression.Pruning;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -45,7 +46,7 @@ public sealed class TinyGpt : nn.Module<Tensor, Tensor>
 {
     private readonly Embedding tokens;
     private readonly Embedding positions;
-    private readonly ModuleList<TinyGptBlock> blocks;
+    private readonly ModuleList<nn.Module<Tensor, Tensor>> blocks;
     private readonly LayerNorm norm;
     private readonly nn.Module<Tensor, Tensor> head;
 
@@ -58,7 +59,7 @@ public sealed class TinyGpt : nn.Module<Tensor, Tensor>
         Config = config;
         tokens = nn.Embedding(config.Vocabulary, config.Width);
         positions = nn.Embedding(config.Context, config.Width);
-        blocks = nn.ModuleList([.. Enumerable.Range(0, config.Layers).Select(_ => new TinyGptBlock(config.Width, config.Heads, config.MlpRatio))]);
+        blocks = nn.ModuleList<nn.Module<Tensor, Tensor>>([.. Enumerable.Range(0, config.Layers).Select(_ => new TinyGptBlock(config.Width, config.Heads, config.MlpRatio))]);
         norm = nn.LayerNorm(config.Width);
         head = nn.Linear(config.Width, config.Vocabulary);
         RegisterComponents();
@@ -116,7 +117,12 @@ public sealed class TinyGpt : nn.Module<Tensor, Tensor>
 }
 
 /// <summary>One pre-LayerNorm block of <see cref="TinyGpt"/>: x + attention(norm(x)), then x + MLP(norm(x)).</summary>
-public sealed class TinyGptBlock : nn.Module<Tensor, Tensor>
+/// <remarks>
+/// The head count is read from the query projection's output size (the head width is fixed), so the block keeps working
+/// when structured pruning removes heads or MLP width; it describes itself to that pruning through
+/// <see cref="ITransformerBlock"/>.
+/// </remarks>
+public sealed class TinyGptBlock : nn.Module<Tensor, Tensor>, ITransformerBlock
 {
     private readonly LayerNorm norm1;
     private readonly nn.Module<Tensor, Tensor> query;
@@ -139,7 +145,7 @@ public sealed class TinyGptBlock : nn.Module<Tensor, Tensor>
             throw new ArgumentException($"A TinyGpt block needs a positive width divisible by its heads and a positive MLP ratio (width {width}, heads {heads}, ratio {mlpRatio}).");
         }
 
-        Heads = heads;
+        HeadWidth = width / heads;
         norm1 = nn.LayerNorm(width);
         query = nn.Linear(width, width);
         key = nn.Linear(width, width);
@@ -152,20 +158,26 @@ public sealed class TinyGptBlock : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
-    /// <summary>Gets the attention heads.</summary>
-    public long Heads { get; }
+    /// <summary>Gets the width of one attention head.</summary>
+    public long HeadWidth { get; }
+
+    /// <inheritdoc/>
+    public TransformerBlockLayout DescribeLayout() => new(
+        new AttentionLayout(nameof(query), nameof(key), nameof(value), nameof(output), query is Linear q ? q.out_features / HeadWidth : 0),
+        new MlpLayout([nameof(up)], nameof(down)));
 
     /// <inheritdoc/>
     public override Tensor forward(Tensor input)
     {
         ArgumentNullException.ThrowIfNull(input);
         using var scope = NewDisposeScope();
-        long batch = input.shape[0], time = input.shape[1], width = input.shape[2];
-        long headWidth = width / Heads;
+        long batch = input.shape[0], time = input.shape[1];
         var h = norm1.call(input);
-        Tensor Split(Tensor t) => t.view(batch, time, Heads, headWidth).transpose(1, 2);
-        var attended = nn.functional.scaled_dot_product_attention(Split(query.call(h)), Split(key.call(h)), Split(value.call(h)), is_casual: true);
-        var x = input + output.call(attended.transpose(1, 2).reshape(batch, time, width));
+        var q = query.call(h);
+        long inner = q.shape[2];
+        Tensor Split(Tensor t) => t.view(batch, time, inner / HeadWidth, HeadWidth).transpose(1, 2);
+        var attended = nn.functional.scaled_dot_product_attention(Split(q), Split(key.call(h)), Split(value.call(h)), is_casual: true);
+        var x = input + output.call(attended.transpose(1, 2).reshape(batch, time, inner));
         x = x + down.call(gelu.call(up.call(norm2.call(x))));
         return x.MoveToOuterDisposeScope();
     }

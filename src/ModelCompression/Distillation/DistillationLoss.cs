@@ -9,8 +9,11 @@ public static class DistillationLoss
     /// T²·KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over the batch: the soft-target term. The T² factor keeps
     /// its gradients on the scale of the hard-label term when the temperature changes.
     /// </summary>
-    /// <param name="studentLogits">The student's logits [batch, classes].</param>
-    /// <param name="teacherLogits">The teacher's logits [batch, classes] (no gradient flows into them).</param>
+    /// <param name="studentLogits">
+    /// The student's logits: [batch, classes], [batch, classes, ...] (a dense prediction, classes along dimension 1) or
+    /// [batch, time, classes] (a language model: a distribution per token, averaged over the tokens).
+    /// </param>
+    /// <param name="teacherLogits">The teacher's logits, the same shape (no gradient flows into them).</param>
     /// <param name="temperature">The temperature T, positive.</param>
     /// <returns>A scalar tensor.</returns>
     public static Tensor SoftTargets(Tensor studentLogits, Tensor teacherLogits, double temperature)
@@ -28,9 +31,10 @@ public static class DistillationLoss
         }
 
         using var scope = NewDisposeScope();
-        var logStudent = nn.functional.log_softmax(studentLogits / temperature, 1);
-        var logTeacher = nn.functional.log_softmax(teacherLogits.detach() / temperature, 1);
-        var kl = (logTeacher.exp() * (logTeacher - logStudent)).sum(1).mean();
+        long classes = studentLogits.dim() == 3 ? 2 : 1;
+        var logStudent = nn.functional.log_softmax(studentLogits / temperature, classes);
+        var logTeacher = nn.functional.log_softmax(teacherLogits.detach() / temperature, classes);
+        var kl = (logTeacher.exp() * (logTeacher - logStudent)).sum(classes).mean();
         return (kl * (temperature * temperature)).MoveToOuterDisposeScope();
     }
 
