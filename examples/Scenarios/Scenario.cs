@@ -77,6 +77,8 @@ public static class ScenarioCatalog
         new GptDecodeScenario(),
         new TextClassifierSmoothQuantScenario(),
         new GptSparsityScenario(),
+        new GptMinitronScenario(),
+        new TextClassifierDistillScenario(),
     ];
 }
 

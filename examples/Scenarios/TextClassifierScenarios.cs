@@ -122,3 +122,73 @@ public sealed class TextClassifierSmoothQuantScenario : IScenario
         return report;
     }
 }
+
+/// <summary>
+/// TextClassifier (the teacher) distilled into a student at least 4× smaller, against the same student trained from the
+/// labels alone (same initialisation, epochs and seed). The pipeline run is the distillation.
+/// </summary>
+public sealed class TextClassifierDistillScenario : IScenario
+{
+    public string Name => "textcls-distill";
+
+    public string Description => "TextClassifier (SpamAssassin) → a student ≥ 4× smaller: from scratch vs distilled (same epochs and seed)";
+
+    public IReadOnlyList<ScenarioTarget> Targets { get; } =
+    [
+        new("the student is at least 4× smaller", r => Get(r, "sizeRatio") >= 4),
+        new("the distilled student closes ≥ 50% of the gap to the teacher", r => Get(r, "gapClosed") >= 0.5),
+        new("the gain is significant (McNemar p < 0.05)", r => Get(r, "pValue") < 0.05),
+    ];
+
+    /// <summary>The student: width 32, two heads, one block, MLP ratio 2.</summary>
+    public static TextClassifierConfig StudentConfig(int vocabulary) =>
+        TextClassifierBaseline.Config(vocabulary) with { Width = 32, Heads = 2, Layers = 1, MlpRatio = 2 };
+
+    public CompressionReport Run(ScenarioContext context)
+    {
+        using var baseline = TextClassifierBaseline.Load(context);
+        var evaluator = new AccuracyEvaluator(batchSize: 128);
+        var teacherResult = evaluator.Evaluate(baseline.Model, baseline.Test);
+        var config = StudentConfig(baseline.Model.Config.Vocabulary - TextClassifier.FirstTokenId);
+
+        torch.random.manual_seed(context.Seed + 1);
+        using var scratch = new TextClassifier(config);
+        using var student = ModuleCloner.DeepClone(scratch);
+        var watch = System.Diagnostics.Stopwatch.StartNew();
+        new Trainer(TextClassifierTraining.Recipe()).Train(scratch, baseline.Train, seed: context.Seed);
+        var scratchResult = evaluator.Evaluate(scratch, baseline.Test);
+        context.Log.WriteLine($"  student from the labels: {scratchResult.Value:P2} ({watch.Elapsed.TotalSeconds:0} s)");
+
+        watch.Restart();
+        using var result = CompressionPipeline.Create()
+            .AddDistillation(new ModelCompression.Distillation.DistillationOptions { Teacher = baseline.Model, Student = student, Alpha = 0.9, Temperature = 4, Training = TextClassifierTraining.Recipe() })
+            .WithModelName("TextClassifier → student")
+            .WithSeed(context.Seed)
+            .Build()
+            .Run(baseline.Model, baseline.Data);
+        var distilled = evaluator.Evaluate(result.Model, baseline.Test);
+        context.Log.WriteLine($"  student distilled:       {distilled.Value:P2} ({watch.Elapsed.TotalSeconds:0} s); teacher {teacherResult.Value:P2}");
+        var test = McNemarTest.Compute(scratchResult.PerSampleCorrect!, distilled.PerSampleCorrect!);
+
+        var report = result.Report;
+        long teacherParameters = ModelCompression.Metrics.ModelMetrics.CountParameters(baseline.Model);
+        long studentParameters = ModelCompression.Metrics.ModelMetrics.CountParameters(result.Model);
+        report.Reference = new Dictionary<string, double>
+        {
+            ["teacherAccuracy"] = teacherResult.Value,
+            ["studentFromScratchAccuracy"] = scratchResult.Value,
+            ["distilledAccuracy"] = distilled.Value,
+            ["gapClosed"] = teacherResult.Value > scratchResult.Value ? (distilled.Value - scratchResult.Value) / (teacherResult.Value - scratchResult.Value) : double.NaN,
+            ["pValue"] = test.PValue,
+            ["onlyScratchCorrect"] = test.OnlyFirstCorrect,
+            ["onlyDistilledCorrect"] = test.OnlySecondCorrect,
+            ["teacherParameters"] = teacherParameters,
+            ["studentParameters"] = studentParameters,
+            ["sizeRatio"] = (double)teacherParameters / studentParameters,
+        };
+        return report;
+    }
+
+    private static double Get(CompressionReport report, string key) =>
+        report.Reference is not null && report.Reference.TryGetValue(key, out var v) ? v : double.NaN;
+}

@@ -99,6 +99,18 @@ public static class ModuleCloner
             copy!.train(original.training);
         }
 
+        // Layers rebuilt by their constructors (an Embedding, say) may have put their tensors in the caller's dispose
+        // scope: a copy made inside a step must outlive it, so every tensor of the copy leaves the scope.
+        foreach (var (_, parameter) in clone.named_parameters())
+        {
+            parameter.DetachFromDisposeScope();
+        }
+
+        foreach (var (_, buffer) in clone.named_buffers())
+        {
+            buffer.DetachFromDisposeScope();
+        }
+
         return clone;
     }
 

@@ -195,6 +195,8 @@ internal sealed unsafe class QuantizedMatrix
         return y;
     }
 
+    private float[]? _scaledZeroPoints;
+
     /// <summary>Each row's input sum per weight group, [rows, groups].</summary>
     private Tensor GroupSums(Tensor x)
     {
@@ -205,11 +207,17 @@ internal sealed unsafe class QuantizedMatrix
         return full == groups ? sums : cat([sums, x[.., (full * size)..].sum(-1, keepdim: true)], 1);
     }
 
-    /// <summary>s · z as [groups, N], the matrix the group sums multiply.</summary>
+    /// <summary>s · z as [groups, N], the matrix the group sums multiply (computed once; the matrix never changes).</summary>
     private Tensor ScaledZeroPoints()
     {
         int groups = GroupsPerRow;
-        var sz = new float[groups * N];
+        var sz = _scaledZeroPoints;
+        if (sz is not null)
+        {
+            return tensor(sz, [groups, N]);
+        }
+
+        sz = new float[groups * N];
         for (int row = 0; row < N; row++)
         {
             for (int g = 0; g < groups; g++)
@@ -219,6 +227,8 @@ internal sealed unsafe class QuantizedMatrix
             }
         }
 
+        // Racing threads compute the same values; either array may win.
+        _scaledZeroPoints = sz;
         return tensor(sz, [groups, N]);
     }
 
