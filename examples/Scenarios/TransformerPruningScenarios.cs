@@ -34,16 +34,11 @@ public sealed class GptMinitronScenario : IScenario
 
     public CompressionReport Run(ScenarioContext context)
     {
-        using var baseline = GptBaseline.Load(context);
+        using var baseline = GptBaseline.Load(context, budgetWindows: BudgetWindows);
+        var budget = baseline.Budget!;
         double dense = baseline.Perplexity(baseline.Model);
         context.Log.WriteLine($"  {"dense",-28} perplexity {dense,8:0.00}");
 
-        // A fixed budget of training windows spread evenly over the training split, the same every run.
-        var corpus = BrownCorpus.LoadBundled();
-        using var train = TinyGptTraining.Windows(corpus.TokenIds(TextSplit.Train), baseline.Model.Config.Context);
-        long stride = Math.Max(1, train.Count / BudgetWindows);
-        using var index = arange(0, train.Count, stride, dtype: ScalarType.Int64)[..BudgetWindows];
-        using var budget = new TensorDataset(train.Inputs.index_select(0, index), train.Targets.index_select(0, index));
         var recipe = TinyGptTraining.Recipe(epochs: 1);
         recipe.Seed = context.Seed;
 

@@ -15,12 +15,13 @@ internal sealed class GptBaseline : IDisposable
     /// <summary>The shape the scenarios train: about 1.8M parameters with the bundled 4,096-token BPE.</summary>
     public static TinyGptConfig Config(int vocabulary) => new(Vocabulary: vocabulary, Context: 64, Width: 128, Heads: 4, Layers: 4, MlpRatio: 4);
 
-    private GptBaseline(TinyGpt model, TensorDataset calibration, TensorDataset test, TrainedModel trained)
+    private GptBaseline(TinyGpt model, TensorDataset calibration, TensorDataset test, TrainedModel trained, TensorDataset? budget)
     {
         Model = model;
         Calibration = calibration;
         Test = test;
         Trained = trained;
+        Budget = budget;
     }
 
     public TinyGpt Model { get; }
@@ -33,7 +34,13 @@ internal sealed class GptBaseline : IDisposable
 
     public TrainedModel Trained { get; }
 
-    public static GptBaseline Load(ScenarioContext context, int calibrationWindows = 128)
+    /// <summary>A fixed training budget: windows spread evenly over the training split, when asked for.</summary>
+    public TensorDataset? Budget { get; }
+
+    /// <param name="context">The scenario's context.</param>
+    /// <param name="calibrationWindows">Training windows kept for calibration.</param>
+    /// <param name="budgetWindows">Training windows kept as <see cref="Budget"/>; 0 for none.</param>
+    public static GptBaseline Load(ScenarioContext context, int calibrationWindows = 128, int budgetWindows = 0)
     {
         var corpus = BrownCorpus.LoadBundled();
         var config = Config(corpus.Tokenizer.VocabularySize);
@@ -48,11 +55,21 @@ internal sealed class GptBaseline : IDisposable
         context.Log.WriteLine(trained.FromCache ? "TinyGpt: trained weights from the cache" : $"TinyGpt: trained in {trained.Seconds:0} s");
 
         // Calibration windows spread evenly over the training split (a fixed choice, the same every run).
-        long stride = Math.Max(1, train.Count / calibrationWindows);
-        var index = arange(0, train.Count, stride, dtype: ScalarType.Int64)[..calibrationWindows];
-        var calibration = new TensorDataset(train.Inputs.index_select(0, index), train.Targets.index_select(0, index));
+        var calibration = Spread(train, calibrationWindows);
+        var budget = budgetWindows > 0 ? Spread(train, budgetWindows) : null;
         var test = TinyGptTraining.Windows(corpus.TokenIds(TextSplit.Test), config.Context);
-        return new GptBaseline((TinyGpt)trained.Model, calibration, test, trained);
+        return new GptBaseline((TinyGpt)trained.Model, calibration, test, trained, budget);
+    }
+
+    /// <summary><paramref name="count"/> windows spread evenly over <paramref name="source"/>.</summary>
+    private static TensorDataset Spread(TensorDataset source, int count)
+    {
+        using var scope = NewDisposeScope();
+        long stride = Math.Max(1, source.Count / count);
+        var index = arange(0, source.Count, stride, dtype: ScalarType.Int64)[..count];
+        var inputs = source.Inputs.index_select(0, index).DetachFromDisposeScope();
+        var targets = source.Targets.index_select(0, index).DetachFromDisposeScope();
+        return new TensorDataset(inputs, targets);
     }
 
     public CompressionData Data => new(Calibration, Test) { Evaluator = new PerplexityEvaluator(batchSize: 64) };
@@ -76,6 +93,7 @@ internal sealed class GptBaseline : IDisposable
         Model.Dispose();
         Calibration.Dispose();
         Test.Dispose();
+        Budget?.Dispose();
     }
 }
 

@@ -34,11 +34,8 @@ public sealed class TransformerPruningTests
         Assert.That(Linear(pruned, "blocks.1.value").out_features, Is.EqualTo(24));
         Assert.That(Linear(pruned, "blocks.2.output").in_features, Is.EqualTo(24));
         Assert.That(Linear(pruned, "blocks.0.up").out_features, Is.EqualTo(128), "the MLP is left alone");
-        using var noGrad = no_grad();
-        model.eval();
-        pruned.eval();
         var input = data.Inputs.narrow(0, 0, 6);
-        Assert.That((pruned.call(input) - model.call(input)).abs().max().item<float>(), Is.LessThan(1e-5f));
+        AssertSameOutputs(model, pruned, input);
     }
 
     [Test]
@@ -59,16 +56,15 @@ public sealed class TransformerPruningTests
         using var pruned = new TransformerPruningStep(new TransformerPruningOptions { HeadFraction = 0.25, CalibrationBatches = 2, CalibrationBatchSize = 10 }).Apply(copy, Context(data, model));
 
         Assert.That(Linear(pruned, "blocks.0.key").out_features, Is.EqualTo(24));
-        using var noGrad = no_grad();
-        model.eval();
-        pruned.eval();
-        Assert.That((pruned.call(ids) - model.call(ids)).abs().max().item<float>(), Is.LessThan(1e-5f));
+        AssertSameOutputs(model, pruned, ids);
 
         // Heads and MLP width cut further still run on masked, batch-first input.
         using var copy2 = ModuleCloner.DeepClone(model);
         using var smaller = new TransformerPruningStep(new TransformerPruningOptions { HeadFraction = 0.5, MlpFraction = 0.5, CalibrationBatches = 2, CalibrationBatchSize = 10 }).Apply(copy2, Context(data, model));
         Assert.That(Linear(smaller, "blocks.1.query").out_features, Is.EqualTo(16));
         Assert.That(Linear(smaller, "blocks.1.down").in_features, Is.EqualTo(32));
+        using var noGrad = no_grad();
+        smaller.eval();
         var output = smaller.call(ids);
         Assert.That(output.shape, Is.EqualTo(new long[] { 20, 2 }));
         Assert.That(isfinite(output).all().item<bool>(), Is.True);
@@ -91,11 +87,8 @@ public sealed class TransformerPruningTests
         // The original with that block's output replaced by its input: the residual stream goes straight on.
         var skipped = (nn.Module<Tensor, Tensor>)ModuleTree.GetSubmodule(model, removed[0]);
         using var hook = new Hook(skipped.register_forward_hook((_, input, _) => input.alias()).remove);
-        using var noGrad = no_grad();
-        model.eval();
-        pruned.eval();
         var input = data.Inputs.narrow(0, 0, 6);
-        Assert.That((pruned.call(input) - model.call(input)).abs().max().item<float>(), Is.LessThan(1e-5f));
+        AssertSameOutputs(model, pruned, input);
     }
 
     [Test]
@@ -115,11 +108,8 @@ public sealed class TransformerPruningTests
         Assert.That(Linear(pruned, "blocks.2.up").out_features, Is.EqualTo(64), "0.51 × 128 = 65.3, rounded to a multiple of 16");
         Assert.That(Linear(pruned, "blocks.2.down").in_features, Is.EqualTo(64));
         Assert.That(Linear(pruned, "blocks.2.query").out_features, Is.EqualTo(32), "heads are left alone");
-        using var noGrad2 = no_grad();
-        model.eval();
-        pruned.eval();
         var input = data.Inputs.narrow(0, 0, 6);
-        Assert.That((pruned.call(input) - model.call(input)).abs().max().item<float>(), Is.LessThan(1e-5f));
+        AssertSameOutputs(model, pruned, input);
     }
 
     [Test]
@@ -152,11 +142,8 @@ public sealed class TransformerPruningTests
         using var data = Tokens(16, seed: 13);
         using var copy = ModuleCloner.DeepClone(model);
         using var pruned = new TransformerPruningStep(new TransformerPruningOptions { HeadFraction = 0.25, Importance = TransformerImportance.CalibrationLoss, CalibrationBatches = 2, CalibrationBatchSize = 8 }).Apply(copy, Context(data, model));
-        using var noGrad = no_grad();
-        model.eval();
-        pruned.eval();
         var input = data.Inputs.narrow(0, 0, 4);
-        Assert.That((pruned.call(input) - model.call(input)).abs().max().item<float>(), Is.LessThan(1e-5f));
+        AssertSameOutputs(model, pruned, input);
     }
 
     [Test]
@@ -301,6 +288,15 @@ public sealed class TransformerPruningTests
 
     private static CompressionContext Context(TensorDataset data, nn.Module<Tensor, Tensor> original) =>
         new(new CompressionData(data, data), original);
+
+    /// <summary>Both models in evaluation mode give the same outputs on <paramref name="input"/> (within 1e-5).</summary>
+    private static void AssertSameOutputs(nn.Module<Tensor, Tensor> expected, nn.Module<Tensor, Tensor> actual, Tensor input)
+    {
+        using var noGrad = no_grad();
+        expected.eval();
+        actual.eval();
+        Assert.That((actual.call(input) - expected.call(input)).abs().max().item<float>(), Is.LessThan(1e-5f));
+    }
 
     private static Linear Linear(nn.Module model, string name) => (Linear)ModuleTree.GetSubmodule(model, name);
 

@@ -455,6 +455,20 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
 
     private static Tensor Select(Tensor t, int dim, long[]? keep) => keep is null ? t : t.index_select(dim, tensor(keep, device: t.device));
 
+    /// <summary>
+    /// A new Linear holding the given output rows and input columns of <paramref name="linear"/> (all when null), with
+    /// its bias rows, gradient flags and training mode; shared with <see cref="TransformerPruningStep"/>.
+    /// </summary>
+    internal static Linear SliceLinear(Linear linear, long[]? outKeep, long[]? inKeep)
+    {
+        using var scope = NewDisposeScope();
+        var w = Select(Select(linear.weight!.detach(), 0, outKeep), 1, inKeep);
+        var result = nn.Linear(w.shape[1], w.shape[0], hasBias: linear.bias is not null, device: w.device, dtype: w.dtype);
+        CopyWeightAndBias(result.weight!, result.bias, w, linear.weight!, linear.bias, outKeep);
+        result.train(linear.training);
+        return result;
+    }
+
     private static nn.Module<Tensor, Tensor> Shrink(string name, LayerEdit edit)
     {
         using var scope = NewDisposeScope();
@@ -463,13 +477,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
         switch (module)
         {
             case Linear linear:
-            {
-                var w = Select(Select(linear.weight!.detach(), 0, outKeep), 1, inKeep);
-                var result = nn.Linear(w.shape[1], w.shape[0], hasBias: linear.bias is not null, device: w.device, dtype: w.dtype);
-                CopyWeightAndBias(result.weight!, result.bias, w, linear.weight!, linear.bias, outKeep);
-                result.train(linear.training);
-                return result;
-            }
+                return SliceLinear(linear, outKeep, inKeep);
 
             case Conv1d or Conv2d:
             {

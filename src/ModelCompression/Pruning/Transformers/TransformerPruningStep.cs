@@ -54,9 +54,6 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
     /// <inheritdoc/>
     public bool RequiresTrainingData => _options.FineTuning is not null;
 
-    /// <summary>Gets, after <see cref="Apply"/>, the cuts made.</summary>
-    internal Cuts? LastCuts { get; private set; }
-
     /// <inheritdoc/>
     /// <exception cref="UnsupportedModelException">
     /// The model has no described transformer block, an attention module the step cannot explain, a block whose layout
@@ -93,7 +90,6 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
         long after = CountAfter(blocks, scores, cuts);
         var root = Prune(model, blocks, scores, cuts, out var summary);
         Verify(root, blocks, cuts, scores, context);
-        LastCuts = cuts;
         string note = string.Create(CultureInfo.InvariantCulture, $"{summary}; block parameters {before:N0} → {after:N0} ({100.0 * (before - after) / Math.Max(1, before):0.#}% removed), ranked by {_options.Importance}");
         context.AddNote(note);
         context.Logger.LogInformation("{Step}: {Note}", Name, note);
@@ -412,8 +408,7 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
 
             if (block.Skippable)
             {
-                var single = (nn.Module<Tensor, Tensor>)block.Module;
-                var remove = single.register_forward_hook((_, input, _) => input.alias()).remove;
+                var remove = Bypass(block);
                 try
                 {
                     influence[b] = Divergence(model, context);
@@ -425,6 +420,10 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
             }
         }
     }
+
+    /// <summary>Makes a skippable block pass its input through (its output replaced by its input), as removing it does; returns the remover.</summary>
+    private static Action Bypass(Block block) =>
+        ((nn.Module<Tensor, Tensor>)block.Module).register_forward_hook((_, input, _) => input.alias()).remove;
 
     /// <summary>Mean KL divergence of the model's outputs from the original model's on the calibration batches.</summary>
     private double Divergence(nn.Module<Tensor, Tensor> model, CompressionContext context)
@@ -532,7 +531,7 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
                 var block = blocks[b];
                 if (removed.Contains(b))
                 {
-                    removers.Add(((nn.Module<Tensor, Tensor>)block.Module).register_forward_hook((_, input, _) => input.alias()).remove);
+                    removers.Add(Bypass(block));
                     continue;
                 }
 
@@ -583,13 +582,10 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
 
     private static string Describe(Cuts cuts) => string.Create(CultureInfo.InvariantCulture, $"{cuts.Blocks} blocks, {cuts.HeadFraction * 100:0.#}% of heads, {cuts.MlpFraction * 100:0.#}% of MLP width");
 
-    private long[] KeptHeads(Block block, Scores scores, int index, Cuts cuts)
-    {
-        long remove = Math.Min(block.Heads - 1, (long)Math.Round(cuts.HeadFraction * block.Heads, MidpointRounding.AwayFromZero));
-        return TopSorted(scores.Heads[index], block.Heads - remove);
-    }
+    private static long HeadsKept(Block block, Cuts cuts) =>
+        block.Heads - Math.Min(block.Heads - 1, (long)Math.Round(cuts.HeadFraction * block.Heads, MidpointRounding.AwayFromZero));
 
-    private long[] KeptUnits(Block block, Scores scores, int index, Cuts cuts)
+    private long UnitsKept(Block block, Cuts cuts)
     {
         long hidden = block.Hidden;
         long keep = (long)Math.Round((1 - cuts.MlpFraction) * hidden, MidpointRounding.AwayFromZero);
@@ -598,9 +594,12 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
             keep = Math.Max(_options.RoundTo, (long)Math.Round((double)keep / _options.RoundTo, MidpointRounding.AwayFromZero) * _options.RoundTo);
         }
 
-        keep = Math.Clamp(keep, 1, hidden);
-        return TopSorted(scores.Units[index], keep);
+        return Math.Clamp(keep, 1, hidden);
     }
+
+    private static long[] KeptHeads(Block block, Scores scores, int index, Cuts cuts) => TopSorted(scores.Heads[index], HeadsKept(block, cuts));
+
+    private long[] KeptUnits(Block block, Scores scores, int index, Cuts cuts) => TopSorted(scores.Units[index], UnitsKept(block, cuts));
 
     /// <summary>The indices of the <paramref name="keep"/> highest scores, ascending (ties to the lower index).</summary>
     private static long[] TopSorted(double[] scores, long keep) =>
@@ -627,12 +626,12 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
             count += block.Parameters;
             if (block.Heads > 0)
             {
-                count -= (block.Heads - KeptHeads(block, scores, b, cuts).Length) * block.PerHead;
+                count -= (block.Heads - HeadsKept(block, cuts)) * block.PerHead;
             }
 
             if (block.Hidden > 0)
             {
-                count -= (block.Hidden - KeptUnits(block, scores, b, cuts).Length) * block.PerUnit;
+                count -= (block.Hidden - UnitsKept(block, cuts)) * block.PerUnit;
             }
         }
 
@@ -669,11 +668,11 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
                     string[] names = [attention.Query, attention.Key, attention.Value];
                     for (int i = 0; i < 3; i++)
                     {
-                        root = ModuleTree.Replace(root, $"{block.Name}.{names[i]}", Slice(block.Qkv[i], rows, null));
+                        root = ModuleTree.Replace(root, $"{block.Name}.{names[i]}", StructuredPruningStep.SliceLinear(block.Qkv[i], rows, null));
                         block.Qkv[i].Dispose();
                     }
 
-                    root = ModuleTree.Replace(root, $"{block.Name}.{attention.Output}", Slice(output, null, rows));
+                    root = ModuleTree.Replace(root, $"{block.Name}.{attention.Output}", StructuredPruningStep.SliceLinear(output, null, rows));
                     output.Dispose();
                     edits.Add($"heads {block.Heads}→{keep.Length}");
                 }
@@ -686,11 +685,11 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
                 {
                     for (int i = 0; i < mlp.Inputs.Count; i++)
                     {
-                        root = ModuleTree.Replace(root, $"{block.Name}.{mlp.Inputs[i]}", Slice(block.MlpInputs[i], keep, null));
+                        root = ModuleTree.Replace(root, $"{block.Name}.{mlp.Inputs[i]}", StructuredPruningStep.SliceLinear(block.MlpInputs[i], keep, null));
                         block.MlpInputs[i].Dispose();
                     }
 
-                    root = ModuleTree.Replace(root, $"{block.Name}.{mlp.Output}", Slice(down, null, keep));
+                    root = ModuleTree.Replace(root, $"{block.Name}.{mlp.Output}", StructuredPruningStep.SliceLinear(down, null, keep));
                     down.Dispose();
                     edits.Add($"MLP {block.Hidden}→{keep.Length}");
                 }
@@ -706,32 +705,6 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
         return root;
     }
 
-    /// <summary>A new Linear holding the given output rows and input columns of <paramref name="linear"/> (all when null).</summary>
-    private static Linear Slice(Linear linear, long[]? rows, long[]? columns)
-    {
-        using var scope = NewDisposeScope();
-        var w = linear.weight!.detach();
-        if (rows is not null)
-        {
-            w = w.index_select(0, tensor(rows, device: w.device));
-        }
-
-        if (columns is not null)
-        {
-            w = w.index_select(1, tensor(columns, device: w.device));
-        }
-
-        var result = nn.Linear(w.shape[1], w.shape[0], hasBias: linear.bias is not null, device: w.device, dtype: w.dtype);
-        result.weight!.copy_(w);
-        if (linear.bias is { } bias)
-        {
-            result.bias!.copy_(rows is null ? bias.detach() : bias.detach().index_select(0, tensor(rows, device: bias.device)));
-        }
-
-        result.train(linear.training);
-        return result;
-    }
-
     /// <summary>Runs one calibration batch through the pruned model and re-reads each block's layout: a block that did not follow the pruned shapes is named.</summary>
     private void Verify(nn.Module<Tensor, Tensor> root, List<Block> blocks, Cuts cuts, Scores scores, CompressionContext context)
     {
@@ -743,7 +716,7 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
                 continue;
             }
 
-            long kept = KeptHeads(blocks[b], scores, b, cuts).Length;
+            long kept = HeadsKept(blocks[b], cuts);
             var layout = TransformerLayouts.Describe(ModuleTree.GetSubmodule(root, blocks[b].Name));
             if (layout?.Attention?.Heads != kept)
             {
