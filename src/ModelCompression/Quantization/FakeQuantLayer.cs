@@ -230,11 +230,13 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
         else
         {
             var grouped = Grouped(matrix, out long padded);
-            var scale = (grouped.detach().abs().amax([-1L], keepdim: true) / qmax).clamp_min(1e-8);
+            // The kernel's rule (QuantizedMatrix.ScaleFor): an all-zero group (a pruned row or channel) gets scale 1,
+            // so it stays zero; 4-bit scales are floored at 1e-4 and stored as float16, so train with that rounding.
+            var scale = grouped.detach().abs().amax([-1L], keepdim: true) / qmax;
+            scale = where(scale > 0, scale, ones_like(scale));
             if (WeightBits == 4)
             {
-                // Stored as float16 after conversion: train with the same rounding.
-                scale = scale.to(ScalarType.Float16).to(scale.dtype);
+                scale = scale.clamp_min(1e-4).to(ScalarType.Float16).to(scale.dtype);
             }
 
             quantized = Ungroup(FakeQuantization.WithFixedScale(grouped, scale, 0, -qmax, qmax), matrix, padded);
@@ -303,6 +305,16 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
             if (weight_scale is not null && WeightBits > 1)
             {
                 var scales = (weight_scale.detach().abs() + 1e-8).to(ScalarType.Float32).cpu().data<float>().ToArray();
+                if (WeightBits == 4)
+                {
+                    // Stored as float16, whose smallest normal is 6.1e-5: floored as QuantizedMatrix.ScaleFor floors
+                    // them, so a learned scale near zero (an all-zero group) is not stored as 0.
+                    for (int i = 0; i < scales.Length; i++)
+                    {
+                        scales[i] = (float)(Half)Math.Max(scales[i], 1e-4f);
+                    }
+                }
+
                 matrix = QuantizedMatrix.FromScales(w, n, k, WeightBits, granularity, scales, b ?? [], b is not null);
             }
             else

@@ -20,12 +20,17 @@ public static class FakeQuantization
     /// <param name="qmin">The lowest level.</param>
     /// <param name="qmax">The highest level.</param>
     /// <returns>The fake-quantized values; gradient 1 where x is inside the range, 0 outside; none to the scale.</returns>
+    /// <remarks>
+    /// A scale of zero (the scale of an all-zero row, channel or group, or one rounded to zero in float16) is taken as
+    /// 1, so zeros quantize to zero instead of 0 / 0.
+    /// </remarks>
     public static Tensor WithFixedScale(Tensor x, Tensor scale, double zeroPoint, int qmin, int qmax)
     {
         ArgumentNullException.ThrowIfNull(x);
         ArgumentNullException.ThrowIfNull(scale);
         using var scope = NewDisposeScope();
-        var s = scale.detach();
+        var detached = scale.detach();
+        var s = where(detached == 0, ones_like(detached), detached);
         var low = (qmin - zeroPoint) * s;
         var high = (qmax - zeroPoint) * s;
         var clipped = x.clamp(low, high);

@@ -280,6 +280,64 @@ public sealed class QuantizationAwareTrainingTests
     }
 
     [Test]
+    public void PrunedRowsThenQuantizationAwareTraining_TrainsAndZeroRowsQuantizeToZero(
+        [Range(1, 8)] int bits, [Values(false, true)] bool learnedStepSize)
+    {
+        // A pruned model (whole rows of fc1 zero, as structured or heavy magnitude pruning leaves them): an all-zero
+        // row's scale must fake-quantize and convert its zeros to zeros, not to 0 / 0 (NaN activations in training).
+        var (model, train, test) = TestModels.TrainedMlp(14);
+        using var _ = model;
+        using var __ = train;
+        using var ___ = test;
+        using (no_grad())
+        {
+            var pruned = ((Linear)ModuleTree.GetSubmodule(model, "fc1")).weight!;
+            pruned[2].zero_();
+            pruned[5].zero_();
+        }
+
+        QuantizationAwareTrainingStep Step(int epochs) => new(new QuantizationAwareTrainingOptions
+        {
+            WeightBits = bits,
+            LearnedStepSize = learnedStepSize,
+            QuantizeActivations = bits == 8,
+            ObserverEpochs = 0,
+            Training = new TrainingOptions { Epochs = epochs, BatchSize = 32, LearningRate = 0.002 },
+        });
+
+        // Trained: the rows move away from zero, and every value stays finite.
+        using (var copy = ModuleCloner.DeepClone(model))
+        {
+            var trainingStep = Step(1);
+            using var trained = trainingStep.Apply(copy, Context(model, train, test));
+            using var output = trained.call(test.Inputs);
+            Assert.That(output.isfinite().all().item<bool>(), Is.True);
+            Assert.That(trainingStep.LastConversion!.Agreement, Is.GreaterThanOrEqualTo(0.9));
+        }
+
+        // Not trained: the zero rows are stored as zeros.
+        using var untouched = ModuleCloner.DeepClone(model);
+        using var result = Step(0).Apply(untouched, Context(model, train, test));
+        using var weight = ((QuantizedLinear)ModuleTree.GetSubmodule(result, "fc1")).DequantizedWeight();
+        Assert.That(weight.isfinite().all().item<bool>(), Is.True);
+        // Binary rows are ±α with α > 0: an all-zero row gets the smallest normal float.
+        float zero = bits == 1 ? 1.2e-38f : 0f;
+        Assert.That(weight[2].abs().max().item<float>(), Is.LessThanOrEqualTo(zero), "row 2");
+        Assert.That(weight[5].abs().max().item<float>(), Is.LessThanOrEqualTo(zero), "row 5");
+    }
+
+    [Test]
+    public void FixedScale_ZeroScaleQuantizesZerosToZero()
+    {
+        using var x = zeros(2, 3).requires_grad_();
+        using var scale = zeros(2, 1);
+        using var y = FakeQuantization.WithFixedScale(x, scale, 0, -7, 7);
+        Assert.That(Values(y), Is.All.EqualTo(0f));
+        y.sum().backward();
+        Assert.That(x.grad!.isfinite().all().item<bool>(), Is.True);
+    }
+
+    [Test]
     public void Step_WithBatchNorm_FoldsItAndConverts()
     {
         using var original = ModelZoo.Create(ZooModel.SmallResNet, 11);

@@ -325,6 +325,9 @@ internal sealed unsafe class QuantizedMatrix
         return max;
     }
 
+    /// <summary>The scale of an all-zero binary group: float's smallest normal value.</summary>
+    internal const float SmallestBinaryScale = 1.17549435E-38f;
+
     internal static float ScaleFor(ReadOnlySpan<float> values, int qmax, int bits)
     {
         if (bits == 1)
@@ -336,7 +339,9 @@ internal sealed unsafe class QuantizedMatrix
                 sum += Math.Abs(v);
             }
 
-            return values.Length == 0 || sum == 0 ? 1f : (float)(sum / values.Length);
+            // An all-zero group (a pruned row) cannot be ±α with α = 0 (scales are positive): the smallest normal
+            // float stands in, so it dequantizes to ±1.2e-38, zero for every practical purpose.
+            return values.Length == 0 || sum == 0 ? SmallestBinaryScale : (float)(sum / values.Length);
         }
 
         float maxAbs = MaxAbs(values);
