@@ -3,6 +3,7 @@ using ModelCompression.Architecture;
 using ModelCompression.Clustering;
 using ModelCompression.Factorization;
 using ModelCompression.Interop.Onnx.Proto;
+using ModelCompression.Modules;
 using ModelCompression.Pruning;
 using ModelCompression.Quantization;
 using ModelCompression.Quantization.Kernels;
@@ -103,7 +104,7 @@ public static class OnnxExporter
             _ => throw new ArgumentException($"OnnxExportOptions.InputType is {options.InputType}; the exporter writes Float32, Int64 or Int32 inputs.", nameof(options)),
         };
         long[] outputShape;
-        bool wasTraining = model.training;
+        var modes = ModuleModes.Record(model);
         // Adaptive pools to sizes other than 1 become fixed pools or averaging matrices, which need their input's size:
         // the sample run records it.
         var poolInputs = new Dictionary<nn.Module, long[]>(ReferenceEqualityComparer.Instance);
@@ -122,7 +123,7 @@ public static class OnnxExporter
         finally
         {
             hooks.ForEach(hook => hook.remove());
-            model.train(wasTraining);
+            modes.Dispose();
         }
 
         var exporter = new Emitter(options, poolInputs);

@@ -51,7 +51,7 @@ public sealed class DistillationStep : ICompressionStep, ICompressionStepRequire
         ArgumentNullException.ThrowIfNull(context);
         var data = context.TrainingData ?? throw new InvalidOperationException($"Step '{Name}' needs training data.");
         var teacher = _options.Teacher ?? context.OriginalModel;
-        bool teacherWasTraining = teacher.training;
+        var teacherModes = ModuleModes.Record(teacher);
         var student = _options.Student is null ? model : ModuleCloner.DeepClone(_options.Student);
         if (_options.Student is not null)
         {
@@ -157,7 +157,7 @@ public sealed class DistillationStep : ICompressionStep, ICompressionStepRequire
             removers.ForEach(r => r());
             adapters.ForEach(a => a?.Dispose());
             cached?.Dispose();
-            teacher.train(teacherWasTraining);
+            teacherModes.Dispose();
         }
     }
 
@@ -209,7 +209,7 @@ public sealed class DistillationStep : ICompressionStep, ICompressionStepRequire
         var teacherFeatures = new Tensor?[_options.Hints.Count];
         var studentFeatures = new Tensor?[_options.Hints.Count];
         var removers = new List<Action>();
-        bool studentWasTraining = student.training;
+        var studentModes = ModuleModes.Record(student);
         try
         {
             using var scope = NewDisposeScope();
@@ -241,7 +241,7 @@ public sealed class DistillationStep : ICompressionStep, ICompressionStepRequire
         finally
         {
             removers.ForEach(r => r());
-            student.train(studentWasTraining);
+            studentModes.Dispose();
         }
     }
 

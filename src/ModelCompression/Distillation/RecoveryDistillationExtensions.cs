@@ -1,3 +1,4 @@
+using ModelCompression.Modules;
 using ModelCompression.Training;
 using static TorchSharp.torch;
 
@@ -23,18 +24,10 @@ internal static class RecoveryDistillationExtensions
         callbacks.ExtraLoss = batch =>
         {
             Tensor teacherLogits;
-            bool wasTraining = teacher.training;
-            teacher.eval();
-            try
+            using (ModuleModes.Evaluating(teacher))
+            using (no_grad())
             {
-                using (no_grad())
-                {
-                    teacherLogits = teacher.call(batch.Input);
-                }
-            }
-            finally
-            {
-                teacher.train(wasTraining);
+                teacherLogits = teacher.call(batch.Input);
             }
 
             var soft = DistillationLoss.SoftTargets(batch.Output, teacherLogits, distillation.Temperature) * distillation.Alpha;

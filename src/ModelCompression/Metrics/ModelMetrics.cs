@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using ModelCompression.Modules;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -175,7 +176,7 @@ public static class ModelMetrics
         long batch = sample.dim() == 0 ? 1 : Math.Max(1, sample.shape[0]);
         var counts = new Dictionary<string, long>();
         var removers = new List<Action>();
-        bool wasTraining = model.training;
+        var modes = ModuleModes.Record(model);
         try
         {
             // named_modules() leaves out the root, which may itself be a layer (a bare Linear); it gets the empty name.
@@ -222,7 +223,7 @@ public static class ModelMetrics
                 remove();
             }
 
-            model.train(wasTraining);
+            modes.Dispose();
         }
 
         return counts.ToDictionary(kv => kv.Key, kv => kv.Value / batch);
@@ -359,12 +360,7 @@ public static class ModelMetrics
     /// <summary>Median milliseconds of each model, the models' calls alternating within every repeat.</summary>
     private static double[] Medians(IReadOnlyList<nn.Module<Tensor, Tensor>> models, IReadOnlyList<long> sampleShape, int batch, LatencyOptions options, Device device, ScalarType inputType)
     {
-        var wasTraining = models.Select(m => m.training).ToArray();
-        foreach (var model in models)
-        {
-            model.eval();
-        }
-
+        var modes = models.Select(ModuleModes.Evaluating).ToArray();
         try
         {
             using var scope = NewDisposeScope();
@@ -407,9 +403,9 @@ public static class ModelMetrics
         }
         finally
         {
-            for (int k = 0; k < models.Count; k++)
+            foreach (var mode in modes)
             {
-                models[k].train(wasTraining[k]);
+                mode.Dispose();
             }
         }
     }

@@ -493,11 +493,9 @@ internal static class TorchSharpLayers
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        bool training = module.training;
         var reference = module.parameters().FirstOrDefault();
-        try
+        using (ModuleModes.Evaluating(module))
         {
-            module.eval();
             using var generator = new Generator(20261204);
             var x = inputs(generator);
             if (reference is not null)
@@ -517,10 +515,6 @@ internal static class TorchSharpLayers
                     return candidate;
                 }
             }
-        }
-        finally
-        {
-            module.train(training);
         }
 
         throw new UnsupportedModelException(null, module.GetType().Name,

@@ -442,8 +442,7 @@ public sealed class CompressionPipeline
                 nameof(model));
         }
 
-        bool wasTraining = model.training;
-        model.eval();
+        using var modes = ModuleModes.Evaluating(model);
         try
         {
             var device = EvaluationLoop.ModelDevice(model);
@@ -461,10 +460,6 @@ public sealed class CompressionPipeline
                 $"The model rejects the data's input shape [{string.Join(", ", evaluation.SampleShape)}] (per sample): {ex.Message}",
                 nameof(model),
                 ex);
-        }
-        finally
-        {
-            model.train(wasTraining);
         }
     }
 }

@@ -142,29 +142,21 @@ internal static class QuantizationTargets
     /// </summary>
     public static void RunCalibrationBatches(nn.Module<Tensor, Tensor> model, IBatchSource data, int batches, int batchSize, CompressionContext context, Action<int>? afterBatch = null, Action<Tensor, Tensor>? beforeBatch = null)
     {
-        bool wasTraining = model.training;
-        model.eval();
-        try
+        using var modes = ModuleModes.Evaluating(model);
+        using var noGrad = no_grad();
+        int seen = 0;
+        foreach (var (input, target) in data.ScopedBatches(batchSize, shuffle: true, seed: context.StepSeed))
         {
-            using var noGrad = no_grad();
-            int seen = 0;
-            foreach (var (input, target) in data.ScopedBatches(batchSize, shuffle: true, seed: context.StepSeed))
+            if (seen == batches)
             {
-                if (seen == batches)
-                {
-                    break;
-                }
-
-                context.CancellationToken.ThrowIfCancellationRequested();
-                beforeBatch?.Invoke(input, target);
-                model.call(input.to(context.Device));
-                seen++;
-                afterBatch?.Invoke(seen);
+                break;
             }
-        }
-        finally
-        {
-            model.train(wasTraining);
+
+            context.CancellationToken.ThrowIfCancellationRequested();
+            beforeBatch?.Invoke(input, target);
+            model.call(input.to(context.Device));
+            seen++;
+            afterBatch?.Invoke(seen);
         }
     }
 

@@ -1,4 +1,5 @@
 using ModelCompression.Data;
+using ModelCompression.Modules;
 using static TorchSharp.torch;
 
 namespace ModelCompression.Training;
@@ -125,22 +126,14 @@ internal static class EvaluationLoop
             throw new ArgumentException("The evaluation data is empty.", nameof(data));
         }
 
-        bool wasTraining = model.training;
-        model.eval();
-        try
+        using var modes = ModuleModes.Evaluating(model);
+        using var noGrad = no_grad();
+        var device = ModelDevice(model);
+        foreach (var (input, target) in data.ScopedBatches(batchSize))
         {
-            using var noGrad = no_grad();
-            var device = ModelDevice(model);
-            foreach (var (input, target) in data.ScopedBatches(batchSize))
-            {
-                cancellationToken.ThrowIfCancellationRequested();
-                var onDevice = input.to(device);
-                onBatch(onDevice, model.call(onDevice), target.to(device));
-            }
-        }
-        finally
-        {
-            model.train(wasTraining);
+            cancellationToken.ThrowIfCancellationRequested();
+            var onDevice = input.to(device);
+            onBatch(onDevice, model.call(onDevice), target.to(device));
         }
     }
 

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using ModelCompression.Data;
+using ModelCompression.Modules;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -70,7 +71,7 @@ public sealed class Trainer
 
         var stopwatch = Stopwatch.StartNew();
         var epochLosses = new List<double>();
-        bool wasTraining = model.training;
+        var modes = ModuleModes.Record(model);
         torch.random.manual_seed(runSeed);
         using var optimizer = CreateOptimizer(options, parameters);
         long step = 0, skipped = 0;
@@ -171,7 +172,7 @@ public sealed class Trainer
                 optimizer.zero_grad();
             }
 
-            model.train(wasTraining);
+            modes.Dispose();
         }
 
         return new TrainingSummary(options.Epochs, step, epochLosses, stopwatch.Elapsed.TotalSeconds) { SkippedSteps = skipped };

@@ -1,3 +1,4 @@
+using ModelCompression.Modules;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -162,7 +163,7 @@ internal static class ChannelGroupTracer
         var removers = new List<Action>();
         Exception? failure = null;
 
-        bool wasTraining = model.training;
+        var modes = ModuleModes.Record(model);
         try
         {
             using var scope = NewDisposeScope();
@@ -301,7 +302,7 @@ internal static class ChannelGroupTracer
                 s.Value.Dispose();
             }
 
-            model.train(wasTraining);
+            modes.Dispose();
         }
 
         return BuildGroups(state.Spaces);

@@ -239,7 +239,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
         var sums = producers.ToDictionary(p => p.Name, p => zeros(OutChannels(p.Module), dtype: float32).DetachFromDisposeScope());
         var probes = new Dictionary<string, (Tensor Output, Tensor Probe)>();
         var removers = new List<Action>();
-        bool wasTraining = model.training;
+        var modes = ModuleModes.Record(model);
         try
         {
             foreach (var producer in producers)
@@ -313,7 +313,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                 model.zero_grad();
             }
 
-            model.train(wasTraining);
+            modes.Dispose();
         }
     }
 

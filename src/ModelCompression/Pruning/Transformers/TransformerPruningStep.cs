@@ -429,28 +429,19 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
     private double Divergence(nn.Module<Tensor, Tensor> model, CompressionContext context)
     {
         var original = context.OriginalModel;
-        bool originalTraining = original.training, modelTraining = model.training;
-        original.eval();
-        model.eval();
-        try
+        using var originalModes = ModuleModes.Evaluating(original);
+        using var modelModes = ModuleModes.Evaluating(model);
+        double total = 0;
+        int count = 0;
+        using var noGrad = no_grad();
+        foreach (var (input, _) in context.CalibrationData.ScopedBatches(_options.CalibrationBatchSize).Take(_options.CalibrationBatches))
         {
-            double total = 0;
-            int count = 0;
-            using var noGrad = no_grad();
-            foreach (var (input, _) in context.CalibrationData.ScopedBatches(_options.CalibrationBatchSize).Take(_options.CalibrationBatches))
-            {
-                var x = input.to(context.Device);
-                total += DistillationLoss.SoftTargets(model.call(x), original.call(x), 1).item<float>();
-                count++;
-            }
+            var x = input.to(context.Device);
+            total += DistillationLoss.SoftTargets(model.call(x), original.call(x), 1).item<float>();
+            count++;
+        }
 
-            return count == 0 ? 0 : total / count;
-        }
-        finally
-        {
-            original.train(originalTraining);
-            model.train(modelTraining);
-        }
+        return count == 0 ? 0 : total / count;
     }
 
     /// <summary>Tries every (blocks, heads) combination, fills the target with MLP width, keeps the closest candidate to the original outputs.</summary>
@@ -725,8 +716,7 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
             }
         }
 
-        bool training = root.training;
-        root.eval();
+        using var modes = ModuleModes.Evaluating(root);
         try
         {
             using var scope = NewDisposeScope();
@@ -738,10 +728,6 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
         {
             throw new UnsupportedModelException(null, root.GetType().Name,
                 $"The pruned model no longer runs ({e.Message}): every block's forward must take its head count from its projections' sizes and its hidden width from its MLP's.", e);
-        }
-        finally
-        {
-            root.train(training);
         }
     }
 }

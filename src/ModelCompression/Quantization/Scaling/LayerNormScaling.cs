@@ -216,17 +216,9 @@ internal static class LayerNormScaling
     /// <summary>The model's output on <paramref name="sample"/> in evaluation mode, without gradients; the mode is restored.</summary>
     private static Tensor Output(nn.Module<Tensor, Tensor> root, Tensor sample)
     {
-        bool wasTraining = root.training;
-        root.eval();
-        try
-        {
-            using var noGrad = no_grad();
-            return root.call(sample).to(ScalarType.Float32);
-        }
-        finally
-        {
-            root.train(wasTraining);
-        }
+        using var modes = ModuleModes.Evaluating(root);
+        using var noGrad = no_grad();
+        return root.call(sample).to(ScalarType.Float32);
     }
 
     /// <summary>The exponent α on a grid from 0 with the smallest output error of the rounded, scaled layers.</summary>
