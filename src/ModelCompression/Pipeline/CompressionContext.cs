@@ -145,6 +145,12 @@ public sealed class CompressionContext
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(options);
         data ??= TrainingData ?? throw new InvalidOperationException($"Step '{StepName}' needs training data, but the pipeline was run without any.");
+        if (options.Epochs > 0 && !model.parameters().Any(p => p.requires_grad))
+        {
+            Logger.LogWarning("Step '{Step}': the model has no trainable parameters (every requires_grad is false), so its training does nothing.", StepName);
+            AddNote("nothing trained: the model has no parameter with requires_grad");
+        }
+
         var trainer = new Trainer(options);
         var progress = _progress is null
             ? null

@@ -86,6 +86,7 @@ public sealed class CompressionPipeline
         ArgumentNullException.ThrowIfNull(data);
         ValidateData(data);
         ValidateWeights(model);
+        ValidateFloatType(model);
 
         nn.Module<Tensor, Tensor>? current = null;
         nn.Module<Tensor, Tensor>? teacher = null;
@@ -103,7 +104,8 @@ public sealed class CompressionPipeline
             {
                 StepCount = _steps.Count,
             };
-            ValidateInputShape(current, data.Evaluation);
+            var outputShape = ValidateInputShape(current, data.Evaluation);
+            CheckData(data, outputShape, cancellationToken);
 
             context.ReportProgress(CompressionPhase.Baseline, 0);
             var baselineEval = Evaluate(current, context);
@@ -430,7 +432,38 @@ public sealed class CompressionPipeline
         }
     }
 
-    private static void ValidateInputShape(nn.Module<Tensor, Tensor> model, IBatchSource evaluation)
+    /// <summary>
+    /// Reads every distinct data set once (see <see cref="DataChecks"/>), so that bad data is a clear
+    /// <see cref="ArgumentException"/> before the first step instead of LibTorch's error inside one.
+    /// </summary>
+    private static void CheckData(CompressionData data, long[] outputShape, CancellationToken cancellationToken)
+    {
+        var checkedSources = new HashSet<IBatchSource>(ReferenceEqualityComparer.Instance);
+        foreach (var (source, role) in new[] { (data.Evaluation, "evaluation data"), (data.Training, "training data"), (data.Calibration, "calibration data") })
+        {
+            if (source is not null && checkedSources.Add(source))
+            {
+                DataChecks.Check(source, role, outputShape, cancellationToken);
+            }
+        }
+    }
+
+    /// <summary>Refuses float64 models up front: the kernels, file encodings and measurements are float32.</summary>
+    private static void ValidateFloatType(nn.Module<Tensor, Tensor> model)
+    {
+        foreach (var (name, parameter) in model.named_parameters())
+        {
+            if (parameter.dtype == ScalarType.Float64)
+            {
+                throw new ArgumentException(
+                    $"The model's parameter '{name}' is Float64; the pipeline compresses float32 models (its kernels, file encodings and measurements are float32). Compress a float32 copy: model.to(ScalarType.Float32).",
+                    nameof(model));
+            }
+        }
+    }
+
+    /// <returns>The model's output shape on a batch of two samples.</returns>
+    private static long[] ValidateInputShape(nn.Module<Tensor, Tensor> model, IBatchSource evaluation)
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
@@ -453,6 +486,8 @@ public sealed class CompressionPipeline
                     $"The model's output [{string.Join(", ", output.shape)}] has no batch dimension matching the input batch of {input.shape[0]}.",
                     nameof(model));
             }
+
+            return output.shape;
         }
         catch (Exception ex) when (ex is not ArgumentException and not OperationCanceledException and not OutOfMemoryException)
         {
