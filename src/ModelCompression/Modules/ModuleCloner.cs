@@ -69,7 +69,9 @@ public static class ModuleCloner
         var state = new CloneState(SharedTensors(module));
         T clone;
 
-        // Layers built by their constructors draw random initial weights: leave the caller's random stream as it was.
+        // Layers built by their constructors draw random initial weights: leave the caller's random stream as it was,
+        // and let no other thread draw from it meanwhile.
+        using var exclusive = RandomState.Gate.EnterScope();
         using var rng = RandomState.Save();
         try
         {

@@ -14,6 +14,14 @@ namespace ModelCompression.Modules;
 /// </remarks>
 internal static class RandomState
 {
+    /// <summary>
+    /// Held by whatever seeds or draws from LibTorch's process-wide default generator and must get the same numbers
+    /// whatever else runs: a pipeline step (seeded, then run), a training run, a copy or a load (state saved, modules
+    /// built, state restored). TorchSharp gives layer initialisation and dropout no generator of their own, so two
+    /// pipelines in one process take turns step by step, and each gets the numbers it would get alone. Re-entrant.
+    /// </summary>
+    public static readonly Lock Gate = new();
+
     /// <summary>Returns a copy of the default generator's state (owned by the caller).</summary>
     public static torch.Tensor Save()
     {

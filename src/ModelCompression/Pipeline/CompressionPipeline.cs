@@ -243,6 +243,9 @@ public sealed class CompressionPipeline
 
     private (nn.Module<Tensor, Tensor> Model, double Seconds) ApplyStep(ICompressionStep step, nn.Module<Tensor, Tensor> current, CompressionContext context)
     {
+        // The step seeds LibTorch's process-wide generator and draws from it (initialisation, dropout, sampling):
+        // concurrent pipelines take turns, step by step, so each gets the model it would get alone.
+        using var exclusive = RandomState.Gate.EnterScope();
         var candidate = _cloner(current);
         var stopwatch = Stopwatch.StartNew();
         try

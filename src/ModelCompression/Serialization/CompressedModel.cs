@@ -226,6 +226,7 @@ public static class CompressedModel
         }
 
         // Every byte is checked and decoded; only now are modules built (no random initialisation leaks into the caller's RNG).
+        using var exclusive = RandomState.Gate.EnterScope();
         using var rng = RandomState.Save();
         try
         {

@@ -72,6 +72,9 @@ public sealed class Trainer
         var stopwatch = Stopwatch.StartNew();
         var epochLosses = new List<double>();
         var modes = ModuleModes.Record(model);
+        // Dropout and any layer built during training draw from the process-wide generator: seed it, and hold it
+        // until the run ends, so a run gives the same model whatever else runs in the process.
+        using var exclusive = RandomState.Gate.EnterScope();
         torch.random.manual_seed(runSeed);
         using var optimizer = CreateOptimizer(options, parameters);
         long step = 0, skipped = 0;
