@@ -124,7 +124,13 @@ internal static class StateDictReaders
                     $"{source} holds tensors of storage type {string.Join(", ", unsupported.Select(u => $"torch.{u}"))}, which cannot be read here (supported: {string.Join(", ", SupportedStorages)}).");
             }
 
-            var tensors = StateDictPickle.Read(pickle, message => Invalid(source, message));
+            string pickleName = pickles[0].FullName;
+            var tensors = StateDictPickle.Read(pickle, message => Invalid(source, $"{message} (entry '{pickleName}')"));
+            if (Crc32.Of(pickle) != pickles[0].Crc32)
+            {
+                throw Invalid(source, $"its entry '{pickleName}' does not match its CRC-32 (it is corrupt, or its declared length is wrong)");
+            }
+
             var storages = CheckStorages(tensors, entries, pickle.Length, source, limit);
             CheckViews(tensors, storages, source, limit);
             return tensors;
@@ -189,12 +195,18 @@ internal static class StateDictReaders
         {
             foreach (var (key, (entry, first)) in storages)
             {
-                long actual = Inflate(entry, entry.Length, buffer, source, $"storage '{key}' of tensor '{first.Key}'");
+                var (actual, crc) = Inflate(entry, entry.Length, buffer, source, $"storage '{key}' of tensor '{first.Key}'");
                 if (actual != entry.Length)
                 {
                     throw Invalid(source, actual > entry.Length
                         ? $"the entry '{entry.FullName}' of storage '{key}' (tensor '{first.Key}') inflates to more than the {entry.Length} bytes it declares"
                         : $"the entry '{entry.FullName}' of storage '{key}' (tensor '{first.Key}') inflates to {actual} bytes, fewer than the {entry.Length} it declares");
+                }
+
+                // The zip reader stops at the declared length, so a length that lies short reads a prefix: the CRC tells.
+                if (crc != entry.Crc32)
+                {
+                    throw Invalid(source, $"the entry '{entry.FullName}' of storage '{key}' (tensor '{first.Key}') does not match its CRC-32 (it is corrupt, or its declared length is wrong)");
                 }
             }
         }
@@ -282,11 +294,12 @@ internal static class StateDictReaders
         _ => throw new InvalidDataException($"Unknown storage type torch.{storageType}."),
     };
 
-    /// <summary>Inflates an entry into a scratch buffer, counting its bytes, and stops one byte past <paramref name="expected"/>.</summary>
-    /// <returns>The bytes the entry inflated to, or <paramref name="expected"/> + 1 when it holds more.</returns>
-    private static long Inflate(ZipArchiveEntry entry, long expected, byte[] buffer, string source, string what)
+    /// <summary>Inflates an entry into a scratch buffer, counting its bytes and their CRC-32, and stops one byte past <paramref name="expected"/>.</summary>
+    /// <returns>The bytes the entry inflated to (<paramref name="expected"/> + 1 when it holds more), and their CRC-32.</returns>
+    private static (long Bytes, uint Crc) Inflate(ZipArchiveEntry entry, long expected, byte[] buffer, string source, string what)
     {
         long total = 0;
+        uint crc = 0;
         try
         {
             using var data = entry.Open();
@@ -294,6 +307,7 @@ internal static class StateDictReaders
             while (total <= expected && (read = data.Read(buffer, 0, (int)Math.Min(buffer.Length, expected - total + 1))) > 0)
             {
                 total += read;
+                crc = Crc32.Append(crc, buffer.AsSpan(0, read));
             }
         }
         catch (Exception ex) when (ex is InvalidDataException or IOException or NotSupportedException)
@@ -301,7 +315,7 @@ internal static class StateDictReaders
             throw Invalid(source, $"the entry '{entry.FullName}' of {what} cannot be read ({ex.Message})", ex);
         }
 
-        return total;
+        return (total, crc);
     }
 
     /// <summary>Reads a safetensors file's tensors.</summary>
