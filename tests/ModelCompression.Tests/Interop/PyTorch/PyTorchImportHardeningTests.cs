@@ -155,6 +155,30 @@ public sealed class PyTorchImportHardeningTests
     }
 
     [Test]
+    public void LoadStateDict_PickleFromCPythonsPickler_LoadsWithItsMemoizedNames()
+    {
+        // CPython 3's pickle.Pickler at protocol 2 with a persistent_id as torch.save defines it, dumping an OrderedDict
+        // {'weight': 2x3 view of storage '0', 'bias': storage '1'} with _metadata, as torch.save would write nn.Linear(3, 2)'s
+        // state_dict (stand-in classes named torch.FloatStorage and torch._utils._rebuild_tensor_v2). Unlike the fixture
+        // writer's pickles it memoizes (BINPUT) and refers back (BINGET) to the storage tag, type and location.
+        var pickle = Convert.FromBase64String(
+            "gAJjY29sbGVjdGlvbnMKT3JkZXJlZERpY3QKcQApUnEBKFgGAAAAd2VpZ2h0cQJjdG9yY2guX3V0aWxzCl9yZWJ1aWxkX3RlbnNvcl92MgpxAygoWAcAAABzdG9yYWdlcQRjdG9yY2gKRmxvYXRTdG9yYWdlCnEFWAEAAAAwcQZYAwAAAGNwdXEHSwZ0cQhRSwBLAksDhnEJSwNLAYZxColoAClScQt0cQxScQ1YBAAAAGJpYXNxDmgDKChoBGgFWAEAAAAxcQ9oB0sCdHEQUUsASwKFcRFLAYVxEoloAClScRN0cRRScRV1fXEWWAkAAABfbWV0YWRhdGFxF2gAKVJxGFgAAAAAcRl9cRpYBwAAAHZlcnNpb25xG0sBc3NzYi4=");
+        float[] weight = [1, 2, 3, 4, 5, 6];
+        float[] bias = [-1, 0.5f];
+        string path = WriteFile("linear.pt", Archive(
+            pickle,
+            ("0", weight.SelectMany(BitConverter.GetBytes).ToArray(), CompressionLevel.NoCompression),
+            ("1", bias.SelectMany(BitConverter.GetBytes).ToArray(), CompressionLevel.NoCompression)));
+        using var model = nn.Linear(3, 2);
+
+        var summary = PyTorchImport.LoadStateDict(model, path);
+
+        Assert.That(summary.Loaded, Is.EqualTo(new[] { "weight", "bias" }));
+        Assert.That(model.weight!.data<float>().ToArray(), Is.EqualTo(weight));
+        Assert.That(model.bias!.data<float>().ToArray(), Is.EqualTo(bias));
+    }
+
+    [Test]
     public void LoadStateDict_GenuineFileThatCompressesBeyondTheLimit_LoadsOnceTheOptionIsRaised()
     {
         // A model of zeros deflates about a thousandfold: past the default bound, within a raised one.
