@@ -90,6 +90,7 @@ internal static class SafetensorsHeader
             int valid = ValidPrefix(json);
             throw Invalid(source, $"its header is not valid UTF-8 (at header byte {valid}, after \"{Encoding.UTF8.GetString(json, Math.Max(0, valid - 40), Math.Min(valid, 40))}\")");
         }
+
         var entries = new List<(string Name, long Begin, long End)>();
         try
         {
