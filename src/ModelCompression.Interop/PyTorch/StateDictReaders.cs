@@ -94,8 +94,9 @@ internal static class StateDictReaders
                 throw Invalid(source, $"its zip directory is corrupt ({ex.Message})", ex);
             }
 
-            // PyBridge reads the first entry whose name ends with data.pkl, so there must be exactly one such entry.
-            var pickles = entries.Where(e => e.Name.EndsWith(PickleName, StringComparison.Ordinal)).ToList();
+            // PyBridge reads the first entry whose name ends with data.pkl (by the default, culture-sensitive comparison,
+            // which ignores some characters), so there must be exactly one such entry, and it is the one checked here.
+            var pickles = entries.Where(e => e.Name.EndsWith(PickleName, StringComparison.CurrentCulture)).ToList();
             if (pickles.Count != 1 || pickles[0].Name != PickleName)
             {
                 throw Invalid(source, pickles.Count switch

@@ -138,6 +138,26 @@ public sealed class PyTorchImportHardeningTests
     }
 
     [Test]
+    public void LoadStateDict_SecondEntryNamedLikeThePickle_Throws()
+    {
+        // TorchSharp.PyBridge reads the first entry whose name ends with data.pkl: a decoy must not be read instead.
+        var pickle = PyTorchFixtureWriter.Pickle([new PickledView("fc1.weight", "FloatStorage", "0", 4, 0, [4], [1])]);
+        using var buffer = new MemoryStream();
+        using (var zip = new ZipArchive(buffer, ZipArchiveMode.Create, leaveOpen: true))
+        {
+            foreach (var (name, data) in new[] { ("archive/olddata.pkl", pickle), ("archive/data.pkl", pickle), ("archive/data/0", new byte[16]) })
+            {
+                using var stream = zip.CreateEntry(name, CompressionLevel.NoCompression).Open();
+                stream.Write(data);
+            }
+        }
+
+        string path = WriteFile("decoy.pt", buffer.ToArray());
+
+        AssertRejected(path, "2 entries named like data.pkl", "archive/olddata.pkl");
+    }
+
+    [Test]
     public void LoadStateDict_PickleOfManyEmptyContainers_AllocatesInProportionToTheFile()
     {
         // Every opcode makes a small object: one megabyte of EMPTY_DICT, EMPTY_LIST and MARK must not balloon.
