@@ -45,7 +45,10 @@ public sealed record StateDictImportSummary(
 /// model's <c>state_dict()</c> first (names, shapes, dtypes, finite values), every problem is collected into one
 /// <see cref="StateDictMismatchException"/>, and only then are the tensors copied into the model's parameters and buffers,
 /// in place, under <c>no_grad</c>, on whatever device they are.</para>
-/// <para>A corrupt, truncated or unreadable file raises an <see cref="InvalidDataException"/> naming it. Older PyTorch
+/// <para>A corrupt, truncated or unreadable file raises an <see cref="InvalidDataException"/> naming it and the entry
+/// (zip entry, storage or tensor) at fault, before any tensor is made where the file's structure shows the fault. The
+/// bytes an import decodes are bounded by <see cref="PyTorchImportOptions.MaxDecodedBytesPerFileByte"/> times the file's
+/// length and by <see cref="PyTorchImportOptions.MaxDecodedBytes"/>, so a small file cannot inflate to a large one. Older PyTorch
 /// files (before 1.6, not zip) and whole pickled models (<c>torch.save(model)</c>) are not supported; re-save the
 /// state_dict with a current PyTorch.</para>
 /// </remarks>
@@ -97,7 +100,18 @@ public static class PyTorchImport
         }
 
         using var copy = new MemoryStream();
-        stream.CopyTo(copy);
+        long most = Math.Min(options.MaxDecodedBytes, Array.MaxLength);
+        var buffer = new byte[81920];
+        int read;
+        while ((read = stream.Read(buffer, 0, (int)Math.Min(buffer.Length, most + 1 - copy.Length))) > 0)
+        {
+            copy.Write(buffer, 0, read);
+            if (copy.Length > most)
+            {
+                throw new InvalidDataException($"{StreamSource} is longer than {most} bytes, the most an import reads ({nameof(PyTorchImportOptions)}.{nameof(PyTorchImportOptions.MaxDecodedBytes)}, or the largest array).");
+            }
+        }
+
         copy.Position = 0;
         return Load(model, copy, format, options, StreamSource);
     }
@@ -147,7 +161,8 @@ public static class PyTorchImport
             format = Detect(stream, source);
         }
 
-        var fileTensors = format == StateDictFormat.PyTorch ? StateDictReaders.ReadPyTorch(stream, source) : StateDictReaders.ReadSafetensors(stream, source);
+        var limit = options.LimitFor(stream.Length);
+        var fileTensors = format == StateDictFormat.PyTorch ? StateDictReaders.ReadPyTorch(stream, source, limit) : StateDictReaders.ReadSafetensors(stream, source, limit);
         var plan = Plan(model, fileTensors, format, options, source);
         using (torch.no_grad())
         {

@@ -69,6 +69,31 @@ public sealed class PyTorchImportOptions
     /// <value>The default is <see langword="true"/>.</value>
     public bool AllowDtypeConversion { get; set; } = true;
 
+    /// <summary>The default of <see cref="MaxDecodedBytes"/>: 16 GiB.</summary>
+    public const long DefaultMaxDecodedBytes = 16L << 30;
+
+    /// <summary>The default of <see cref="MaxDecodedBytesPerFileByte"/>: 64.</summary>
+    public const int DefaultMaxDecodedBytesPerFileByte = 64;
+
+    /// <summary>
+    /// Gets or sets the most bytes one import may decode, whatever the file's size: the pickle and storages a PyTorch
+    /// file's zip entries inflate to, the tensors its pickle builds from them, or a safetensors file's data. A file that
+    /// needs more is rejected with an <see cref="InvalidDataException"/> before its tensors are read. A stream that cannot
+    /// seek is copied into memory first, and no more than this is copied.
+    /// </summary>
+    /// <value>The default is <see cref="DefaultMaxDecodedBytes"/> (16 GiB). Must be positive.</value>
+    public long MaxDecodedBytes { get; set; } = DefaultMaxDecodedBytes;
+
+    /// <summary>
+    /// Gets or sets the most bytes one import may decode per byte of the file, which bounds a file that inflates far
+    /// beyond its size (a zip bomb, or storages shared by many tensors). <c>torch.save</c> stores its entries uncompressed
+    /// and safetensors is never compressed, so a genuine file decodes to about its own size; tensors sharing one storage
+    /// (tied weights) count once per tensor. The bound used is the smaller of this times the file's length and
+    /// <see cref="MaxDecodedBytes"/>.
+    /// </summary>
+    /// <value>The default is <see cref="DefaultMaxDecodedBytesPerFileByte"/> (64). Must be at least 1.</value>
+    public int MaxDecodedBytesPerFileByte { get; set; } = DefaultMaxDecodedBytesPerFileByte;
+
     /// <summary>Lists every invalid value.</summary>
     /// <returns>One message per invalid value.</returns>
     public IReadOnlyList<string> Validate()
@@ -92,7 +117,26 @@ public sealed class PyTorchImportOptions
             }
         }
 
+        if (MaxDecodedBytes <= 0)
+        {
+            errors.Add($"{nameof(PyTorchImportOptions)}.{nameof(MaxDecodedBytes)} must be positive, but is {MaxDecodedBytes}.");
+        }
+
+        if (MaxDecodedBytesPerFileByte < 1)
+        {
+            errors.Add($"{nameof(PyTorchImportOptions)}.{nameof(MaxDecodedBytesPerFileByte)} must be at least 1, but is {MaxDecodedBytesPerFileByte}.");
+        }
+
         return errors;
+    }
+
+    /// <summary>The most bytes an import of a file of <paramref name="fileBytes"/> bytes may decode, and why, for messages.</summary>
+    internal DecodeLimit LimitFor(long fileBytes)
+    {
+        long proportional = fileBytes <= MaxDecodedBytes / MaxDecodedBytesPerFileByte ? fileBytes * MaxDecodedBytesPerFileByte : MaxDecodedBytes;
+        return proportional < MaxDecodedBytes
+            ? new DecodeLimit(proportional, $"{MaxDecodedBytesPerFileByte} x the file's {fileBytes} bytes ({nameof(PyTorchImportOptions)}.{nameof(MaxDecodedBytesPerFileByte)})")
+            : new DecodeLimit(MaxDecodedBytes, $"{nameof(PyTorchImportOptions)}.{nameof(MaxDecodedBytes)}");
     }
 
     /// <summary>Maps a file key to the model's name, or <see langword="null"/> to skip it.</summary>
@@ -119,4 +163,13 @@ public sealed class PyTorchImportOptions
 
         return KeyMap is null ? key : KeyMap(key);
     }
+}
+
+/// <summary>The most bytes one import may decode, and where the figure comes from (for messages).</summary>
+/// <param name="Bytes">The bound.</param>
+/// <param name="Reason">The option or proportion that set it.</param>
+internal readonly record struct DecodeLimit(long Bytes, string Reason)
+{
+    /// <summary>Describes the bound, for messages.</summary>
+    public override string ToString() => $"the {Bytes}-byte limit ({Reason})";
 }

@@ -1,4 +1,7 @@
+using System.Buffers;
 using System.Buffers.Binary;
+using System.Text;
+using System.Text.Unicode;
 using System.Text.Json;
 using static TorchSharp.torch;
 
@@ -48,8 +51,9 @@ internal static class SafetensorsHeader
     /// </summary>
     /// <param name="stream">A seekable stream positioned at the file's start; it is left after the header.</param>
     /// <param name="source">The file, for messages.</param>
+    /// <param name="limit">The most bytes of data the import may read.</param>
     /// <returns>The tensors' names in data order.</returns>
-    public static List<string> Read(Stream stream, string source)
+    public static List<string> Read(Stream stream, string source, DecodeLimit limit)
     {
         long length = stream.Length - stream.Position;
         Span<byte> prefix = stackalloc byte[8];
@@ -70,9 +74,23 @@ internal static class SafetensorsHeader
             throw Invalid(source, $"its header length is {headerBytes} bytes, more than the {MaxHeaderBytes} the format allows");
         }
 
+        long dataBytes = length - 8 - (long)headerBytes;
+        if (dataBytes > limit.Bytes)
+        {
+            throw Invalid(source, $"its data section is {dataBytes} bytes, more than {limit}");
+        }
+
         var json = new byte[headerBytes];
         stream.ReadExactly(json);
-        long dataBytes = length - 8 - (long)headerBytes;
+
+        // System.Text.Json parses invalid UTF-8 inside strings and only fails when a name is read, with an
+        // InvalidOperationException: check the whole header first.
+        if (!Utf8.IsValid(json))
+        {
+            int valid = ValidPrefix(json);
+            throw Invalid(source, $"its header is not valid UTF-8 (at header byte {valid}, after \"{Encoding.UTF8.GetString(json, Math.Max(0, valid - 40), Math.Min(valid, 40))}\")");
+        }
+
         var entries = new List<(string Name, long Begin, long End)>();
         try
         {
@@ -99,7 +117,7 @@ internal static class SafetensorsHeader
                 entries.Add(ReadEntry(property.Name, property.Value, source));
             }
         }
-        catch (JsonException ex)
+        catch (Exception ex) when (ex is JsonException or InvalidOperationException or FormatException)
         {
             throw new InvalidDataException($"{source} is not a valid safetensors file: its header is not valid JSON ({ex.Message}).", ex);
         }
@@ -126,6 +144,13 @@ internal static class SafetensorsHeader
         }
 
         return entries.Select(e => e.Name).ToList();
+    }
+
+    /// <summary>The length of the longest valid UTF-8 prefix of <paramref name="bytes"/>.</summary>
+    private static int ValidPrefix(byte[] bytes)
+    {
+        var status = Utf8.ToUtf16(bytes, new char[bytes.Length], out int read, out _, replaceInvalidSequences: false);
+        return status == OperationStatus.Done ? bytes.Length : read;
     }
 
     private static void CheckMetadata(JsonElement metadata, string source)

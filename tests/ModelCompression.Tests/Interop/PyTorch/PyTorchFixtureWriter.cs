@@ -163,28 +163,38 @@ internal static class PyTorchFixtureWriter
     /// </summary>
     /// <param name="stateDict">The tensors in state_dict order.</param>
     /// <returns>The pickle's bytes.</returns>
-    public static byte[] Pickle(IReadOnlyList<(string Key, Tensor Tensor)> stateDict)
+    public static byte[] Pickle(IReadOnlyList<(string Key, Tensor Tensor)> stateDict) =>
+        Pickle(stateDict.Select((t, i) => new PickledView(
+            t.Key, StorageName(t.Tensor.dtype), i.ToString(System.Globalization.CultureInfo.InvariantCulture), t.Tensor.numel(), 0, t.Tensor.shape, ContiguousStrides(t.Tensor.shape))).ToList());
+
+    /// <summary>
+    /// The pickle of an <c>OrderedDict</c> of tensors described field by field, so that tests can write any storage
+    /// size, offset, shape and strides, consistent with the storages' bytes or not.
+    /// </summary>
+    /// <param name="views">The tensors in state_dict order.</param>
+    /// <returns>The pickle's bytes.</returns>
+    public static byte[] Pickle(IReadOnlyList<PickledView> views)
     {
         var p = new PickleBuilder();
         p.Op(0x80).Byte(2); // PROTO 2
         p.NewOrderedDict();
-        p.SetItems(stateDict.Count, i =>
+        p.SetItems(views.Count, i =>
         {
-            var (key, tensor) = stateDict[i];
-            p.Unicode(key);
+            var view = views[i];
+            p.Unicode(view.Key);
             p.Global("torch._utils", "_rebuild_tensor_v2");
             p.Op('(');                                 // MARK: the call's arguments
             p.Op('(');                                 // MARK: the persistent id
             p.Unicode("storage");
-            p.Global("torch", StorageName(tensor.dtype));
-            p.Unicode(i.ToString(System.Globalization.CultureInfo.InvariantCulture));
+            p.Global("torch", view.StorageType);
+            p.Unicode(view.StorageKey);
             p.Unicode("cpu");
-            p.Int(tensor.numel());
+            p.Int(view.StorageElements);
             p.Op('t');                                 // TUPLE
             p.Op('Q');                                 // BINPERSID
-            p.Int(0);                                  // storage offset
-            p.Tuple(tensor.shape);
-            p.Tuple(ContiguousStrides(tensor.shape));
+            p.Int(view.Offset);                        // storage offset
+            p.Tuple(view.Shape);
+            p.Tuple(view.Strides);
             p.Op(0x89);                                // NEWFALSE: requires_grad
             p.NewOrderedDict();                        // backward hooks
             p.Op('t');                                 // TUPLE
@@ -193,7 +203,7 @@ internal static class PyTorchFixtureWriter
 
         // The state: {'_metadata': OrderedDict(module -> {'version': 1})}, every module that owns a tensor and its parents.
         var modules = new List<string> { string.Empty };
-        foreach (var (key, _) in stateDict)
+        foreach (var key in views.Select(v => v.Key))
         {
             var parts = key.Split('.');
             for (int depth = 1; depth < parts.Length; depth++)
@@ -223,7 +233,10 @@ internal static class PyTorchFixtureWriter
         return p.ToArray();
     }
 
-    private static string StorageName(ScalarType dtype) => dtype switch
+    /// <summary>The storage type PyTorch names for a dtype (<c>FloatStorage</c> for float32, and so on).</summary>
+    /// <param name="dtype">The dtype.</param>
+    /// <returns>The storage type's name.</returns>
+    public static string StorageName(ScalarType dtype) => dtype switch
     {
         ScalarType.Float64 => "DoubleStorage",
         ScalarType.Float32 => "FloatStorage",
@@ -238,7 +251,10 @@ internal static class PyTorchFixtureWriter
         _ => throw new NotSupportedException($"No PyTorch storage for {dtype}."),
     };
 
-    private static long[] ContiguousStrides(long[] shape)
+    /// <summary>The strides of a contiguous tensor of a shape.</summary>
+    /// <param name="shape">The shape.</param>
+    /// <returns>The strides, in elements.</returns>
+    public static long[] ContiguousStrides(long[] shape)
     {
         var strides = new long[shape.Length];
         long stride = 1;
@@ -292,7 +308,7 @@ internal static class PyTorchFixtureWriter
             bytes.Write(utf8);
         }
 
-        /// <summary>BININT1 (<c>K</c>), BININT2 (<c>M</c>) or BININT (<c>J</c>), the shortest that holds the value.</summary>
+        /// <summary>BININT1 (<c>K</c>), BININT2 (<c>M</c>), BININT (<c>J</c>) or LONG1, the shortest that holds the value.</summary>
         public void Int(long value)
         {
             Span<byte> buffer = stackalloc byte[4];
@@ -306,11 +322,19 @@ internal static class PyTorchFixtureWriter
                 BinaryPrimitives.WriteUInt16LittleEndian(buffer, (ushort)value);
                 bytes.Write(buffer[..2]);
             }
-            else
+            else if (value is >= int.MinValue and <= int.MaxValue)
             {
                 Op('J');
-                BinaryPrimitives.WriteInt32LittleEndian(buffer, checked((int)value));
+                BinaryPrimitives.WriteInt32LittleEndian(buffer, (int)value);
                 bytes.Write(buffer);
+            }
+            else
+            {
+                // LONG1: a length byte, then the value in two's complement, little-endian.
+                Span<byte> wide = stackalloc byte[8];
+                BinaryPrimitives.WriteInt64LittleEndian(wide, value);
+                Op(0x8A).Byte(8);
+                bytes.Write(wide);
             }
         }
 
@@ -362,3 +386,13 @@ internal static class PyTorchFixtureWriter
         public byte[] ToArray() => bytes.ToArray();
     }
 }
+
+/// <summary>One tensor of a hand-written pickle: a view of storage <c>data/{StorageKey}</c>.</summary>
+/// <param name="Key">The state_dict key.</param>
+/// <param name="StorageType">The storage type, such as <c>FloatStorage</c>.</param>
+/// <param name="StorageKey">The storage's entry name under <c>data/</c>.</param>
+/// <param name="StorageElements">The storage's element count as declared.</param>
+/// <param name="Offset">The view's storage offset.</param>
+/// <param name="Shape">The view's shape.</param>
+/// <param name="Strides">The view's strides.</param>
+public sealed record PickledView(string Key, string StorageType, string StorageKey, long StorageElements, long Offset, long[] Shape, long[] Strides);
