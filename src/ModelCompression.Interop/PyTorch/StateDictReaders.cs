@@ -127,7 +127,7 @@ internal static class StateDictReaders
 
             string pickleName = pickles[0].FullName;
             var tensors = StateDictPickle.Read(pickle, message => Invalid(source, $"{message} (entry '{pickleName}')"));
-            if (Crc32.Of(pickle) != pickles[0].Crc32)
+            if (System.IO.Hashing.Crc32.HashToUInt32(pickle) != pickles[0].Crc32)
             {
                 throw Invalid(source, $"its entry '{pickleName}' does not match its CRC-32 (it is corrupt, or its declared length is wrong)");
             }
@@ -300,7 +300,7 @@ internal static class StateDictReaders
     private static (long Bytes, uint Crc) Inflate(ZipArchiveEntry entry, long expected, byte[] buffer, string source, string what)
     {
         long total = 0;
-        uint crc = 0;
+        var crc = new System.IO.Hashing.Crc32();
         try
         {
             using var data = entry.Open();
@@ -308,7 +308,7 @@ internal static class StateDictReaders
             while (total <= expected && (read = data.Read(buffer, 0, (int)Math.Min(buffer.Length, expected - total + 1))) > 0)
             {
                 total += read;
-                crc = Crc32.Append(crc, buffer.AsSpan(0, read));
+                crc.Append(buffer.AsSpan(0, read));
             }
         }
         catch (Exception ex) when (ex is InvalidDataException or IOException or NotSupportedException)
@@ -316,7 +316,7 @@ internal static class StateDictReaders
             throw Invalid(source, $"the entry '{entry.FullName}' of {what} cannot be read ({ex.Message})", ex);
         }
 
-        return (total, crc);
+        return (total, crc.GetCurrentHashAsUInt32());
     }
 
     /// <summary>Reads a safetensors file's tensors.</summary>
