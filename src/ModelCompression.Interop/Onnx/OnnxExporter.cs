@@ -76,7 +76,7 @@ public static class OnnxExporter
     /// <param name="sampleShape">The shape of one input sample, without the batch dimension (e.g. [1, 28, 28]).</param>
     /// <param name="options">Options; the defaults when <see langword="null"/>.</param>
     /// <exception cref="UnsupportedModelException">A module cannot be exported (the message and <see cref="UnsupportedModelException.LayerName"/> name it); nothing is written.</exception>
-    /// <exception cref="ArgumentException"><see cref="OnnxExportOptions.InputType"/> is not Float32, Int64 or Int32.</exception>
+    /// <exception cref="ArgumentException"><see cref="OnnxExportOptions.InputType"/> is not Float32, Int64 or Int32, or the model rejects a sample of <paramref name="sampleShape"/>; nothing is written.</exception>
     public static void Export(nn.Module<Tensor, Tensor> model, string path, IReadOnlyList<long> sampleShape, OnnxExportOptions? options = null)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
@@ -84,17 +84,24 @@ public static class OnnxExporter
         Serialization.AtomicFile.Write(path, stream => stream.Write(bytes));
     }
 
+    private static string FirstLine(string message) => message.Split('\n', 2)[0].Trim();
+
     /// <summary>Exports a model to ONNX bytes (a serialized <c>ModelProto</c>).</summary>
     /// <param name="model">The model; it is not changed.</param>
     /// <param name="sampleShape">The shape of one input sample, without the batch dimension.</param>
     /// <param name="options">Options; the defaults when <see langword="null"/>.</param>
     /// <returns>The model's bytes.</returns>
     /// <exception cref="UnsupportedModelException">A module cannot be exported (the message and <see cref="UnsupportedModelException.LayerName"/> name it).</exception>
-    /// <exception cref="ArgumentException"><see cref="OnnxExportOptions.InputType"/> is not Float32, Int64 or Int32.</exception>
+    /// <exception cref="ArgumentException"><see cref="OnnxExportOptions.InputType"/> is not Float32, Int64 or Int32, or the model rejects a sample of <paramref name="sampleShape"/>.</exception>
     public static byte[] ToBytes(nn.Module<Tensor, Tensor> model, IReadOnlyList<long> sampleShape, OnnxExportOptions? options = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(sampleShape);
+        if (sampleShape.Any(d => d <= 0))
+        {
+            throw new ArgumentException($"The sample shape [{string.Join(", ", sampleShape)}] has a dimension that is not positive.", nameof(sampleShape));
+        }
+
         options ??= new OnnxExportOptions();
         var inputType = options.InputType switch
         {
@@ -119,6 +126,14 @@ public static class OnnxExporter
             // Zeros are valid token ids as well as valid features, so one sample serves every input type.
             var sample = zeros([1, .. sampleShape], options.InputType, model.parameters().FirstOrDefault()?.device ?? CPU);
             outputShape = model.call(sample).shape[1..];
+        }
+        catch (System.Runtime.InteropServices.ExternalException ex)
+        {
+            // LibTorch's error (a C++ stack trace) for a sample the model cannot take: say which shape was wrong.
+            throw new ArgumentException(
+                $"The model rejects a sample of shape [{string.Join(", ", sampleShape)}] ({options.InputType}, batch 1 added): {FirstLine(ex.Message)}",
+                nameof(sampleShape),
+                ex);
         }
         finally
         {

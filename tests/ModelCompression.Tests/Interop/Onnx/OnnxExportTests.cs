@@ -91,6 +91,19 @@ public sealed class OnnxExportTests
         Assert.That(Agreement(RunOnnx(bytes, inputs), expected.data<float>().ToArray(), 10), Is.GreaterThanOrEqualTo(0.999));
     }
 
+    [TestCase(new long[] { 5 })]
+    [TestCase(new long[] { 2, 2 })]
+    [TestCase(new long[] { 0 })]
+    public void Export_SampleShapeTheModelRejects_IsAnArgumentExceptionAndWritesNothing(long[] sampleShape)
+    {
+        using var model = nn.Sequential(("fc", nn.Linear(4, 4)), ("relu", nn.ReLU()));
+        string path = Path.Combine(Path.GetTempPath(), $"mc-onnx-{Guid.NewGuid():N}.onnx");
+        var ex = Assert.Throws<ArgumentException>(() => OnnxExporter.Export(model, path, sampleShape));
+        Assert.That(ex!.ParamName, Is.EqualTo("sampleShape"));
+        Assert.That(ex.Message, Does.Contain($"[{string.Join(", ", sampleShape)}]"));
+        Assert.That(File.Exists(path), Is.False);
+    }
+
     [Test]
     public void Export_UnsupportedModule_NamesItAndWritesNothing()
     {
