@@ -22,6 +22,19 @@ public abstract class WeightRounding
     public static GptqRounding Gptq(double dampingFraction = 0.01, bool actOrder = true, int blockSize = 128) =>
         new() { DampingFraction = dampingFraction, ActOrder = actOrder, BlockSize = blockSize };
 
+    /// <summary>
+    /// Gets SparseGPT's joint sparsification and quantization (Frantar and Alistarh 2023, §3.4): GPTQ's sweep in input
+    /// order that also prunes — each block's mask chosen as SparseGPT chooses it, the kept weights rounded, and both
+    /// errors carried into the columns still to come (see <see cref="GptqRounding.Sparsity"/>).
+    /// </summary>
+    /// <param name="sparsity">The fraction of each layer's weights set to zero, in [0, 1); ignored under a pattern.</param>
+    /// <param name="pattern">An N:M pattern (2:4), or <see langword="null"/> for unstructured sparsity.</param>
+    /// <param name="dampingFraction">The damping added to the Hessian's diagonal, as a fraction of its mean.</param>
+    /// <param name="blockSize">Columns per block: the unit the mask is chosen in and the lazy-update block.</param>
+    /// <returns>The rounding (GPTQ without act-order, which SparseGPT's block masks need).</returns>
+    public static GptqRounding SparseGpt(double sparsity = 0.5, Pruning.NMPattern? pattern = null, double dampingFraction = 0.01, int blockSize = 128) =>
+        new() { DampingFraction = dampingFraction, ActOrder = false, BlockSize = blockSize, Sparsity = pattern is null ? sparsity : 0, Pattern = pattern };
+
     /// <summary>Gets HQQ's calibration-free rounding with the given settings (see <see cref="HqqRounding"/>).</summary>
     /// <param name="lpNorm">The p of the Lp loss on the weight error, below 1 (HQQ's default 0.7).</param>
     /// <param name="iterations">The most optimisation steps per matrix.</param>
@@ -82,8 +95,25 @@ public sealed class GptqRounding : WeightRounding
     /// <value>The default is 128; at least 1.</value>
     public int BlockSize { get; init; } = 128;
 
+    /// <summary>
+    /// Gets the fraction of each Linear layer's weights pruned in the same sweep (SparseGPT's joint mode): at each
+    /// block's start its share of the zeros goes to the weights of smallest w² / [H⁻¹]²ᵢᵢ, the rest are rounded, and
+    /// the errors of both are compensated in the columns still to come. The levels hold the zeros: the same quantized
+    /// layer, whose file stores zeros cheaply.
+    /// </summary>
+    /// <value>The default is 0 (no pruning); in [0, 1). Needs <see cref="ActOrder"/> off.</value>
+    public double Sparsity { get; init; }
+
+    /// <summary>Gets an N:M pattern pruned in the same sweep instead of <see cref="Sparsity"/> (in every M consecutive inputs of a row, the N kept).</summary>
+    /// <value>The default is <see langword="null"/>. Needs <see cref="ActOrder"/> off.</value>
+    public Pruning.NMPattern? Pattern { get; init; }
+
+    internal bool Prunes => Sparsity > 0 || Pattern is not null;
+
     /// <inheritdoc/>
-    public override string ToString() => $"GPTQ (damping {DampingFraction:G3}, act-order {(ActOrder ? "on" : "off")}, block {BlockSize})";
+    public override string ToString() =>
+        $"GPTQ (damping {DampingFraction:G3}, act-order {(ActOrder ? "on" : "off")}, block {BlockSize}"
+        + (Pattern is { } p ? $", SparseGPT {p} pruning" : Sparsity > 0 ? $", SparseGPT pruning to {Sparsity:P0} sparsity" : string.Empty) + ")";
 
     internal override IEnumerable<string> Errors(string owner)
     {
@@ -95,6 +125,31 @@ public sealed class GptqRounding : WeightRounding
         if (BlockSize < 1)
         {
             yield return $"{owner}: GPTQ's {nameof(BlockSize)} must be at least 1 (was {BlockSize}).";
+        }
+
+        if (!(Sparsity >= 0 && Sparsity < 1))
+        {
+            yield return $"{owner}: GPTQ's {nameof(Sparsity)} must be in [0, 1) (was {Sparsity}).";
+        }
+
+        if (Pattern is { } p && !(p.N >= 1 && p.N < p.M && p.M <= 64))
+        {
+            yield return $"{owner}: GPTQ's {nameof(Pattern)} must keep 1 to M − 1 of M ≤ 64 weights (was {p}).";
+        }
+
+        if (Pattern is { M: > 0 } q && BlockSize >= 1 && BlockSize % q.M != 0)
+        {
+            yield return $"{owner}: GPTQ's {nameof(BlockSize)} ({BlockSize}) must be a multiple of the pattern's M ({q.M}), so no group of M inputs spans two blocks.";
+        }
+
+        if (Pattern is not null && Sparsity > 0)
+        {
+            yield return $"{owner}: GPTQ's {nameof(Sparsity)} and {nameof(Pattern)} exclude each other.";
+        }
+
+        if (Prunes && ActOrder)
+        {
+            yield return $"{owner}: GPTQ's pruning ({nameof(Sparsity)} or {nameof(Pattern)}) chooses its masks in input order: set {nameof(ActOrder)} = false (WeightRounding.SparseGpt does).";
         }
     }
 }

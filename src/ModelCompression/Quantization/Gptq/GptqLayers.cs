@@ -37,6 +37,13 @@ internal static class GptqLayers
             return solved;
         }
 
+        if (rounding.Pattern is { } pattern && linear.FirstOrDefault(t => ((Linear)t.Module).in_features % pattern.M != 0) is { } odd)
+        {
+            throw new ArgumentException(
+                $"Layer '{odd.Name}' has {((Linear)odd.Module).in_features} inputs, not a multiple of M = {pattern.M}: the {pattern} pattern cannot apply. Exclude it from the selection.",
+                "model");
+        }
+
         var order = LayerInputs.CallOrder(root, linear, t => t.Module, options.CalibrationBatchSize, context);
         var standIns = new List<(string Name, nn.Module<Tensor, Tensor> Original, nn.Module<Tensor, Tensor> StandIn)>();
         var raised = new List<string>();
@@ -55,7 +62,7 @@ internal static class GptqLayers
                 var hessian = LayerInputs.Hessian(root, target.Name, target.Module, k, options.CalibrationBatches, options.CalibrationBatchSize, context);
                 var granularity = QuantizedMatrix.ForInputs(granularityRequested, k);
                 int groupSize = granularity is PerGroupGranularity g ? g.Size : 0;
-                var result = GptqSolver.Quantize(layer.weight!, hessian, options.Bits, groupSize, rounding.ActOrder, rounding.DampingFraction, rounding.BlockSize);
+                var result = GptqSolver.Quantize(layer.weight!, hessian, options.Bits, groupSize, rounding.ActOrder, rounding.DampingFraction, rounding.BlockSize, sparsity: rounding.Sparsity, pattern: rounding.Pattern);
                 if (result.Retries > 0)
                 {
                     raised.Add($"{target.Name} ({result.Damping:G3})");
@@ -87,7 +94,7 @@ internal static class GptqLayers
             }
         }
 
-        context.AddNote($"GPTQ ({rounding}) solved {solved.Count} Linear layer(s) in call order, {options.CalibrationBatches} calibration batch(es) of {options.CalibrationBatchSize} each");
+        context.AddNote($"{rounding} solved {solved.Count} Linear layer(s) in call order, {options.CalibrationBatches} calibration batch(es) of {options.CalibrationBatchSize} each");
         if (raised.Count > 0)
         {
             context.AddNote($"GPTQ raised the Hessian damping (not positive definite) for: {string.Join(", ", raised)}");

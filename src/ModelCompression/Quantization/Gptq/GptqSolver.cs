@@ -1,4 +1,5 @@
 using ModelCompression.Calibration;
+using ModelCompression.Pruning;
 using ModelCompression.Quantization.Kernels;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -37,8 +38,16 @@ internal static class GptqSolver
     /// <param name="blockSize">Columns per lazy-update block.</param>
     /// <param name="maxRetries">How many times the damping may be multiplied by 10 when the Cholesky factorisation fails.</param>
     /// <exception cref="ArgumentException">The Hessian stays not positive definite after every retry.</exception>
-    public static Result Quantize(Tensor weight, Tensor hessian, int bits, int groupSize, bool actOrder, double dampingFraction, int blockSize, int maxRetries = 4)
+    /// <param name="sparsity">The fraction of weights pruned in the same sweep (SparseGPT's joint mode), 0 for none; needs <paramref name="actOrder"/> off.</param>
+    /// <param name="pattern">An N:M pattern pruned in the same sweep instead, or <see langword="null"/>.</param>
+    public static Result Quantize(Tensor weight, Tensor hessian, int bits, int groupSize, bool actOrder, double dampingFraction, int blockSize, int maxRetries = 4, double sparsity = 0, NMPattern? pattern = null)
     {
+        bool prunes = sparsity > 0 || pattern is not null;
+        if (prunes && actOrder)
+        {
+            throw new ArgumentException("SparseGPT's masks are chosen in input order: act-order must be off.", nameof(actOrder));
+        }
+
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         int n = checked((int)weight.shape[0]);
@@ -57,7 +66,19 @@ internal static class GptqSolver
             FillScales(original, n, k, group, qmax, bits, rule.Scales, 0, groups);
         }
 
-        sweep.Run(blockSize, rule);
+        if (prunes)
+        {
+            var pruning = new SparseGptRule(n, k, sparsity, pattern);
+            // Without act-order sweep positions are input columns: a group's scale leaves out the weights already
+            // chosen for pruning, so the kept ones get the finer grid they need.
+            rule.IsPruned = pruning.IsPruned;
+            sweep.Run(blockSize, new PruningRoundingRule(pruning, rule));
+        }
+        else
+        {
+            sweep.Run(blockSize, rule);
+        }
+
         return new Result(rule.Levels, rule.Scales, sweep.Damping, sweep.Retries, sweep.DeadInputs);
     }
 
@@ -80,6 +101,28 @@ internal static class GptqSolver
         }
     }
 
+    /// <summary>
+    /// SparseGPT's joint mode: the pruning rule chooses the mask (per block, or per N:M group), pruned weights become
+    /// level 0 and kept ones are rounded by GPTQ's rule; the sweep carries both errors forward.
+    /// </summary>
+    private sealed class PruningRoundingRule(SparseGptRule pruning, RoundingRule rounding) : IColumnRule
+    {
+        public void BeginBlock(int start, int end, double[] block, ReadOnlySpan<double> inverseDiagonal)
+        {
+            pruning.BeginBlock(start, end, block, inverseDiagonal);
+            rounding.BeginBlock(start, end, block, inverseDiagonal);
+        }
+
+        public void BeginColumn(int position, int local, double[] block, int width)
+        {
+            pruning.BeginColumn(position, local, block, width);
+            rounding.BeginColumn(position, local, block, width);
+        }
+
+        public double Fix(int row, int position, int local, double value) =>
+            pruning.IsPruned(row, position) ? rounding.Fix(row, position, local, 0) : rounding.Fix(row, position, local, value);
+    }
+
     /// <summary>GPTQ's column rule: each weight to its nearest level on the row's (or group's) symmetric grid.</summary>
     private sealed class RoundingRule(HessianSweep sweep, int n, int k, int group, int groups, int qmax, int bits, bool actOrder) : IColumnRule
     {
@@ -87,6 +130,9 @@ internal static class GptqSolver
         private int _scaleGroup;
 
         public sbyte[] Levels { get; } = new sbyte[n * k];
+
+        /// <summary>Gets or sets which weights (row, input column) are pruned as far as known, left out of group scales; <see langword="null"/> when nothing is pruned.</summary>
+        public Func<int, int, bool>? IsPruned { get; set; }
 
         public float[] Scales { get; } = new float[n * groups];
 
@@ -104,6 +150,17 @@ internal static class GptqSolver
                 // without act-order columns are not permuted.
                 using var groupScope = NewDisposeScope();
                 var current = sweep.Weights[.., _column..Math.Min(k, _column + group)].to(ScalarType.Float32).contiguous().data<float>().ToArray();
+                if (IsPruned is { } isPruned)
+                {
+                    int columns = current.Length / n;
+                    for (int i = 0; i < current.Length; i++)
+                    {
+                        if (isPruned(i / columns, _column + (i % columns)))
+                        {
+                            current[i] = 0;
+                        }
+                    }
+                }
                 FillScales(current, n, current.Length / n, 0, qmax, bits, Scales, _scaleGroup, groups, firstGroupOnly: true);
             }
         }
