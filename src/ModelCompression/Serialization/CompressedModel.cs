@@ -82,6 +82,7 @@ public static class CompressedModel
     /// <param name="path">The file to write; an existing file is replaced only once the new one is complete.</param>
     /// <returns>The size of the file and where its bytes go.</returns>
     /// <exception cref="NotSupportedException">A module cannot be stored (for example a training-time fake-quantization layer); nothing is written.</exception>
+    /// <exception cref="UnsupportedModelException">The file would break a limit or check that <see cref="Load(string, CompressedModelLoadOptions?)"/> enforces (the file is read back before it is written); nothing is written.</exception>
     /// <exception cref="ArgumentException">A weight is NaN or infinite; nothing is written.</exception>
     public static CompressedModelSize Save(nn.Module<Tensor, Tensor> model, string path) => SaveCore(model, path, null);
 
@@ -89,6 +90,7 @@ public static class CompressedModel
     /// <param name="model">The model; it is not changed.</param>
     /// <param name="stream">A writable stream; the file is encoded completely before the first byte is written.</param>
     /// <returns>The size of the file and where its bytes go.</returns>
+    /// <exception cref="NotSupportedException">A module cannot be stored, or the file would not load (<see cref="UnsupportedModelException"/>); nothing is written.</exception>
     public static CompressedModelSize Save(nn.Module<Tensor, Tensor> model, Stream stream)
     {
         ArgumentNullException.ThrowIfNull(stream);
@@ -169,9 +171,31 @@ public static class CompressedModel
         var written = new List<ModuleCodec.Written>();
         ModuleCodec.WriteTree(model, architecture, data, written, forSaving);
         var bytes = ModelFile.Write(architecture.ToArray(), data);
+        if (forSaving)
+        {
+            VerifyLoadable(bytes);
+        }
+
         long dataBytes = written.Sum(w => (long)w.DataBytes);
         var layers = written.Select(w => new StoredLayer(w.Path, w.TypeName, w.DataBytes, w.Encodings)).ToList();
         return (bytes, new CompressedModelSize(bytes.Length, bytes.Length - dataBytes, layers));
+    }
+
+    /// <summary>Reads the encoded file back as Load would (every limit, every check before building), so Save never writes what Load refuses.</summary>
+    private static void VerifyLoadable(byte[] file)
+    {
+        try
+        {
+            Parse(file, new DecodeBudget(long.MaxValue));
+        }
+        catch (InvalidDataException ex)
+        {
+            throw new UnsupportedModelException(
+                null,
+                null,
+                $"The model cannot be saved: the file would break a limit or check of the format, so loading it would fail, and nothing was written. {ex.Message}",
+                ex);
+        }
     }
 
     private static CompressedModelLoadOptions Validated(CompressedModelLoadOptions? options)
@@ -199,31 +223,7 @@ public static class CompressedModel
     private static nn.Module<Tensor, Tensor> Decode(byte[] file, nn.Module<Tensor, Tensor>? architecture, CompressedModelLoadOptions? options)
     {
         options = Validated(options);
-        var sections = ModelFile.Read(file);
-        var budget = new DecodeBudget(Math.Min(options.MaxDecodedBytes, file.LongLength * DecodeBudget.ExpansionLimit));
-        var archReader = new FormatReader(file.AsSpan(sections[0].Offset, sections[0].Length), "the architecture section");
-        var root = ModuleCodec.ReadTree(ref archReader);
-        var withData = new List<NodeSpec>();
-        Collect(root, withData);
-        if (withData.Count != sections.Count - 1)
-        {
-            throw new InvalidDataException(
-                $"The compressed model file is not valid: its architecture has {withData.Count} modules with tensors but the file has {sections.Count - 1} data sections.");
-        }
-
-        for (int i = 0; i < withData.Count; i++)
-        {
-            var (offset, length) = sections[i + 1];
-            var reader = new FormatReader(file.AsSpan(offset, length), $"data section {i + 1}");
-            long index = reader.VarUInt();
-            if (index != withData[i].Index)
-            {
-                throw reader.Fail($"it belongs to module #{index}, but {withData[i].Describe} (#{withData[i].Index}) comes next: sections are out of order");
-            }
-
-            ModuleCodec.ReadTensors(withData[i], ref reader, budget);
-            reader.ExpectEnd();
-        }
+        var root = Parse(file, new DecodeBudget(options.MaxDecodedBytes));
 
         // Every byte is checked and decoded; only now are modules built (no random initialisation leaks into the caller's RNG).
         using var rng = RandomState.Save();
@@ -255,6 +255,41 @@ public static class CompressedModel
         {
             RandomState.Restore(rng);
         }
+    }
+
+    /// <summary>
+    /// Checks the framing, reads the architecture and decodes every data section, checking each node as the builder
+    /// will: what loading does before it builds a module, and what saving does to the file it is about to write.
+    /// </summary>
+    internal static NodeSpec Parse(byte[] file, DecodeBudget budget)
+    {
+        var sections = ModelFile.Read(file);
+        var archReader = new FormatReader(file.AsSpan(sections[0].Offset, sections[0].Length), "the architecture section");
+        var root = ModuleCodec.ReadTree(ref archReader);
+        var withData = new List<NodeSpec>();
+        Collect(root, withData);
+        if (withData.Count != sections.Count - 1)
+        {
+            throw new InvalidDataException(
+                $"The compressed model file is not valid: its architecture has {withData.Count} modules with tensors but the file has {sections.Count - 1} data sections.");
+        }
+
+        for (int i = 0; i < withData.Count; i++)
+        {
+            var (offset, length) = sections[i + 1];
+            var reader = new FormatReader(file.AsSpan(offset, length), $"data section {i + 1}");
+            long index = reader.VarUInt();
+            if (index != withData[i].Index)
+            {
+                throw reader.Fail($"it belongs to module #{index}, but {withData[i].Describe} (#{withData[i].Index}) comes next: sections are out of order");
+            }
+
+            ModuleCodec.ReadTensors(withData[i], ref reader, budget);
+            reader.ExpectEnd();
+        }
+
+        ModuleCodec.Check(root);
+        return root;
     }
 
     private static void Collect(NodeSpec node, List<NodeSpec> withData)
