@@ -384,7 +384,7 @@ public sealed class CompressedModelTests
         var bytes = Encode("sparse");
         var options = new CompressedModelLoadOptions { MaxDecodedBytes = 1000 };
         var ex = Assert.Throws<InvalidDataException>(() => CompressedModel.Load(new MemoryStream(bytes), null, options));
-        Assert.That(ex!.Message, Does.Contain("more than this file may hold"));
+        Assert.That(ex!.Message, Does.Contain("more than this load may decode").And.Contain("MaxDecodedBytes"));
     }
 
     [Test]
