@@ -284,13 +284,21 @@ public static class CompressedModel
                 throw new InvalidDataException($"The file's root is a {built.GetType().Name}, not a tensor-to-tensor model.");
             }
 
-            // A custom module taken from the architecture kept the channel counts it was built with; where TorchVision
-            // keeps one in a field besides its layers (SqueezeExcitation), it must follow the file's, perhaps pruned, layers.
-            Pruning.TorchVisionChannelSettings.Synchronize(model);
-            model.eval();
-            if (options.Device is not null)
+            try
             {
-                model.to(options.Device);
+                // A custom module taken from the architecture kept the channel counts it was built with; where TorchVision
+                // keeps one in a field besides its layers (SqueezeExcitation), it must follow the file's, perhaps pruned, layers.
+                Pruning.TorchVisionChannelSettings.Synchronize(model);
+                model.eval();
+                if (options.Device is not null)
+                {
+                    model.to(options.Device);
+                }
+            }
+            catch
+            {
+                model.Dispose();
+                throw;
             }
 
             return model;

@@ -915,7 +915,7 @@ internal static class ModuleCodec
 
             case NodeKind.Conv2d:
             {
-                var conv = nn.Conv2d(I[0], I[1], (I[2], I[3]), (I[4], I[5]), (I[6], I[7]), (I[8], I[9]), (PaddingModes)I[12], I[10], I[11] == 1);
+                var conv = NewInScope(() => nn.Conv2d(I[0], I[1], (I[2], I[3]), (I[4], I[5]), (I[6], I[7]), (I[8], I[9]), (PaddingModes)I[12], I[10], I[11] == 1));
                 Fill(conv.weight!, node.Arrays[0]);
                 if (I[11] == 1)
                 {
@@ -1019,12 +1019,12 @@ internal static class ModuleCodec
                     ? new ClusteredLayer(clustered)
                     : throw Mismatch(node, "one Linear, Conv2d or SparseLinear");
             case NodeKind.DepthwiseSeparableConv2d:
-                return Fill(node, new DepthwiseSeparableConv2d(1, 1, 1), children);
+                return Fill(node, NewInScope(() => new DepthwiseSeparableConv2d(1, 1, 1)), children);
             case NodeKind.SqueezeExcitation:
-                return Fill(node, new SqueezeExcitation(1, 1), children);
+                return Fill(node, NewInScope(() => new SqueezeExcitation(1, 1)), children);
             case NodeKind.InvertedResidual:
                 // Every child is replaced; the skeleton only has to add its input (or not) the same way.
-                return Fill(node, new InvertedResidual(1, I[0] == 1 ? 1 : 2, 1, 2), children);
+                return Fill(node, NewInScope(() => new InvertedResidual(1, I[0] == 1 ? 1 : 2, 1, 2)), children);
             case NodeKind.Custom:
                 return Fill(node, customModule(node), children);
             case NodeKind.Registered:
@@ -1067,8 +1067,20 @@ internal static class ModuleCodec
         }
 
         return conv
-            ? new LowRankConv2d(nn.Conv2d(firstIn, firstOut, 1), nn.Conv2d(secondIn, secondOut, 1), (ConvDecomposition)node.Ints[0])
+            ? new LowRankConv2d(NewInScope(() => nn.Conv2d(firstIn, firstOut, 1)), NewInScope(() => nn.Conv2d(secondIn, secondOut, 1)), (ConvDecomposition)node.Ints[0])
             : new LowRankLinear(nn.Linear(firstIn, firstOut), nn.Linear(secondIn, secondOut));
+    }
+
+    /// <summary>
+    /// Builds a module made only of TorchSharp's built-in layers inside a dispose scope: TorchSharp's Conv2d constructor
+    /// leaves the tensor its bias initialisation returns to the finalizer, and the scope disposes it (built-in layers
+    /// detach their own parameters from the scope).
+    /// </summary>
+    private static T NewInScope<T>(Func<T> create)
+        where T : nn.Module
+    {
+        using var scope = NewDisposeScope();
+        return create();
     }
 
     /// <summary>The inputs and outputs of a factor, looking through single-layer wrappers.</summary>
