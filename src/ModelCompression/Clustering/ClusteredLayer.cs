@@ -80,11 +80,18 @@ public sealed class ClusteredLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
     /// <summary>Returns the dense weight of a layer this class can wrap.</summary>
     internal static Tensor DenseWeight(nn.Module layer) => layer switch
     {
-        Linear linear => linear.weight!.detach().clone(),
-        Conv2d conv => conv.weight!.detach().clone(),
+        Linear linear => DetachedCopy(linear.weight!),
+        Conv2d conv => DetachedCopy(conv.weight!),
         SparseLinear sparse => sparse.ToDenseWeight(),
         _ => throw new ArgumentException($"A clustered layer wraps a Linear, Conv2d or SparseLinear, not a {layer.GetType().Name}.", nameof(layer)),
     };
+
+    /// <summary>A copy of a weight outside autograd; the detached alias is disposed here, not left to the finalizer.</summary>
+    private static Tensor DetachedCopy(Tensor weight)
+    {
+        using var alias = weight.detach();
+        return alias.clone();
+    }
 
     /// <inheritdoc/>
     protected override void Dispose(bool disposing)

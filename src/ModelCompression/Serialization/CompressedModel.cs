@@ -8,13 +8,19 @@ namespace ModelCompression.Serialization;
 /// <summary>Options of <see cref="CompressedModel.Load(string, CompressedModelLoadOptions?)"/>.</summary>
 public sealed class CompressedModelLoadOptions
 {
-    /// <summary>Gets or sets the largest file accepted, in bytes.</summary>
+    /// <summary>
+    /// Gets or sets the largest file accepted, in bytes. A stream is read no further than this: its header's declared
+    /// length is checked against it before the rest is read, and the buffer grows only as data arrives.
+    /// </summary>
     /// <value>The default is 2,147,483,591 (the largest array .NET holds). Must be between 24 and that.</value>
     public long MaxFileBytes { get; set; } = Array.MaxLength;
 
     /// <summary>
-    /// Gets or sets the most bytes the decoded tensors of one file may take. Whatever this says, a file may not
-    /// decode to more than 4,096 times its own length, so a small corrupt or hostile file cannot ask for a large allocation.
+    /// Gets or sets the ceiling of one load: the most bytes its decoded tensors may take, 4 bytes per element of each
+    /// tensor's declared shape. Each tensor is charged before any of it is decoded; decoding it then allocates in
+    /// proportion to its declared shape (its values, and at most as much again in transient symbols and positions), and
+    /// only once the file's data has shown it holds that many elements. A file whose tensors claim more fails with an
+    /// <see cref="InvalidDataException"/> before the allocation; raise this to load a larger model.
     /// </summary>
     /// <value>The default is 8 GiB. Must be positive.</value>
     public long MaxDecodedBytes { get; set; } = 8L << 30;
@@ -82,6 +88,7 @@ public static class CompressedModel
     /// <param name="path">The file to write; an existing file is replaced only once the new one is complete.</param>
     /// <returns>The size of the file and where its bytes go.</returns>
     /// <exception cref="NotSupportedException">A module cannot be stored (for example a training-time fake-quantization layer); nothing is written.</exception>
+    /// <exception cref="UnsupportedModelException">The file would break a limit or check that <see cref="Load(string, CompressedModelLoadOptions?)"/> enforces (the file is read back before it is written); nothing is written.</exception>
     /// <exception cref="ArgumentException">A weight is NaN or infinite; nothing is written.</exception>
     public static CompressedModelSize Save(nn.Module<Tensor, Tensor> model, string path) => SaveCore(model, path, null);
 
@@ -89,6 +96,7 @@ public static class CompressedModel
     /// <param name="model">The model; it is not changed.</param>
     /// <param name="stream">A writable stream; the file is encoded completely before the first byte is written.</param>
     /// <returns>The size of the file and where its bytes go.</returns>
+    /// <exception cref="NotSupportedException">A module cannot be stored, or the file would not load (<see cref="UnsupportedModelException"/>); nothing is written.</exception>
     public static CompressedModelSize Save(nn.Module<Tensor, Tensor> model, Stream stream)
     {
         ArgumentNullException.ThrowIfNull(stream);
@@ -127,7 +135,7 @@ public static class CompressedModel
     }
 
     /// <summary>Loads a model from a stream holding a compressed file.</summary>
-    /// <param name="stream">The stream, read to its end.</param>
+    /// <param name="stream">The stream, read up to the length its header declares (and one byte more, to see that it ends there).</param>
     /// <param name="architecture">A model supplying custom modules, or <see langword="null"/>.</param>
     /// <param name="options">Limits and custom module factories; the defaults when <see langword="null"/>.</param>
     /// <returns>The model, in evaluation mode.</returns>
@@ -135,21 +143,7 @@ public static class CompressedModel
     public static nn.Module<Tensor, Tensor> Load(Stream stream, nn.Module<Tensor, Tensor>? architecture = null, CompressedModelLoadOptions? options = null)
     {
         ArgumentNullException.ThrowIfNull(stream);
-        long limit = Validated(options).MaxFileBytes;
-        using var buffer = new MemoryStream();
-        var chunk = new byte[81920];
-        int read;
-        while ((read = stream.Read(chunk, 0, chunk.Length)) > 0)
-        {
-            if (buffer.Length + read > limit)
-            {
-                throw new InvalidDataException($"The compressed model is larger than the {limit} bytes allowed.");
-            }
-
-            buffer.Write(chunk, 0, read);
-        }
-
-        return Decode(buffer.ToArray(), architecture, options);
+        return Decode(ReadStream(stream, Validated(options).MaxFileBytes), architecture, options);
     }
 
     /// <summary>Saves, with a hook that wraps the temporary file's stream (tests use it to fail a save midway).</summary>
@@ -169,9 +163,31 @@ public static class CompressedModel
         var written = new List<ModuleCodec.Written>();
         ModuleCodec.WriteTree(model, architecture, data, written, forSaving);
         var bytes = ModelFile.Write(architecture.ToArray(), data);
+        if (forSaving)
+        {
+            VerifyLoadable(bytes);
+        }
+
         long dataBytes = written.Sum(w => (long)w.DataBytes);
         var layers = written.Select(w => new StoredLayer(w.Path, w.TypeName, w.DataBytes, w.Encodings)).ToList();
         return (bytes, new CompressedModelSize(bytes.Length, bytes.Length - dataBytes, layers));
+    }
+
+    /// <summary>Reads the encoded file back as Load would (every limit, every check before building), so Save never writes what Load refuses.</summary>
+    private static void VerifyLoadable(byte[] file)
+    {
+        try
+        {
+            Parse(file, new DecodeBudget(long.MaxValue));
+        }
+        catch (InvalidDataException ex)
+        {
+            throw new UnsupportedModelException(
+                null,
+                null,
+                $"The model cannot be saved: the file would break a limit or check of the format, so loading it would fail, and nothing was written. {ex.Message}",
+                ex);
+        }
     }
 
     private static CompressedModelLoadOptions Validated(CompressedModelLoadOptions? options)
@@ -196,11 +212,115 @@ public static class CompressedModel
         return bytes;
     }
 
+    /// <summary>
+    /// Reads a file from a stream with memory bounded by its header: the header is read and checked first, its declared
+    /// length checked against <paramref name="limit"/>, and then no more than that is read (and one byte more, to see
+    /// that the stream ends there). The buffer grows as data arrives, so a stream that ends early allocates what it held.
+    /// </summary>
+    private static byte[] ReadStream(Stream stream, long limit)
+    {
+        var header = new byte[ModelFile.HeaderBytes];
+        int got = stream.ReadAtLeast(header, header.Length, throwOnEndOfStream: false);
+        if (got < header.Length)
+        {
+            return header[..got];
+        }
+
+        ulong declared = ModelFile.CheckHeader(header);
+        if (declared > (ulong)limit)
+        {
+            throw new InvalidDataException($"The compressed model's header gives its length as {declared} bytes, more than the {limit} allowed ({nameof(CompressedModelLoadOptions)}.{nameof(CompressedModelLoadOptions.MaxFileBytes)}).");
+        }
+
+        if (declared <= (ulong)header.Length)
+        {
+            // Shorter than its header, or exactly it: the framing check says which.
+            return header;
+        }
+
+        const int FirstBuffer = 1 << 20;
+        var buffer = new byte[Math.Min((long)declared, FirstBuffer)];
+        header.CopyTo(buffer, 0);
+        long length = header.Length;
+        while (length < (long)declared)
+        {
+            if (length == buffer.Length)
+            {
+                Array.Resize(ref buffer, (int)Math.Min((long)declared, buffer.Length * 2L));
+            }
+
+            int read = stream.Read(buffer, (int)length, buffer.Length - (int)length);
+            if (read == 0)
+            {
+                // Truncated: the framing check says so, as it does for a file of this length.
+                return buffer[..(int)length];
+            }
+
+            length += read;
+        }
+
+        Span<byte> probe = stackalloc byte[1];
+        if (stream.Read(probe) != 0)
+        {
+            throw new InvalidDataException($"The compressed model file is not valid: the header gives its length as {declared} bytes but the stream holds more (it has extra bytes).");
+        }
+
+        return buffer;
+    }
+
     private static nn.Module<Tensor, Tensor> Decode(byte[] file, nn.Module<Tensor, Tensor>? architecture, CompressedModelLoadOptions? options)
     {
         options = Validated(options);
+        var root = Parse(file, new DecodeBudget(options.MaxDecodedBytes));
+
+        // Every byte is checked and decoded; only now are modules built (no random initialisation leaks into the caller's RNG).
+        using var exclusive = RandomState.Gate.EnterScope();
+        using var rng = RandomState.Save();
+        try
+        {
+            var built = ModuleCodec.Build(root, node => CustomModule(node, architecture, options));
+            if (built is not nn.Module<Tensor, Tensor> model)
+            {
+                built.Dispose();
+                throw new InvalidDataException($"The file's root is a {built.GetType().Name}, not a tensor-to-tensor model.");
+            }
+
+            try
+            {
+                // A custom module taken from the architecture kept the channel counts it was built with; where TorchVision
+                // keeps one in a field besides its layers (SqueezeExcitation), it must follow the file's, perhaps pruned, layers.
+                Pruning.TorchVisionChannelSettings.Synchronize(model);
+                model.eval();
+                if (options.Device is not null)
+                {
+                    model.to(options.Device);
+                }
+            }
+            catch
+            {
+                model.Dispose();
+                throw;
+            }
+
+            return model;
+        }
+        catch (Exception ex) when (ex is ArgumentException or InvalidOperationException or OverflowException or System.Runtime.InteropServices.ExternalException)
+        {
+            throw new InvalidDataException($"The compressed model file is not valid: a module could not be built from it ({ex.Message}).", ex);
+        }
+        finally
+        {
+            RandomState.Restore(rng);
+        }
+    }
+
+    /// <summary>
+    /// Checks the framing, reads the architecture and decodes every data section, checking each node as the builder
+    /// will: what loading does before it builds a module, and what saving does to the file it is about to write.
+    /// </summary>
+    internal static NodeSpec Parse(byte[] file, DecodeBudget budget)
+    {
         var sections = ModelFile.Read(file);
-        var budget = new DecodeBudget(Math.Min(options.MaxDecodedBytes, file.LongLength * DecodeBudget.ExpansionLimit));
         var archReader = new FormatReader(file.AsSpan(sections[0].Offset, sections[0].Length), "the architecture section");
         var root = ModuleCodec.ReadTree(ref archReader);
         var withData = new List<NodeSpec>();
@@ -225,37 +345,8 @@ public static class CompressedModel
             reader.ExpectEnd();
         }
 
-        // Every byte is checked and decoded; only now are modules built (no random initialisation leaks into the caller's RNG).
-        using var exclusive = RandomState.Gate.EnterScope();
-        using var rng = RandomState.Save();
-        try
-        {
-            var built = ModuleCodec.Build(root, node => CustomModule(node, architecture, options));
-            if (built is not nn.Module<Tensor, Tensor> model)
-            {
-                built.Dispose();
-                throw new InvalidDataException($"The file's root is a {built.GetType().Name}, not a tensor-to-tensor model.");
-            }
-
-            // A custom module taken from the architecture kept the channel counts it was built with; where TorchVision
-            // keeps one in a field besides its layers (SqueezeExcitation), it must follow the file's, perhaps pruned, layers.
-            Pruning.TorchVisionChannelSettings.Synchronize(model);
-            model.eval();
-            if (options.Device is not null)
-            {
-                model.to(options.Device);
-            }
-
-            return model;
-        }
-        catch (Exception ex) when (ex is ArgumentException or InvalidOperationException or OverflowException or System.Runtime.InteropServices.ExternalException)
-        {
-            throw new InvalidDataException($"The compressed model file is not valid: a module could not be built from it ({ex.Message}).", ex);
-        }
-        finally
-        {
-            RandomState.Restore(rng);
-        }
+        ModuleCodec.Check(root);
+        return root;
     }
 
     private static void Collect(NodeSpec node, List<NodeSpec> withData)
@@ -363,23 +454,7 @@ internal static class ModelFile
             throw Invalid($"it is {file.Length} bytes long, shorter than the {HeaderBytes}-byte header");
         }
 
-        if (BinaryPrimitives.ReadUInt32LittleEndian(span) != Magic)
-        {
-            throw Invalid("it does not start with the format's signature 'MCMF' (not a compressed model file)");
-        }
-
-        ushort version = BinaryPrimitives.ReadUInt16LittleEndian(span[4..]);
-        if (version != Version)
-        {
-            throw Invalid($"it is format version {version}; this library reads version {Version}");
-        }
-
-        if (BinaryPrimitives.ReadUInt32LittleEndian(span[20..]) != Crc32.Compute(span[..20]))
-        {
-            throw Invalid("the header's checksum does not match (the header is corrupt)");
-        }
-
-        ulong declared = BinaryPrimitives.ReadUInt64LittleEndian(span[12..]);
+        ulong declared = CheckHeader(span);
         if (declared != (ulong)file.Length)
         {
             throw Invalid($"the header gives its length as {declared} bytes but it is {file.Length} ({(declared > (ulong)file.Length ? "truncated" : "has extra bytes")})");
@@ -430,6 +505,28 @@ internal static class ModelFile
         }
 
         return sections;
+    }
+
+    /// <summary>Checks the signature, version and checksum of a header of <see cref="HeaderBytes"/> bytes; returns the length it declares.</summary>
+    public static ulong CheckHeader(ReadOnlySpan<byte> span)
+    {
+        if (BinaryPrimitives.ReadUInt32LittleEndian(span) != Magic)
+        {
+            throw Invalid("it does not start with the format's signature 'MCMF' (not a compressed model file)");
+        }
+
+        ushort version = BinaryPrimitives.ReadUInt16LittleEndian(span[4..]);
+        if (version != Version)
+        {
+            throw Invalid($"it is format version {version}; this library reads version {Version}");
+        }
+
+        if (BinaryPrimitives.ReadUInt32LittleEndian(span[20..]) != Crc32.Compute(span[..20]))
+        {
+            throw Invalid("the header's checksum does not match (the header is corrupt)");
+        }
+
+        return BinaryPrimitives.ReadUInt64LittleEndian(span[12..]);
     }
 
     private static int WriteSection(Span<byte> file, int at, uint tag, byte[] payload)

@@ -915,7 +915,7 @@ internal static class ModuleCodec
 
             case NodeKind.Conv2d:
             {
-                var conv = nn.Conv2d(I[0], I[1], (I[2], I[3]), (I[4], I[5]), (I[6], I[7]), (I[8], I[9]), (PaddingModes)I[12], I[10], I[11] == 1);
+                var conv = NewInScope(() => nn.Conv2d(I[0], I[1], (I[2], I[3]), (I[4], I[5]), (I[6], I[7]), (I[8], I[9]), (PaddingModes)I[12], I[10], I[11] == 1));
                 Fill(conv.weight!, node.Arrays[0]);
                 if (I[11] == 1)
                 {
@@ -1019,12 +1019,12 @@ internal static class ModuleCodec
                     ? new ClusteredLayer(clustered)
                     : throw Mismatch(node, "one Linear, Conv2d or SparseLinear");
             case NodeKind.DepthwiseSeparableConv2d:
-                return Fill(node, new DepthwiseSeparableConv2d(1, 1, 1), children);
+                return Fill(node, NewInScope(() => new DepthwiseSeparableConv2d(1, 1, 1)), children);
             case NodeKind.SqueezeExcitation:
-                return Fill(node, new SqueezeExcitation(1, 1), children);
+                return Fill(node, NewInScope(() => new SqueezeExcitation(1, 1)), children);
             case NodeKind.InvertedResidual:
                 // Every child is replaced; the skeleton only has to add its input (or not) the same way.
-                return Fill(node, new InvertedResidual(1, I[0] == 1 ? 1 : 2, 1, 2), children);
+                return Fill(node, NewInScope(() => new InvertedResidual(1, I[0] == 1 ? 1 : 2, 1, 2)), children);
             case NodeKind.Custom:
                 return Fill(node, customModule(node), children);
             case NodeKind.Registered:
@@ -1067,8 +1067,20 @@ internal static class ModuleCodec
         }
 
         return conv
-            ? new LowRankConv2d(nn.Conv2d(firstIn, firstOut, 1), nn.Conv2d(secondIn, secondOut, 1), (ConvDecomposition)node.Ints[0])
+            ? new LowRankConv2d(NewInScope(() => nn.Conv2d(firstIn, firstOut, 1)), NewInScope(() => nn.Conv2d(secondIn, secondOut, 1)), (ConvDecomposition)node.Ints[0])
             : new LowRankLinear(nn.Linear(firstIn, firstOut), nn.Linear(secondIn, secondOut));
+    }
+
+    /// <summary>
+    /// Builds a module made only of TorchSharp's built-in layers inside a dispose scope: TorchSharp's Conv2d constructor
+    /// leaves the tensor its bias initialisation returns to the finalizer, and the scope disposes it (built-in layers
+    /// detach their own parameters from the scope).
+    /// </summary>
+    private static T NewInScope<T>(Func<T> create)
+        where T : nn.Module
+    {
+        using var scope = NewDisposeScope();
+        return create();
     }
 
     /// <summary>The inputs and outputs of a factor, looking through single-layer wrappers.</summary>
@@ -1081,14 +1093,57 @@ internal static class ModuleCodec
         _ => throw Mismatch(owner, "two Linear or Conv2d factors, possibly compressed"),
     };
 
-    private static QuantizedLayer BuildQuantized(NodeSpec node)
+    /// <summary>
+    /// Checks, before anything is built, what building the tree would refuse in the file's values (a quantized layer's
+    /// scales and groups, a dropout probability, the factors of a low-rank layer, a wrapper's one child). Loading runs
+    /// it on every file, and saving on the file it is about to write, so that Save never writes what Load refuses.
+    /// </summary>
+    public static void Check(NodeSpec node)
+    {
+        switch (node.Kind)
+        {
+            case NodeKind.QuantizedLinear or NodeKind.QuantizedConv2d or NodeKind.AsymmetricQuantizedLinear:
+                CheckQuantized(node);
+                break;
+            case NodeKind.Dropout when node.Reals[0] is not (>= 0 and < 1):
+                throw new InvalidDataException($"{node.Describe} has dropout probability {node.Reals[0]}, outside [0, 1).");
+            case NodeKind.HalfPrecision or NodeKind.Clustered when node.Children.Count != 1:
+                throw Mismatch(node, "one inner layer");
+            case NodeKind.Clustered when node.Children[0].Kind is not (NodeKind.Linear or NodeKind.Conv2d or NodeKind.SparseLinear or NodeKind.Registered or NodeKind.Custom):
+                throw Mismatch(node, "one Linear, Conv2d or SparseLinear");
+            case NodeKind.LowRankLinear or NodeKind.LowRankConv2d:
+                if (node.Children.Count != 2)
+                {
+                    throw Mismatch(node, "two factors");
+                }
+
+                // Plain factors (or ones the registry builds) are taken as they are; compressed ones must chain.
+                if (!node.Children.Any(c => c.Kind is NodeKind.Linear or NodeKind.Conv2d or NodeKind.Registered or NodeKind.Custom))
+                {
+                    var (_, firstOut) = FactorSize(node, node.Children[0]);
+                    var (secondIn, _) = FactorSize(node, node.Children[1]);
+                    if (firstOut != secondIn)
+                    {
+                        throw new InvalidDataException($"{node.Describe} has factors that do not chain: {firstOut} outputs into {secondIn} inputs.");
+                    }
+                }
+
+                break;
+        }
+
+        foreach (var child in node.Children)
+        {
+            Check(child);
+        }
+    }
+
+    private static void CheckQuantized(NodeSpec node)
     {
         long[] I = node.Ints;
-        int n = (int)I[0], k = (int)I[1], bits = (int)I[2];
+        int k = (int)I[1], bits = (int)I[2];
         var q = (sbyte[])node.Arrays[0];
         var scales = (float[])node.Arrays[1];
         var zeroPoints = (float[]?)node.Arrays[2];
-        var bias = I[9] == 1 ? (float[])node.Arrays[3] : null;
         if (bits == 1 && Array.IndexOf(q, (sbyte)0) >= 0)
         {
             throw new InvalidDataException($"{node.Describe} is binary but holds zero weights.");
@@ -1106,12 +1161,6 @@ internal static class ModuleCodec
             throw new InvalidDataException($"{node.Describe} has input scale {inputScale} and zero point {inputZero}; a static layer needs a positive scale and an integer zero point in 0..127.");
         }
 
-        var granularity = I[3] switch
-        {
-            0 => QuantizationGranularity.PerTensor,
-            1 => QuantizationGranularity.PerChannel,
-            _ => QuantizationGranularity.PerGroup((int)I[4]),
-        };
         if (bits == 4 && I[3] != 2)
         {
             throw new InvalidDataException($"{node.Describe} stores 4-bit weights without groups.");
@@ -1127,17 +1176,36 @@ internal static class ModuleCodec
             throw new InvalidDataException($"{node.Describe} has the zero point {zeroPoints[badZero]}; zero points must be finite.");
         }
 
+        if (node.Kind == NodeKind.QuantizedConv2d && I[10] * I[11] * I[12] != k)
+        {
+            throw new InvalidDataException($"{node.Describe} has {k} inputs per output, not {I[10]} channels × {I[11]} × {I[12]}.");
+        }
+    }
+
+    private static QuantizedLayer BuildQuantized(NodeSpec node)
+    {
+        CheckQuantized(node);
+        long[] I = node.Ints;
+        int n = (int)I[0], k = (int)I[1], bits = (int)I[2];
+        var q = (sbyte[])node.Arrays[0];
+        var scales = (float[])node.Arrays[1];
+        var zeroPoints = (float[]?)node.Arrays[2];
+        var bias = I[9] == 1 ? (float[])node.Arrays[3] : null;
+        var activationMode = (ActivationMode)I[6];
+        float inputScale = (float)node.Reals[0], inputZero = (float)node.Reals[1];
+        var granularity = I[3] switch
+        {
+            0 => QuantizationGranularity.PerTensor,
+            1 => QuantizationGranularity.PerChannel,
+            _ => QuantizationGranularity.PerGroup((int)I[4]),
+        };
+
         var matrix = QuantizedMatrix.FromLevels(n, k, bits, granularity, q, scales, bias, zeroPoints);
         var settings = new ActivationSettings(activationMode, inputScale, inputZero, I[7] == 1);
         var mode = (QuantizationMode)I[5];
         if (node.Kind is NodeKind.QuantizedLinear or NodeKind.AsymmetricQuantizedLinear)
         {
             return new QuantizedLinear(matrix, settings, I[8] == 1, mode);
-        }
-
-        if (I[10] * I[11] * I[12] != k)
-        {
-            throw new InvalidDataException($"{node.Describe} has {k} inputs per output, not {I[10]} channels × {I[11]} × {I[12]}.");
         }
 
         var shape = new ConvShape(I[10], [I[11], I[12]], [I[13], I[14]], [I[15], I[16]], [I[17], I[18]]);

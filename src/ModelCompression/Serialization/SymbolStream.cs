@@ -108,12 +108,20 @@ internal static class SymbolStream
             throw reader.Fail($"{what} declares {count} symbols, more than its {bytes.Length} bytes can hold");
         }
 
+        // DEFLATE's output is inflated before the symbols are allocated, into a buffer that grows only as data arrives:
+        // a short or corrupt stream that claims many symbols fails having allocated what it held, not what it claimed.
+        byte[]? inflated = null;
+        if ((SymbolCoding)coding == SymbolCoding.Deflate && Inflate(bytes, count, alphabet > 256 ? 2 : 1, out inflated) is { } failure)
+        {
+            throw reader.Fail($"{what}: {failure}");
+        }
+
         var symbols = new int[count];
         var result = (SymbolCoding)coding switch
         {
             SymbolCoding.Packed => Unpack(bytes, symbols, bits),
             SymbolCoding.Huffman => Unhuffman(bytes, symbols, alphabet),
-            _ => Inflate(bytes, symbols, alphabet),
+            _ => Widen(inflated!, symbols, alphabet),
         };
         if (result is not null)
         {
@@ -303,23 +311,30 @@ internal static class SymbolStream
         return output.ToArray();
     }
 
-    private static unsafe string? Inflate(ReadOnlySpan<byte> bytes, int[] symbols, int alphabet)
+    /// <summary>Inflates exactly <paramref name="count"/> symbols of <paramref name="width"/> bytes, growing the buffer as they arrive; the error, or null.</summary>
+    private static unsafe string? Inflate(ReadOnlySpan<byte> bytes, long count, int width, out byte[] raw)
     {
-        int width = alphabet > 256 ? 2 : 1;
-        var raw = new byte[symbols.Length * width];
+        long length = count * width;
+        const int FirstBuffer = 1 << 16;
+        raw = new byte[Math.Min(length, FirstBuffer)];
         try
         {
             fixed (byte* p = bytes)
             {
                 using var input = new UnmanagedMemoryStream(p, bytes.Length);
                 using var inflate = new DeflateStream(input, CompressionMode.Decompress);
-                int filled = 0;
-                while (filled < raw.Length)
+                long filled = 0;
+                while (filled < length)
                 {
-                    int read = inflate.Read(raw, filled, raw.Length - filled);
+                    if (filled == raw.Length)
+                    {
+                        Array.Resize(ref raw, (int)Math.Min(length, raw.Length * 2L));
+                    }
+
+                    int read = inflate.Read(raw, (int)filled, raw.Length - (int)filled);
                     if (read == 0)
                     {
-                        return $"the DEFLATE data ends after {filled / width} of {symbols.Length} symbols";
+                        return $"the DEFLATE data ends after {filled / width} of {count} symbols";
                     }
 
                     filled += read;
@@ -328,7 +343,7 @@ internal static class SymbolStream
                 Span<byte> extra = stackalloc byte[1];
                 if (inflate.Read(extra) != 0)
                 {
-                    return $"the DEFLATE data holds more than {symbols.Length} symbols";
+                    return $"the DEFLATE data holds more than {count} symbols";
                 }
             }
         }
@@ -337,6 +352,13 @@ internal static class SymbolStream
             return $"the DEFLATE data is corrupt ({ex.Message})";
         }
 
+        return null;
+    }
+
+    /// <summary>Turns inflated bytes (one per symbol, or two little-endian for alphabets over 256) into symbols.</summary>
+    private static string? Widen(byte[] raw, int[] symbols, int alphabet)
+    {
+        int width = alphabet > 256 ? 2 : 1;
         for (int i = 0; i < symbols.Length; i++)
         {
             symbols[i] = width == 1 ? raw[i] : raw[i * 2] | (raw[(i * 2) + 1] << 8);

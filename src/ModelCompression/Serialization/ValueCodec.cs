@@ -354,10 +354,12 @@ internal static class ValueCodec
 
         int nonzero = (int)reader.VarUInt($"the non-zero count of {what}", 0, count);
         byte method = reader.Byte();
-        var positions = new int[nonzero];
+        int[] positions;
         if (method == Bitmask)
         {
+            // The positions are allocated once the coded data has shown it holds them (here and for gaps below).
             var mask = SymbolStream.Read(ref reader, (count + 7) / 8, 256, $"the bitmask of {what}");
+            positions = new int[nonzero];
             int found = 0;
             for (int p = 0; p < count; p++)
             {
@@ -384,6 +386,7 @@ internal static class ValueCodec
             int alphabet = (int)reader.VarUInt($"the gap alphabet of {what}", 2, 256);
             long symbolCount = reader.VarUInt($"the gap count of {what}", nonzero, count);
             var symbols = SymbolStream.Read(ref reader, symbolCount, alphabet, $"the gaps of {what}");
+            positions = new int[nonzero];
             long position = -1;
             int found = 0;
             long run = 0;
@@ -502,20 +505,23 @@ internal static class ValueCodec
 }
 
 /// <summary>
-/// The decoded elements a load may still allocate: at most <see cref="CompressedModelLoadOptions.MaxDecodedBytes"/>
-/// and at most 4,096 times the file's length, so a small hostile file cannot ask for a huge allocation.
+/// What a load may still decode, in bytes, from <see cref="CompressedModelLoadOptions.MaxDecodedBytes"/>: each tensor
+/// is charged 4 bytes per element of its declared shape before any of it is decoded. Decoding then allocates in
+/// proportion to that shape (the values, and at most the same again in symbols and positions), and only once the coded
+/// data has shown it holds that many elements (see <see cref="SymbolStream"/>), so a small file claiming a large
+/// shape fails at the ceiling or at its data, not after a large allocation.
 /// </summary>
 internal sealed class DecodeBudget(long bytes)
 {
-    public const long ExpansionLimit = 4096;
-
     public long Left { get; private set; } = bytes;
 
     public void Take(long elements, string what, ref FormatReader reader)
     {
         if (elements < 0 || elements > Array.MaxLength || elements * 4 > Left)
         {
-            throw reader.Fail($"{what} would decode to {elements} elements, more than this file may hold ({Left / 4} left of the limit)");
+            throw reader.Fail(
+                $"{what} would decode to {elements} elements, more than this load may decode ({Left / 4} elements left of " +
+                $"{nameof(CompressedModelLoadOptions)}.{nameof(CompressedModelLoadOptions.MaxDecodedBytes)}; raise it to load a model this large)");
         }
 
         Left -= elements * 4;

@@ -207,6 +207,35 @@ public sealed class CompressedModelTests
         Assert.That(Directory.GetFiles(directory), Is.Empty);
     }
 
+    private static IEnumerable<TestCaseData> Unloadable()
+    {
+        // Each is a model TorchSharp builds but the file's reader refuses: a dropout that drops everything, more
+        // children than a container may hold in the file.
+        yield return new TestCaseData("dropout p = 1", (Func<nn.Module<Tensor, Tensor>>)(() => nn.Sequential(("fc", nn.Linear(2, 2)), ("drop", nn.Dropout(1.0)))), "dropout probability").SetArgDisplayNames("dropout-1");
+        yield return new TestCaseData("too many children", (Func<nn.Module<Tensor, Tensor>>)(() => nn.Sequential(Enumerable.Range(0, 4097).Select(i => ($"id{i}", (nn.Module<Tensor, Tensor>)nn.Identity())).ToArray())), "child count").SetArgDisplayNames("4097-children");
+    }
+
+    [TestCaseSource(nameof(Unloadable))]
+    public void Save_FileThatLoadWouldRefuse_ThrowsBeforeWritingAndLeavesTheTargetUntouched(string what, Func<nn.Module<Tensor, Tensor>> create, string reason)
+    {
+        string path = Path.Combine(directory, "model.mcmf");
+        using (var previous = nn.Sequential(("fc", nn.Linear(2, 2))))
+        {
+            CompressedModel.Save(previous, path);
+        }
+
+        var before = File.ReadAllBytes(path);
+        using var model = create();
+        var ex = Assert.Throws<UnsupportedModelException>(() => CompressedModel.Save(model, path), what);
+        Assert.That(ex!.Message, Does.Contain("cannot be saved").And.Contain(reason));
+        Assert.That(ex.InnerException, Is.TypeOf<InvalidDataException>());
+        Assert.That(File.ReadAllBytes(path), Is.EqualTo(before), "the target is untouched");
+        Assert.That(Directory.GetFiles(directory), Is.EqualTo(new[] { path }), "no temporary file is left");
+        using var stream = new MemoryStream();
+        Assert.Throws<UnsupportedModelException>(() => CompressedModel.Save(model, stream));
+        Assert.That(stream.Length, Is.Zero, "nothing is written to a stream either");
+    }
+
     [Test]
     public void Save_FakeQuantLayer_IsRefusedButMeasured()
     {
@@ -355,7 +384,7 @@ public sealed class CompressedModelTests
         var bytes = Encode("sparse");
         var options = new CompressedModelLoadOptions { MaxDecodedBytes = 1000 };
         var ex = Assert.Throws<InvalidDataException>(() => CompressedModel.Load(new MemoryStream(bytes), null, options));
-        Assert.That(ex!.Message, Does.Contain("more than this file may hold"));
+        Assert.That(ex!.Message, Does.Contain("more than this load may decode").And.Contain("MaxDecodedBytes"));
     }
 
     [Test]

@@ -47,7 +47,14 @@ internal static class ChildJobs
             {
                 while (!stop.IsCancellationRequested)
                 {
-                    GC.Collect();
+                    // Bursts of collections with pauses between: back to back, they starve the loop on two cores (every
+                    // one suspends it).
+                    for (int i = 0; i < 16; i++)
+                    {
+                        GC.Collect();
+                    }
+
+                    Thread.Sleep(1);
                 }
             }) { IsBackground = true };
             collector.Start();

@@ -4,7 +4,7 @@ using System.Text;
 namespace ModelCompression.Tests.Support;
 
 /// <summary>
-/// Runs a job of the test assembly in a child process (<c>dotnet ModelCompression.Tests.dll job args</c>), so that a
+/// Runs a job of the test assembly in a child process (<c>dotnet exec ModelCompression.Tests.dll job args</c>), so that a
 /// native crash — which would kill the test host and hide every result — is a failed test with the child's output.
 /// </summary>
 internal static class ChildProcess
@@ -13,6 +13,8 @@ internal static class ChildProcess
     private static readonly Dictionary<string, Func<string[], int>> Jobs = new(StringComparer.Ordinal)
     {
         [ChildJobs.LoadUnderCollections] = ChildJobs.RunLoadUnderCollections,
+        [Serialization.ChildProcessFuzzTests.Command] = args =>
+            Serialization.ChildProcessFuzzTests.RunCases(int.Parse(args[0], System.Globalization.CultureInfo.InvariantCulture), int.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture), Console.Out),
     };
 
     /// <summary>Runs <paramref name="job"/> in a child process.</summary>
@@ -22,14 +24,19 @@ internal static class ChildProcess
     /// <returns>The child's exit code (−1 when it timed out) and its standard output and error.</returns>
     public static (int ExitCode, string Output) Run(string job, TimeSpan timeout, params string[] args)
     {
-        string host = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } path && File.Exists(path) ? path : "dotnet";
+        // The muxer that runs the test host (else the SDK's, else the one on the PATH).
+        string host = Path.GetFileNameWithoutExtension(Environment.ProcessPath) == "dotnet" ? Environment.ProcessPath!
+            : Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } path && File.Exists(path) ? path : "dotnet";
+        string assembly = typeof(ChildProcess).Assembly.Location;
         var start = new ProcessStartInfo(host)
         {
+            WorkingDirectory = Path.GetDirectoryName(assembly)!,
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,
         };
-        start.ArgumentList.Add(typeof(ChildProcess).Assembly.Location);
+        start.ArgumentList.Add("exec");
+        start.ArgumentList.Add(assembly);
         start.ArgumentList.Add(job);
         foreach (string arg in args)
         {
