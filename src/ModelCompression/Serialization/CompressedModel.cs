@@ -434,7 +434,7 @@ internal static class ModelFile
         BinaryPrimitives.WriteUInt16LittleEndian(span[6..], 0);
         BinaryPrimitives.WriteUInt32LittleEndian(span[8..], (uint)(data.Count + 1));
         BinaryPrimitives.WriteUInt64LittleEndian(span[12..], (ulong)total);
-        BinaryPrimitives.WriteUInt32LittleEndian(span[20..], Crc32.Compute(span[..20]));
+        BinaryPrimitives.WriteUInt32LittleEndian(span[20..], System.IO.Hashing.Crc32.HashToUInt32(span[..20]));
         int at = HeaderBytes;
         at = WriteSection(span, at, ArchitectureTag, architecture);
         foreach (var d in data)
@@ -490,7 +490,7 @@ internal static class ModelFile
 
             int payload = (int)length;
             var checksummed = span.Slice(at, 12 + payload);
-            if (BinaryPrimitives.ReadUInt32LittleEndian(span[(at + 12 + payload)..]) != Crc32.Compute(checksummed))
+            if (BinaryPrimitives.ReadUInt32LittleEndian(span[(at + 12 + payload)..]) != System.IO.Hashing.Crc32.HashToUInt32(checksummed))
             {
                 throw Invalid($"section {i} at byte {at} fails its checksum (the data is corrupt)");
             }
@@ -521,7 +521,7 @@ internal static class ModelFile
             throw Invalid($"it is format version {version}; this library reads version {Version}");
         }
 
-        if (BinaryPrimitives.ReadUInt32LittleEndian(span[20..]) != Crc32.Compute(span[..20]))
+        if (BinaryPrimitives.ReadUInt32LittleEndian(span[20..]) != System.IO.Hashing.Crc32.HashToUInt32(span[..20]))
         {
             throw Invalid("the header's checksum does not match (the header is corrupt)");
         }
@@ -534,7 +534,7 @@ internal static class ModelFile
         BinaryPrimitives.WriteUInt32LittleEndian(file[at..], tag);
         BinaryPrimitives.WriteUInt64LittleEndian(file[(at + 4)..], (ulong)payload.Length);
         payload.CopyTo(file[(at + 12)..]);
-        BinaryPrimitives.WriteUInt32LittleEndian(file[(at + 12 + payload.Length)..], Crc32.Compute(file.Slice(at, 12 + payload.Length)));
+        BinaryPrimitives.WriteUInt32LittleEndian(file[(at + 12 + payload.Length)..], System.IO.Hashing.Crc32.HashToUInt32(file.Slice(at, 12 + payload.Length)));
         return at + SectionOverhead + payload.Length;
     }
 

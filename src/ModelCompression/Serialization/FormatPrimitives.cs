@@ -3,40 +3,6 @@ using System.Text;
 
 namespace ModelCompression.Serialization;
 
-/// <summary>CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), the checksum of every section of the file.</summary>
-internal static class Crc32
-{
-    private static readonly uint[] Table = BuildTable();
-
-    public static uint Compute(ReadOnlySpan<byte> data, uint crc = 0)
-    {
-        crc = ~crc;
-        foreach (byte b in data)
-        {
-            crc = Table[(crc ^ b) & 0xFF] ^ (crc >> 8);
-        }
-
-        return ~crc;
-    }
-
-    private static uint[] BuildTable()
-    {
-        var table = new uint[256];
-        for (uint n = 0; n < 256; n++)
-        {
-            uint c = n;
-            for (int k = 0; k < 8; k++)
-            {
-                c = (c & 1) != 0 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-            }
-
-            table[n] = c;
-        }
-
-        return table;
-    }
-}
-
 /// <summary>Writes the file's little-endian primitives: fixed-width integers, unsigned LEB128 varints, floats and short strings.</summary>
 internal sealed class FormatWriter
 {

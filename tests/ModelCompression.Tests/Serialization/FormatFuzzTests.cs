@@ -39,10 +39,10 @@ internal static class FormatFuzzer
             return;
         }
 
-        BinaryPrimitives.WriteUInt32LittleEndian(file.AsSpan(20), Crc32.Compute(file.AsSpan(0, 20)));
+        BinaryPrimitives.WriteUInt32LittleEndian(file.AsSpan(20), System.IO.Hashing.Crc32.HashToUInt32(file.AsSpan(0, 20)));
         foreach (var (start, length) in Sections(file))
         {
-            BinaryPrimitives.WriteUInt32LittleEndian(file.AsSpan(start + 12 + length), Crc32.Compute(file.AsSpan(start, 12 + length)));
+            BinaryPrimitives.WriteUInt32LittleEndian(file.AsSpan(start + 12 + length), System.IO.Hashing.Crc32.HashToUInt32(file.AsSpan(start, 12 + length)));
         }
     }
 
