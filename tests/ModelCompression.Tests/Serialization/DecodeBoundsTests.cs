@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.IO.Compression;
 using ModelCompression.Serialization;
+using ModelCompression.Tests.Support;
 using NUnit.Framework;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -153,46 +154,5 @@ public sealed class DecodeBoundsTests
         data.Byte(2); // DEFLATE
         data.Block(block);
         return ModelFile.Write(architecture.ToArray(), [data.ToArray()]);
-    }
-
-    /// <summary>A non-seekable stream that serves <paramref name="prefix"/> and then <paramref name="fill"/> bytes forever (or until <paramref name="end"/>).</summary>
-    private sealed class EndlessStream(byte[] prefix, byte fill, long end = long.MaxValue) : Stream
-    {
-        public long Served { get; private set; }
-
-        public override bool CanRead => true;
-
-        public override bool CanSeek => false;
-
-        public override bool CanWrite => false;
-
-        public override long Length => throw new NotSupportedException();
-
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-
-        public override void Flush()
-        {
-        }
-
-        public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
-
-        public override int Read(Span<byte> buffer)
-        {
-            int n = (int)Math.Min(buffer.Length, end - Served);
-            for (int i = 0; i < n; i++)
-            {
-                long at = Served + i;
-                buffer[i] = at < prefix.Length ? prefix[at] : fill;
-            }
-
-            Served += n;
-            return n;
-        }
-
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-
-        public override void SetLength(long value) => throw new NotSupportedException();
-
-        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
     }
 }

@@ -80,34 +80,6 @@ internal static class StepOutputs
     };
 }
 
-/// <summary>A read-only stream that cannot seek and hands out at most an odd number of bytes per read, as a pipe or socket does.</summary>
-internal sealed class NonSeekableStream(Stream inner, int largestRead = 4093) : Stream
-{
-    public override bool CanRead => true;
-
-    public override bool CanSeek => false;
-
-    public override bool CanWrite => false;
-
-    public override long Length => throw new NotSupportedException();
-
-    public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-
-    public override void Flush()
-    {
-    }
-
-    public override int Read(byte[] buffer, int offset, int count) => inner.Read(buffer, offset, Math.Min(count, largestRead));
-
-    public override int Read(Span<byte> buffer) => inner.Read(buffer[..Math.Min(buffer.Length, largestRead)]);
-
-    public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-
-    public override void SetLength(long value) => throw new NotSupportedException();
-
-    public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
-}
-
 [TestFixture]
 public sealed class StepOutputFileTests
 {

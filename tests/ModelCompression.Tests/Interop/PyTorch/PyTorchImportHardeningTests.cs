@@ -243,7 +243,7 @@ public sealed class PyTorchImportHardeningTests
     public void LoadStateDict_NonSeekableStreamLongerThanMaxDecodedBytes_StopsCopying()
     {
         using var model = ModelZoo.Create(ZooModel.LeNet300100, 2);
-        using var endless = new EndlessStream();
+        using var endless = new EndlessStream([], (byte)'P');
 
         var ex = Assert.Throws<InvalidDataException>(() => PyTorchImport.LoadStateDict(model, endless, options: new PyTorchImportOptions { MaxDecodedBytes = 1 << 20 }));
 
@@ -429,38 +429,5 @@ public sealed class PyTorchImportHardeningTests
 
         Assert.That(patched, Is.EqualTo(2), $"'{name}' has a local header and a central directory record");
         return result;
-    }
-
-    /// <summary>A stream that never ends and cannot seek, counting what it served.</summary>
-    private sealed class EndlessStream : Stream
-    {
-        public long Served { get; private set; }
-
-        public override bool CanRead => true;
-
-        public override bool CanSeek => false;
-
-        public override bool CanWrite => false;
-
-        public override long Length => throw new NotSupportedException();
-
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-
-        public override int Read(byte[] buffer, int offset, int count)
-        {
-            buffer.AsSpan(offset, count).Fill((byte)'P');
-            Served += count;
-            return count;
-        }
-
-        public override void Flush()
-        {
-        }
-
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-
-        public override void SetLength(long value) => throw new NotSupportedException();
-
-        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
     }
 }
