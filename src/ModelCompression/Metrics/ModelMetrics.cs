@@ -403,7 +403,8 @@ public static class ModelMetrics
         }
         finally
         {
-            foreach (var mode in modes)
+            // Last recorded first: the same model may be measured against itself.
+            foreach (var mode in modes.Reverse())
             {
                 mode.Dispose();
             }

@@ -96,6 +96,8 @@ public sealed class ModuleFlagsTests
         Assert.That(Flags(model), Is.EqualTo(before), "MACs");
         ModelMetrics.MeasureLatency(model, [1, 28, 28], new LatencyOptions { Warmup = 1, Repeats = 2 });
         Assert.That(Flags(model), Is.EqualTo(before), "latency");
+        ModelMetrics.MeasureLatencyPaired(model, model, [1, 28, 28], new LatencyOptions { Warmup = 1, Repeats = 2 });
+        Assert.That(Flags(model), Is.EqualTo(before), "latency of the model against itself");
         new AccuracyEvaluator().Evaluate(model, data);
         Assert.That(Flags(model), Is.EqualTo(before), "accuracy");
     }
