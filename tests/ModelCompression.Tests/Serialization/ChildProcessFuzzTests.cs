@@ -34,27 +34,9 @@ public sealed class ChildProcessFuzzTests
     /// <summary>Loads cases <paramref name="first"/> … of the format fuzzer's mutations; 0 when each loads or throws <see cref="InvalidDataException"/>.</summary>
     public static int RunCases(int first, int count, TextWriter log)
     {
-        var files = SerializationModels.Names.Select(name =>
-        {
-            var (model, input) = SerializationModels.Create(name);
-            using var _ = model;
-            input.Dispose();
-            using var stream = new MemoryStream();
-            CompressedModel.Save(model, stream);
-            return (Name: name, Bytes: stream.ToArray());
-        }).ToList();
+        var files = SerializationModels.SavedFiles();
 
-        bool stop = false;
-        var collector = new Thread(() =>
-        {
-            while (!Volatile.Read(ref stop))
-            {
-                GC.Collect();
-                GC.WaitForPendingFinalizers();
-                Thread.Sleep(1);
-            }
-        }) { IsBackground = true };
-        collector.Start();
+        var collector = new BackgroundCollector(burst: 1, waitForFinalizers: true);
         int rejected = 0, loaded = 0;
         try
         {
@@ -82,8 +64,7 @@ public sealed class ChildProcessFuzzTests
         }
         finally
         {
-            Volatile.Write(ref stop, true);
-            collector.Join();
+            collector.Dispose();
         }
 
         log.WriteLine($"{count} cases: {rejected} rejected with InvalidDataException, {loaded} loaded, none crashed");

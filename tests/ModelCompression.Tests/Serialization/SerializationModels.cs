@@ -116,6 +116,17 @@ internal static class SerializationModels
         return (model, input);
     }
 
+    /// <summary>A valid file of every model in <see cref="Names"/>, as Save writes it (the fuzzers' starting points).</summary>
+    public static List<(string Name, byte[] Bytes)> SavedFiles() => Names.Select(name =>
+    {
+        var (model, input) = Create(name);
+        using var _ = model;
+        input.Dispose();
+        using var stream = new MemoryStream();
+        CompressedModel.Save(model, stream);
+        return (name, stream.ToArray());
+    }).ToList();
+
     /// <summary>Load options that build the zoo's residual block, the one custom module among these models.</summary>
     public static CompressedModelLoadOptions LoadOptions()
     {

@@ -42,22 +42,7 @@ internal static class ChildJobs
                 .AddPostTrainingQuantization(QuantizationMode.DynamicInt8)
                 .Build();
 
-            using var stop = new CancellationTokenSource();
-            var collector = new Thread(() =>
-            {
-                while (!stop.IsCancellationRequested)
-                {
-                    // Bursts of collections with pauses between: back to back, they starve the loop on two cores (every
-                    // one suspends it).
-                    for (int i = 0; i < 16; i++)
-                    {
-                        GC.Collect();
-                    }
-
-                    Thread.Sleep(1);
-                }
-            }) { IsBackground = true };
-            collector.Start();
+            var collector = new BackgroundCollector(burst: 16, waitForFinalizers: false);
 
             long loads = 0, copies = 0, runs = 0, states = 0;
             var until = DateTime.UtcNow.AddSeconds(seconds);
@@ -82,8 +67,7 @@ internal static class ChildJobs
                 }
             }
 
-            stop.Cancel();
-            collector.Join();
+            collector.Dispose();
             Console.WriteLine($"ok loads={loads} copies={copies} pipelines={runs} generator-states={states}");
             return 0;
         }
