@@ -160,7 +160,7 @@ public sealed class ResidualBlock : nn.Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         var x = relu1.call(bn1.call(conv1.call(input)));
         x = bn2.call(conv2.call(x));
-        return relu2.call(x + input).MoveToOuterDisposeScope();
+        return relu2.call(x.Plus(input)).MoveToOuterDisposeScope();
     }
 
     /// <inheritdoc/>

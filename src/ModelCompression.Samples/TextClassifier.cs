@@ -115,16 +115,18 @@ public sealed class TextClassifier : nn.Module<Tensor, Tensor>
         }
 
         using var scope = NewDisposeScope();
-        var real = input.ne(PadId);
-        var position = arange(input.shape[1], dtype: ScalarType.Int64, device: input.device);
-        var x = tokens.call(input) + positions.call(position);
+        using var pad = PadId.ToScalar();
+        using var one = 1.ToScalar();
+        var real = input.ne(pad);
+        var position = KeptScalars.Range(input.shape[1], dtype: ScalarType.Int64, device: input.device);
+        var x = tokens.call(input).Plus(positions.call(position));
         foreach (var block in blocks)
         {
             x = block.call(x, real);
         }
 
         var weights = real.unsqueeze(-1).to(x.dtype);
-        var pooled = (norm.call(x) * weights).sum(1) / weights.sum(1).clamp_min(1);
+        var pooled = (norm.call(x) * weights).sum(1) / weights.sum(1).clamp_min(one);
         return head.call(pooled).MoveToOuterDisposeScope();
     }
 }
@@ -194,8 +196,8 @@ public sealed class TextEncoderBlock : nn.Module<Tensor, Tensor, Tensor>, ITrans
         Tensor Split(Tensor t) => t.view(batch, time, inner / HeadWidth, HeadWidth).transpose(1, 2);
         var mask = real.view(batch, 1, 1, time);
         var attended = nn.functional.scaled_dot_product_attention(Split(q), Split(key.call(h)), Split(value.call(h)), mask);
-        var x = input + output.call(attended.transpose(1, 2).reshape(batch, time, inner));
-        x = x + down.call(gelu.call(up.call(norm2.call(x))));
+        var x = input.Plus(output.call(attended.transpose(1, 2).reshape(batch, time, inner)));
+        x = x.Plus(down.call(gelu.call(up.call(norm2.call(x)))));
         return x.MoveToOuterDisposeScope();
     }
 }

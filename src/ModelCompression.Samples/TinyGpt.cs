@@ -105,8 +105,8 @@ public sealed class TinyGpt : nn.Module<Tensor, Tensor>
         }
 
         using var scope = NewDisposeScope();
-        var position = arange(input.shape[1], dtype: ScalarType.Int64, device: input.device);
-        var x = tokens.call(input) + positions.call(position);
+        var position = KeptScalars.Range(input.shape[1], dtype: ScalarType.Int64, device: input.device);
+        var x = tokens.call(input).Plus(positions.call(position));
         foreach (var block in blocks)
         {
             x = block.call(x);
@@ -177,8 +177,8 @@ public sealed class TinyGptBlock : nn.Module<Tensor, Tensor>, ITransformerBlock
         long inner = q.shape[2];
         Tensor Split(Tensor t) => t.view(batch, time, inner / HeadWidth, HeadWidth).transpose(1, 2);
         var attended = nn.functional.scaled_dot_product_attention(Split(q), Split(key.call(h)), Split(value.call(h)), is_casual: true);
-        var x = input + output.call(attended.transpose(1, 2).reshape(batch, time, inner));
-        x = x + down.call(gelu.call(up.call(norm2.call(x))));
+        var x = input.Plus(output.call(attended.transpose(1, 2).reshape(batch, time, inner)));
+        x = x.Plus(down.call(gelu.call(up.call(norm2.call(x)))));
         return x.MoveToOuterDisposeScope();
     }
 }

@@ -407,7 +407,8 @@ public static class OnnxExporter
                 for (long i = 0; i < to; i++)
                 {
                     long start = i * from / to, end = ((i + 1) * from + to - 1) / to;
-                    matrix[i, TensorIndex.Slice(start, end)].fill_(1f / (end - start));
+                    using var share = (1f / (end - start)).ToScalar();
+                    matrix[i, TensorIndex.Slice(start, end)].fill_(share);
                 }
 
                 return matrix;

@@ -208,7 +208,7 @@ public sealed class InvertedResidual : nn.Module<Tensor, Tensor>
         var x = expandActivation.call(expandNorm.call(expand.call(input)));
         x = depthwiseActivation.call(depthwiseNorm.call(depthwise.call(x)));
         x = projectNorm.call(project.call(squeeze.call(x)));
-        return (UsesResidual ? x + input : x).MoveToOuterDisposeScope();
+        return (UsesResidual ? x.Plus(input) : x).MoveToOuterDisposeScope();
     }
 }
 

@@ -133,7 +133,7 @@ public sealed class DepthwiseSeparableRewriteStep : ICompressionStep, ICompressi
         var channel = u.select(2, 0) * root.unsqueeze(1);                                  // [in, out]
         var spatial = vh.select(1, 0) * root.unsqueeze(1);                                 // [in, k²]
         var rebuilt = channel.unsqueeze(2) * spatial.unsqueeze(1);                         // [in, out, k²]
-        double error = Math.Sqrt((slices - rebuilt).pow(2).sum().item<double>() / Math.Max(1e-300, slices.pow(2).sum().item<double>()));
+        double error = Math.Sqrt((slices - rebuilt).square().sum().item<double>() / Math.Max(1e-300, slices.square().sum().item<double>()));
 
         var block = new DepthwiseSeparableConv2d(
             i, o, (kh, kw), (conv.stride[0], conv.stride[1]), (conv.padding![0], conv.padding![1]), (conv.dilation[0], conv.dilation[1]),

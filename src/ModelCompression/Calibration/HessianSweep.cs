@@ -106,15 +106,16 @@ internal sealed class HessianSweep : IDisposable
         var h = hessian.detach().to(ScalarType.Float64).cpu().clone();
 
         // An input that is always zero carries no information: its weights cannot matter, so they become zero.
-        var dead = h.diagonal().eq(0);
+        using var zero = 0.ToScalar();
+        var dead = h.diagonal().eq(zero);
         int deadInputs = (int)dead.sum().item<long>();
         if (deadInputs > 0)
         {
-            h.diagonal().masked_fill_(dead, 1);
-            w.masked_fill_(dead.unsqueeze(0), 0);
+            h.diagonal().masked_fill_(dead, KeptScalars.One);
+            w.masked_fill_(dead.unsqueeze(0), zero);
         }
 
-        var permutation = actOrder ? h.diagonal().sort(descending: true, stable: true).Indices : arange(k, dtype: ScalarType.Int64);
+        var permutation = actOrder ? h.diagonal().sort(descending: true, stable: true).Indices : KeptScalars.Range(k, dtype: ScalarType.Int64);
         long[] order = permutation.data<long>().ToArray();
         var permuted = w.index_select(1, permutation).contiguous();
         w.Dispose();
@@ -133,7 +134,8 @@ internal sealed class HessianSweep : IDisposable
         {
             using (var attempt = NewDisposeScope())
             {
-                var damped = h + (eye(k, dtype: ScalarType.Float64) * (damping * mean));
+                using var dampingScalar = (damping * mean).ToScalar();
+                var damped = h.Plus(eye(k, dtype: ScalarType.Float64).mul(dampingScalar));
                 var (lowerH, info) = linalg.cholesky_ex(damped);
                 damped.Dispose();
                 if (info.item<int>() == 0)

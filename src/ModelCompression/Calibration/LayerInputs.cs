@@ -69,6 +69,7 @@ internal static class LayerInputs
         long rows = 0;
         bool finite = true;
         long ignored = context.Evaluator is PerplexityEvaluator perplexity ? perplexity.IgnoreIndex : -100;
+        using var ignoredScalar = ignored.ToScalar();
         Tensor? scored = null;
         var remove = PreHook(module, input =>
         {
@@ -94,7 +95,7 @@ internal static class LayerInputs
             QuantizationTargets.RunCalibrationBatches(root, context.CalibrationData, batches, batchSize, context, beforeBatch: (_, target) =>
             {
                 // Token targets [batch, time] mark the positions to use; anything else uses every row.
-                scored = target.dtype == ScalarType.Int64 && target.dim() == 2 ? target.ne(ignored) : null;
+                scored = target.dtype == ScalarType.Int64 && target.dim() == 2 ? target.ne(ignoredScalar) : null;
             });
         }
         finally
@@ -123,7 +124,8 @@ internal static class LayerInputs
     {
         var sum = zeros([features, features], ScalarType.Float64);
         long rows = Collect(root, name, module, features, batches, batchSize, context, x => sum.addmm_(x.t(), x));
-        return sum.mul_(2.0 / Math.Max(1, rows));
+        using var factor = (2.0 / Math.Max(1, rows)).ToScalar();
+        return sum.mul_(factor);
     }
 
     /// <summary>Registers a forward pre-hook that reads a layer's input; returns its remover.</summary>

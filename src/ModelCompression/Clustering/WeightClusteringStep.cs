@@ -257,7 +257,7 @@ internal sealed class InPlaceClusters : IDisposable
         }
 
         var where = index.to(gradient.device);
-        var sums = zeros(Clusters + 1, dtype: gradient.dtype, device: gradient.device).index_add_(0, where, gradient.flatten(), 1);
+        var sums = zeros(Clusters + 1, dtype: gradient.dtype, device: gradient.device).index_add_(0, where, gradient.flatten(), KeptScalars.One);
         sums.narrow(0, Clusters, 1).zero_();
         gradient.copy_(sums.index_select(0, where).reshape(gradient.shape));
     }
@@ -273,9 +273,9 @@ internal sealed class InPlaceClusters : IDisposable
         var weight = Weight;
         var where = index.to(weight.device);
         var values = weight.detach().flatten().to(ScalarType.Float64);
-        var sums = zeros(Clusters + 1, dtype: ScalarType.Float64, device: weight.device).index_add_(0, where, values, 1);
-        var counts = zeros(Clusters + 1, dtype: ScalarType.Float64, device: weight.device).index_add_(0, where, ones_like(values), 1);
-        var table = (sums / counts.clamp_min(1)).to(weight.dtype);
+        var sums = zeros(Clusters + 1, dtype: ScalarType.Float64, device: weight.device).index_add_(0, where, values, KeptScalars.One);
+        var counts = zeros(Clusters + 1, dtype: ScalarType.Float64, device: weight.device).index_add_(0, where, ones_like(values), KeptScalars.One);
+        var table = (sums / counts.clamp_min(KeptScalars.One)).to(weight.dtype);
         table.narrow(0, Clusters, 1).zero_();
         if (half)
         {

@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace ModelCompression.Distillation;
@@ -31,11 +32,13 @@ public static class DistillationLoss
         }
 
         using var scope = NewDisposeScope();
+        using var t = temperature.ToScalar();
+        using var squared = (temperature * temperature).ToScalar();
         long classes = studentLogits.dim() == 3 ? 2 : 1;
-        var logStudent = nn.functional.log_softmax(studentLogits / temperature, classes);
-        var logTeacher = nn.functional.log_softmax(teacherLogits.detach() / temperature, classes);
+        var logStudent = nn.functional.log_softmax(studentLogits.div(t), classes);
+        var logTeacher = nn.functional.log_softmax(teacherLogits.detach().div(t), classes);
         var kl = (logTeacher.exp() * (logTeacher - logStudent)).sum(classes).mean();
-        return (kl * (temperature * temperature)).MoveToOuterDisposeScope();
+        return kl.mul(squared).MoveToOuterDisposeScope();
     }
 
     /// <summary>α·T²·KL(teacher ‖ student) + (1 − α)·CE(labels, student): the whole classification loss.</summary>
@@ -55,7 +58,9 @@ public static class DistillationLoss
 
         using var scope = NewDisposeScope();
         var hard = nn.functional.cross_entropy(studentLogits, labels);
-        var total = alpha == 0 ? hard : (SoftTargets(studentLogits, teacherLogits, temperature) * alpha) + (hard * (1 - alpha));
+        using var soft = alpha.ToScalar();
+        using var rest = (1 - alpha).ToScalar();
+        var total = alpha == 0 ? hard : SoftTargets(studentLogits, teacherLogits, temperature).mul(soft).Plus(hard.mul(rest));
         return total.MoveToOuterDisposeScope();
     }
 }

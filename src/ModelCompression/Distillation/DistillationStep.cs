@@ -111,13 +111,18 @@ public sealed class DistillationStep : ICompressionStep, ICompressionStepRequire
                     var loss = _options.Task == DistillationTask.Classification
                         ? DistillationLoss.SoftTargets(batch.Output, teacherOutput, _options.Temperature)
                         : nn.functional.mse_loss(batch.Output, teacherOutput.detach());
-                    loss = loss * _options.Alpha;
+                    using (var alpha = _options.Alpha.ToScalar())
+                    {
+                        loss = loss.mul(alpha);
+                    }
+
                     for (int i = 0; i < _options.Hints.Count; i++)
                     {
                         var s = studentFeatures[i] ?? throw new InvalidOperationException($"Hint layer '{_options.Hints[i].StudentLayer}' did not run: call children with call() for hooks to fire.");
                         var t = teacherFeatures[i] ?? throw new InvalidOperationException($"Hint layer '{_options.Hints[i].TeacherLayer}' did not run.");
                         var matched = adapters[i] is { } adapter ? adapter.call(s) : s;
-                        loss = loss + (nn.functional.mse_loss(matched, t.detach()) * _options.Hints[i].Weight);
+                        using var weight = _options.Hints[i].Weight.ToScalar();
+                        loss = loss.Plus(nn.functional.mse_loss(matched, t.detach()).mul(weight));
                     }
 
                     return loss;
@@ -136,7 +141,7 @@ public sealed class DistillationStep : ICompressionStep, ICompressionStepRequire
 
                 using var scope = NewDisposeScope();
                 var weight = a.parameters().First();
-                double change = (weight.detach() - initial[i]!).pow(2).sum().sqrt().item<float>();
+                double change = (weight.detach() - initial[i]!).square().sum().sqrt().item<float>();
                 initial[i]!.Dispose();
                 return (weight.shape, change);
             }).ToList();

@@ -1,5 +1,6 @@
 using ModelCompression.Modules;
 using ModelCompression.Training;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace ModelCompression.Distillation;
@@ -30,8 +31,9 @@ internal static class RecoveryDistillationExtensions
                 teacherLogits = teacher.call(batch.Input);
             }
 
-            var soft = DistillationLoss.SoftTargets(batch.Output, teacherLogits, distillation.Temperature) * distillation.Alpha;
-            return previous?.Invoke(batch) is { } other ? soft + other : soft;
+            using var alpha = distillation.Alpha.ToScalar();
+            var soft = DistillationLoss.SoftTargets(batch.Output, teacherLogits, distillation.Temperature).mul(alpha);
+            return previous?.Invoke(batch) is { } other ? soft.Plus(other) : soft;
         };
         return callbacks;
     }

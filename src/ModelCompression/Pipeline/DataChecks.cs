@@ -1,5 +1,6 @@
 using System.Globalization;
 using ModelCompression.Data;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace ModelCompression;
@@ -90,7 +91,10 @@ internal static class DataChecks
 
     private static void CheckLabels(Tensor target, long classes, string at)
     {
-        var valid = target.ge(0).logical_and(target.lt(classes)).logical_or(target.eq(IgnoredLabel));
+        using var zero = 0.ToScalar();
+        using var count = classes.ToScalar();
+        using var ignored = IgnoredLabel.ToScalar();
+        var valid = target.ge(zero).logical_and(target.lt(count)).logical_or(target.eq(ignored));
         if (!valid.all().item<bool>())
         {
             long index = valid.logical_not().reshape(-1).nonzero()[0, 0].item<long>();

@@ -70,7 +70,7 @@ internal static class CalibratedPruning
                 else
                 {
                     var squares = zeros(k, ScalarType.Float64);
-                    LayerInputs.Collect(root, name, layer, k, criterion.CalibrationBatches, criterion.CalibrationBatchSize, context, x => squares.add_(x.square().sum(dim: 0)));
+                    LayerInputs.Collect(root, name, layer, k, criterion.CalibrationBatches, criterion.CalibrationBatchSize, context, x => squares.PlusInPlace(x.square().sum(dim: 0)));
                     var scores = WandaScores(weight, squares);
                     mask = pattern is { } p ? MagnitudeMasks.NOfM(scores, p.N, p.M) : PerRow(scores, sparsity);
                     mask = mask.to(weight.dtype);

@@ -56,6 +56,9 @@ internal sealed class MaskSet : IDisposable
 /// <summary>Magnitude masks: which weights to keep (1) and which to prune (0).</summary>
 internal static class MagnitudeMasks
 {
+    /// <summary>The value a pruned position of a mask gets; held for the process (see <see cref="KeptScalars"/>).</summary>
+    private static readonly Scalar Zero = 0.ToScalar();
+
     /// <summary>Prunes exactly round(sparsity × n) of the smallest |w| (ties broken by position, so the result is deterministic).</summary>
     public static Tensor TopMagnitude(Tensor weight, double sparsity)
     {
@@ -67,7 +70,7 @@ internal static class MagnitudeMasks
         if (k > 0)
         {
             var (_, order) = flat.sort(stable: true);
-            mask.index_fill_(0, order.narrow(0, 0, k), 0);
+            mask.index_fill_(0, order.narrow(0, 0, k), Zero);
         }
 
         return mask.view_as(weight).to(weight.dtype).MoveToOuterDisposeScope();
@@ -92,7 +95,7 @@ internal static class MagnitudeMasks
         if (k > 0)
         {
             var (_, order) = flat.sort(stable: true);
-            mask.index_fill_(0, order.narrow(0, 0, k), 0);
+            mask.index_fill_(0, order.narrow(0, 0, k), Zero);
         }
 
         var result = new List<Tensor>(weights.Count);
@@ -174,7 +177,7 @@ internal static class MagnitudeMasks
         if (prune > 0)
         {
             var (_, order) = flat.sort(stable: true);
-            mask.index_fill_(0, order.narrow(0, 0, prune), 0);
+            mask.index_fill_(0, order.narrow(0, 0, prune), Zero);
         }
 
         return mask.view_as(weight).to(weight.dtype).MoveToOuterDisposeScope();
@@ -187,7 +190,8 @@ internal static class MagnitudeMasks
         using var noGrad = no_grad();
         var w = weight.detach().to(float32);
         double threshold = quality * w.std().item<float>();
-        return w.abs().ge(threshold).to(weight.dtype).MoveToOuterDisposeScope();
+        using var bound = threshold.ToScalar();
+        return w.abs().ge(bound).to(weight.dtype).MoveToOuterDisposeScope();
     }
 
     /// <summary>

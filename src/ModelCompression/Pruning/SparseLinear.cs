@@ -143,7 +143,7 @@ public sealed class SparseLinear : nn.Module<Tensor, Tensor>, ICompressedLayer
     {
         using var scope = NewDisposeScope();
         var counts = rowOffsets.narrow(0, 1, OutFeatures) - rowOffsets.narrow(0, 0, OutFeatures);
-        var rows = arange(OutFeatures, dtype: int64, device: values.device).repeat_interleave(counts.to(int64));
+        var rows = KeptScalars.Range(OutFeatures, dtype: int64, device: values.device).repeat_interleave(counts.to(int64));
         var cols = columns.dtype == int16 ? columns.to(int32).bitwise_and(0xFFFF).to(int64) : columns.to(int64);
         var dense = zeros([OutFeatures, InFeatures], dtype: float32, device: values.device);
         dense.index_put_(values, rows, cols);

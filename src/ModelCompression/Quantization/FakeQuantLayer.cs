@@ -17,6 +17,9 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
 {
     private const double ObserverMomentum = 0.1;
 
+    /// <summary>Added to a learned scale's magnitude so it is never zero; held for the process (see <see cref="KeptScalars"/>).</summary>
+    private static readonly Scalar ScaleEpsilon = 1e-8.ToScalar();
+
     private readonly nn.Module<Tensor, Tensor> layer;
     private readonly nn.Module<Tensor, Tensor>? batch_norm;
     private readonly Parameter? activation_scale;
@@ -188,7 +191,8 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
         if (first && activation_scale is not null)
         {
             var (scale, zero) = QuantizedActivations.Range(observedMin, observedMax, symmetric: false);
-            activation_scale.detach().fill_(scale);
+            using var value = scale.ToScalar();
+            activation_scale.detach().fill_(value);
             lsqZeroPoint = zero;
         }
     }
@@ -198,7 +202,7 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
         if (activation_scale is not null)
         {
             double g = 1 / Math.Sqrt(input.numel() / Math.Max(1, input.shape[0]) * (double)QuantizedActivations.MaxLevel);
-            return FakeQuantization.WithLearnedScale(input, activation_scale.abs() + 1e-8, lsqZeroPoint, 0, QuantizedActivations.MaxLevel, g);
+            return FakeQuantization.WithLearnedScale(input, activation_scale.abs().Plus(ScaleEpsilon), lsqZeroPoint, 0, QuantizedActivations.MaxLevel, g);
         }
 
         var (scale, zero) = QuantizedActivations.Range(observedMin, observedMax, symmetric: false);
@@ -224,7 +228,7 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
 
             var grouped = Grouped(matrix, out long padded);
             double g = 1 / Math.Sqrt(matrix.shape[1] * (double)qmax);
-            var scale = weight_scale.abs() + 1e-8;
+            var scale = weight_scale.abs().Plus(ScaleEpsilon);
             quantized = Ungroup(FakeQuantization.WithLearnedScale(grouped, scale.unsqueeze(-1), 0, -qmax, qmax, g), matrix, padded);
         }
         else
@@ -232,11 +236,14 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
             var grouped = Grouped(matrix, out long padded);
             // The kernel's rule (QuantizedMatrix.ScaleFor): an all-zero group (a pruned row or channel) gets scale 1,
             // so it stays zero; 4-bit scales are floored at 1e-4 and stored as float16, so train with that rounding.
-            var scale = grouped.detach().abs().amax([-1L], keepdim: true) / qmax;
-            scale = where(scale > 0, scale, ones_like(scale));
+            using var levels = qmax.ToScalar();
+            using var zero = 0.ToScalar();
+            var scale = grouped.detach().abs().amax([-1L], keepdim: true).div(levels);
+            scale = where(scale > zero, scale, ones_like(scale));
             if (WeightBits == 4)
             {
-                scale = scale.clamp_min(1e-4).to(ScalarType.Float16).to(scale.dtype);
+                using var floor = 1e-4.ToScalar();
+                scale = scale.clamp_min(floor).to(ScalarType.Float16).to(scale.dtype);
             }
 
             quantized = Ungroup(FakeQuantization.WithFixedScale(grouped, scale, 0, -qmax, qmax), matrix, padded);
@@ -252,7 +259,8 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var grouped = Grouped(matrix.detach(), out _);
-        var init = (grouped.abs().amax([-1L]) / qmax).clamp_min(1e-8);
+        using var levels = qmax.ToScalar();
+        var init = grouped.abs().amax([-1L]).div(levels).clamp_min(ScaleEpsilon);
         weight_scale!.copy_(granularity is PerTensorGranularity ? init.amax().reshape(1, 1) : init);
         lsqInitialised = true;
     }
@@ -304,7 +312,7 @@ public sealed class FakeQuantLayer : nn.Module<Tensor, Tensor>, ICompressedLayer
             QuantizedMatrix matrix;
             if (weight_scale is not null && WeightBits > 1)
             {
-                var scales = (weight_scale.detach().abs() + 1e-8).to(ScalarType.Float32).cpu().data<float>().ToArray();
+                var scales = weight_scale.detach().abs().Plus(ScaleEpsilon).to(ScalarType.Float32).cpu().data<float>().ToArray();
                 if (WeightBits == 4)
                 {
                     // Stored as float16, whose smallest normal is 6.1e-5: floored as QuantizedMatrix.ScaleFor floors

@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace ModelCompression.Quantization;
@@ -29,14 +30,20 @@ public static class FakeQuantization
         ArgumentNullException.ThrowIfNull(x);
         ArgumentNullException.ThrowIfNull(scale);
         using var scope = NewDisposeScope();
+        using var zero = 0.ToScalar();
+        using var lowest = (qmin - zeroPoint).ToScalar();
+        using var highest = (qmax - zeroPoint).ToScalar();
+        using var z = zeroPoint.ToScalar();
+        using var levelMin = qmin.ToScalar();
+        using var levelMax = qmax.ToScalar();
         var detached = scale.detach();
-        var s = where(detached == 0, ones_like(detached), detached);
-        var low = (qmin - zeroPoint) * s;
-        var high = (qmax - zeroPoint) * s;
+        var s = where(detached == zero, ones_like(detached), detached);
+        var low = s.mul(lowest);
+        var high = s.mul(highest);
         var clipped = x.clamp(low, high);
-        var levels = (clipped / s).round() + zeroPoint;
-        var quantized = (levels.clamp(qmin, qmax) - zeroPoint) * s;
-        return (clipped + (quantized - clipped).detach()).MoveToOuterDisposeScope();
+        var levels = (clipped / s).round().Plus(z);
+        var quantized = (levels.clamp(levelMin, levelMax) - z) * s;
+        return clipped.Plus((quantized - clipped).detach()).MoveToOuterDisposeScope();
     }
 
     /// <summary>
@@ -57,12 +64,17 @@ public static class FakeQuantization
         ArgumentNullException.ThrowIfNull(scale);
         using var scope = NewDisposeScope();
 
+        using var factor = gradientScale.ToScalar();
+        using var z = zeroPoint.ToScalar();
+        using var levelMin = qmin.ToScalar();
+        using var levelMax = qmax.ToScalar();
+
         // Same value as the scale, gradient multiplied by gradientScale.
-        var scaled = scale * gradientScale;
-        var s = (scale - scaled).detach() + scaled;
-        var v = ((x / s) + zeroPoint).clamp(qmin, qmax);
-        var rounded = v + (v.round() - v).detach();
-        return ((rounded - zeroPoint) * s).MoveToOuterDisposeScope();
+        var scaled = scale.mul(factor);
+        var s = (scale - scaled).detach().Plus(scaled);
+        var v = (x / s).Plus(z).clamp(levelMin, levelMax);
+        var rounded = v.Plus((v.round() - v).detach());
+        return ((rounded - z) * s).MoveToOuterDisposeScope();
     }
 
     /// <summary>
@@ -77,8 +89,11 @@ public static class FakeQuantization
         using var scope = NewDisposeScope();
         var dims = Enumerable.Range(1, (int)weight.dim() - 1).Select(d => (long)d).ToArray();
         var alpha = (dims.Length == 0 ? weight.abs() : weight.abs().mean(dims, keepdim: true)).detach();
-        var sign = where(weight >= 0, ones_like(weight), -ones_like(weight));
-        var clipped = weight.clamp(-1, 1);
-        return (clipped + ((sign * alpha) - clipped).detach()).MoveToOuterDisposeScope();
+        using var zero = 0.ToScalar();
+        using var minusOne = (-1).ToScalar();
+        using var one = 1.ToScalar();
+        var sign = where(weight >= zero, ones_like(weight), -ones_like(weight));
+        var clipped = weight.clamp(minusOne, one);
+        return clipped.Plus(((sign * alpha) - clipped).detach()).MoveToOuterDisposeScope();
     }
 }

@@ -126,14 +126,17 @@ internal static class Hqq
     private static (Tensor Levels, Tensor Scales, Tensor Zeros, double Before, double After) Optimise(Tensor w, int bits, HqqRounding settings)
     {
         double top = (1 << bits) - 1;
+        using var zeroScalar = 0.ToScalar();
+        using var topScalar = top.ToScalar();
+        using var tiny = 1e-30.ToScalar();
         var low = w.amin([1], keepdim: true);
         var high = w.amax([1], keepdim: true);
         // The min–max grid: q = round(w · scale + zero), w ≈ (q − zero) / scale; a constant group gets scale 1.
         var range = high - low;
-        var scale = where(range.gt(0), top / range.clamp_min(1e-30), ones_like(range));
+        var scale = where(range.gt(zeroScalar), range.clamp_min(tiny).reciprocal().mul(topScalar), ones_like(range));
         var zero = -low * scale;
 
-        Tensor Levels(Tensor z) => (w * scale + z).round().clamp(0, top);
+        Tensor Levels(Tensor z) => (w * scale).Plus(z).round().clamp(zeroScalar, topScalar);
         double ErrorOf(Tensor z) => (w - ((Levels(z) - z) / scale)).abs().mean().item<float>();
 
         double initial = ErrorOf(zero);
@@ -148,7 +151,10 @@ internal static class Hqq
             // The proximal step of the Lp loss: a generalised soft threshold of the weight error.
             var error = w - reconstructed;
             var magnitude = error.abs();
-            var shrunk = error.sign() * (magnitude - (magnitude.clamp_min(1e-12).pow(settings.LpNorm - 1) / beta)).relu();
+            using var floor = 1e-12.ToScalar();
+            using var exponent = (settings.LpNorm - 1).ToScalar();
+            using var betaScalar = beta.ToScalar();
+            var shrunk = error.sign() * (magnitude - magnitude.clamp_min(floor).pow(exponent).div(betaScalar)).relu();
             // The zero point that best explains the rest in the least-squares sense, per group.
             var updated = (q - ((w - shrunk) * scale)).mean([1], keepdim: true);
             zero.copy_(updated);
@@ -168,10 +174,11 @@ internal static class Hqq
         // Scales and zero points are kept as float16 (as the file stores them), the zero point shifted to the signed
         // levels first, and the levels are rounded again on the grid they define.
         int offset = 1 << (bits - 1);
-        var stored = (1 / scale).to(ScalarType.Float16).to(ScalarType.Float32);
-        var storedZero = (bestZero - offset).to(ScalarType.Float16).to(ScalarType.Float32);
-        var levels = ((w / stored) + storedZero + offset).round().clamp(0, top);
-        double final = (w - ((levels - offset - storedZero) * stored)).abs().mean().item<float>();
+        using var offsetScalar = offset.ToScalar();
+        var stored = scale.reciprocal().mul(KeptScalars.One).to(ScalarType.Float16).to(ScalarType.Float32);
+        var storedZero = bestZero.sub(offsetScalar).to(ScalarType.Float16).to(ScalarType.Float32);
+        var levels = (w / stored).Plus(storedZero).Plus(offsetScalar).round().clamp(zeroScalar, topScalar);
+        double final = (w - ((levels.sub(offsetScalar) - storedZero) * stored)).abs().mean().item<float>();
         return (levels.MoveToOuterDisposeScope(), stored.flatten().MoveToOuterDisposeScope(), storedZero.flatten().MoveToOuterDisposeScope(), initial, final);
     }
 }

@@ -184,11 +184,12 @@ internal static class BatchNormFolding
             _ => throw new ArgumentException($"Cannot fold a {batchNorm.GetType().Name}.", nameof(batchNorm)),
         };
         var (weight, bias) = WeightAndBias(layer);
-        var factor = (gamma ?? ones_like(variance)) / (variance + eps).sqrt();
+        using var epsilon = eps.ToScalar();
+        var factor = (gamma ?? ones_like(variance)) / variance.Plus(epsilon).sqrt();
         var shape = Enumerable.Repeat(1L, (int)weight.dim()).ToArray();
         shape[0] = -1;
         var foldedWeight = weight * factor.reshape(shape).to(weight.dtype);
-        var foldedBias = (((bias ?? zeros_like(mean)) - mean) * factor) + (beta ?? zeros_like(mean));
+        var foldedBias = (((bias ?? zeros_like(mean)) - mean) * factor).Plus(beta ?? zeros_like(mean));
         return (foldedWeight, foldedBias.to(weight.dtype));
     }
 

@@ -246,7 +246,8 @@ public sealed class QuantizedEmbedding : nn.Module<Tensor, Tensor>, IQuantizedLa
     {
         using var scope = NewDisposeScope();
         var scales = weight_scale.detach().to(ScalarType.Float32).cpu();
-        if (!(isfinite(scales).all().item<bool>() && scales.gt(0).all().item<bool>()))
+        using var zero = 0.ToScalar();
+        if (!(isfinite(scales).all().item<bool>() && scales.gt(zero).all().item<bool>()))
         {
             throw new InvalidDataException($"A {nameof(QuantizedEmbedding)} of {NumEmbeddings}×{EmbeddingDim} has a scale that is not positive and finite.");
         }
@@ -271,10 +272,12 @@ public sealed class QuantizedEmbedding : nn.Module<Tensor, Tensor>, IQuantizedLa
     /// <summary>Signed 4-bit levels of packed rows [n, ⌈dim/2⌉] (low nibble first) as float32 [n, dim].</summary>
     private static Tensor UnpackNibbles(Tensor packed, long dim)
     {
+        using var sixteen = 16.ToScalar();
+        using var seven = 7.ToScalar();
         var bytes = packed.to(ScalarType.Int16);
-        var nibbles = stack([bytes.remainder(16), bytes.floor_divide(16)], -1).reshape(packed.shape[0], packed.shape[1] * 2).narrow(1, 0, dim);
+        var nibbles = stack([bytes.remainder(sixteen), bytes.floor_divide(sixteen)], -1).reshape(packed.shape[0], packed.shape[1] * 2).narrow(1, 0, dim);
         // Two's complement: 8..15 stand for −8..−1.
-        return where(nibbles.gt(7), nibbles - 16, nibbles).to(ScalarType.Float32);
+        return where(nibbles.gt(seven), nibbles.sub(sixteen), nibbles).to(ScalarType.Float32);
     }
 
     /// <summary>10·log10(Σ w² / Σ (w − ŵ)²) of the float table against the dequantized one.</summary>

@@ -947,7 +947,8 @@ internal static class ModuleCodec
                 {
                     Fill(bn.running_mean!, node.Arrays[a++]);
                     Fill(bn.running_var!, node.Arrays[a]);
-                    bn.num_batches_tracked!.fill_(node.Scalar);
+                    using var count = node.Scalar.ToScalar();
+                    bn.num_batches_tracked!.fill_(count);
                 }
 
                 return (nn.Module<Tensor, Tensor>)(object)bn;

@@ -63,17 +63,11 @@ internal sealed class BatchNormCounting : IDisposable
             if (entry.Calls > 0)
             {
                 using var scope = NewDisposeScope();
-                var calls = entry.Calls.ToScalar();
-                var one = 1.ToScalar();
+                using var calls = entry.Calls.ToScalar();
                 using (no_grad())
                 {
-                    entry.Counter.add_(calls, one);
+                    entry.Counter.add_(calls, KeptScalars.One);
                 }
-
-                GC.KeepAlive(calls);
-                GC.KeepAlive(one);
-                calls.Dispose();
-                one.Dispose();
             }
         }
 

@@ -50,7 +50,8 @@ public sealed class PerplexityEvaluator(int batchSize = 32, long ignoreIndex = -
             }
 
             long vocabulary = output.shape[2];
-            var scored = target.ne(IgnoreIndex);
+            using var ignored = IgnoreIndex.ToScalar();
+            var scored = target.ne(ignored);
             long count = scored.sum().item<long>();
             if (count == 0)
             {

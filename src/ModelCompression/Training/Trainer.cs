@@ -184,9 +184,10 @@ public sealed class Trainer
         Tensor TotalLoss(Tensor input, Tensor target, int epoch, long step)
         {
             var output = model.call(input);
-            var total = taskWeight == 0 ? zeros([], device: device) : loss(output, target) * taskWeight;
+            using var weight = taskWeight.ToScalar();
+            var total = taskWeight == 0 ? zeros([], device: device) : loss(output, target).mul(weight);
             return callbacks?.ExtraLoss is { } extra && extra(new TrainingBatch(model, input, target, output, epoch, step)) is { } extraLoss
-                ? total + extraLoss
+                ? total.Plus(extraLoss)
                 : total;
         }
     }
@@ -202,9 +203,9 @@ public sealed class Trainer
 
     private static OptimizerHelper CreateOptimizer(TrainingOptions options, IList<Parameter> parameters) => options.Optimizer switch
     {
-        OptimizerKind.Sgd => optim.SGD(parameters, options.LearningRate, momentum: options.Momentum, weight_decay: options.WeightDecay),
-        OptimizerKind.Adam => optim.Adam(parameters, options.LearningRate, weight_decay: options.WeightDecay),
-        OptimizerKind.AdamW => optim.AdamW(parameters, options.LearningRate, weight_decay: options.WeightDecay),
+        OptimizerKind.Sgd => new ScalarSafeSgd(parameters, options.LearningRate, options.Momentum, options.WeightDecay),
+        OptimizerKind.Adam => new ScalarSafeAdam(parameters, options.LearningRate, options.WeightDecay),
+        OptimizerKind.AdamW => new ScalarSafeAdamW(parameters, options.LearningRate, options.WeightDecay),
         _ => throw new ArgumentOutOfRangeException(nameof(options), options.Optimizer, "Unknown optimizer."),
     };
 }

@@ -27,8 +27,13 @@ public sealed class PreRegistryFileTests
         var expected = File.ReadAllBytes(Path.Combine(Folder, name + ".out"));
 
         var actual = TestModels.Output(model, input);
+        var recorded = Enumerable.Range(0, expected.Length / 4).Select(i => BitConverter.ToSingle(expected, i * 4)).ToArray();
 
-        Assert.That(actual.SelectMany(BitConverter.GetBytes).ToArray(), Is.EqualTo(expected));
+        // Not bit for bit: LibTorch picks its float kernels by CPU (AMX and AVX512-FP16 where present), so sums run
+        // in another order on another machine. Seen on such a CPU: 1.5e-8 for float32 layers and one float16 step
+        // (6.1e-5) for half-precision ones, with outputs near 0.1–0.25; a misread weight moves outputs far more.
+        double tolerance = name.EndsWith("fp16", StringComparison.Ordinal) ? 1e-3 : 1e-6;
+        Assert.That(actual, Is.EqualTo(recorded).Within(tolerance));
     }
 
     [TestCaseSource(nameof(Names))]

@@ -13,6 +13,8 @@ internal static class ChildProcess
     private static readonly Dictionary<string, Func<string[], int>> Jobs = new(StringComparer.Ordinal)
     {
         [ChildJobs.LoadUnderCollections] = ChildJobs.RunLoadUnderCollections,
+        [ChildJobs.OptimizerUnderCollections] = ChildJobs.RunOptimizerUnderCollections,
+        [ChildJobs.TrainUnderCollections] = ChildJobs.RunTrainUnderCollections,
         [Serialization.ChildProcessFuzzTests.Command] = args =>
             Serialization.ChildProcessFuzzTests.RunCases(int.Parse(args[0], System.Globalization.CultureInfo.InvariantCulture), int.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture), Console.Out),
     };

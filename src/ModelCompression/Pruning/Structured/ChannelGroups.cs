@@ -92,12 +92,15 @@ internal static class ChannelGroupTracer
         typeof(AdaptiveAvgPool1d), typeof(AdaptiveAvgPool2d), typeof(AdaptiveMaxPool1d), typeof(AdaptiveMaxPool2d),
     ];
 
+    /// <summary>ReLU6's bounds, held for the process (see <see cref="KeptScalars"/>).</summary>
+    private static readonly Scalar Relu6Low = 0.ToScalar(), Relu6High = 6.ToScalar();
+
     /// <summary>Activations models apply outside any layer (e.g. <c>x.add_(identity).relu_()</c>), tried when explaining a tensor.</summary>
     private static readonly (string Name, Func<Tensor, Tensor> Apply)[] Activations =
     [
         ("", t => t),
         ("relu", t => t.relu()),
-        ("relu6", t => t.clamp(0, 6)),
+        ("relu6", t => t.clamp(Relu6Low, Relu6High)),
     ];
 
     private const int MaxCandidates = 64;
@@ -437,7 +440,7 @@ internal static class ChannelGroupTracer
             foreach (var (a, b) in pairs)
             {
                 using var scope = NewDisposeScope();
-                if (!activation(a.Value + b.Value).allclose(value, rtol: 1e-4, atol: 1e-5, equal_nan: true))
+                if (!activation(a.Value.Plus(b.Value)).allclose(value, rtol: 1e-4, atol: 1e-5, equal_nan: true))
                 {
                     continue;
                 }
@@ -713,7 +716,7 @@ internal static class ChannelGroupTracer
                 }
 
                 using var scope = NewDisposeScope();
-                if (Reduces(a.Value + b.Value))
+                if (Reduces(a.Value.Plus(b.Value)))
                 {
                     return (Join(a, b, consumer, consumerType), 1, value.dim() > 2);
                 }

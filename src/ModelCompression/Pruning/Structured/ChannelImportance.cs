@@ -78,7 +78,7 @@ public sealed class L2Importance : IChannelImportance
         ArgumentNullException.ThrowIfNull(context);
         using var noGrad = no_grad();
         var w = context.Weight.detach();
-        return w.pow(2).reshape(w.shape[0], -1).sum(1).sqrt().to(float32);
+        return w.square().reshape(w.shape[0], -1).sum(1).sqrt().to(float32);
     }
 
     /// <inheritdoc/>

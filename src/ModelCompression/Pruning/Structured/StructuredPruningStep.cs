@@ -191,14 +191,15 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                         throw new InvalidOperationException($"The importance criterion {_options.Importance} gave {string.Join("x", s.shape)} scores for the {group.Channels} channels of '{producer.Name}'.");
                     }
 
-                    scores.add_(s);
+                    scores.PlusInPlace(s);
                 }
 
                 // Keep the highest scores (within each block, when there are blocks); ties go to the lower index, so
                 // the choice is deterministic.
                 long blockSize = group.Channels / blocks;
                 var (_, order) = scores.view(blocks, blockSize).neg().sort(dim: 1, stable: true);
-                var chosen = order.narrow(1, 0, keep / blocks) + (arange(blocks, dtype: int64) * blockSize).unsqueeze(1);
+                using var blockScalar = blockSize.ToScalar();
+                var chosen = order.narrow(1, 0, keep / blocks).Plus(KeptScalars.Range(blocks, dtype: int64).mul(blockScalar).unsqueeze(1));
                 var kept = chosen.flatten().sort().Values.data<long>().ToArray();
                 plans.Add(new GroupPlan(group, kept));
             }
@@ -251,7 +252,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                     // until the backward pass has filled the probe's gradient (they are disposed after each batch).
                     var probe = zeros_like(y).requires_grad_().DetachFromDisposeScope();
                     probes[name] = (y.detach().DetachFromDisposeScope(), probe);
-                    return y + probe;
+                    return y.Plus(probe);
                 });
                 removers.Add(remover.remove);
             }
@@ -277,7 +278,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                     var product = activation * probe.grad!;
                     var positions = Enumerable.Range(2, Math.Max(0, (int)product.dim() - 2)).Select(d => (long)d).ToArray();
                     var perSample = positions.Length == 0 ? product : product.mean(positions);
-                    sums[name].add_(perSample.abs().mean([0L]).cpu());
+                    sums[name].PlusInPlace(perSample.abs().mean([0L]).cpu());
                 }
 
                 DisposeProbes(probes);
@@ -286,7 +287,8 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
 
             foreach (var sum in sums.Values)
             {
-                sum.div_(Math.Max(1, Math.Min(seen, batches)));
+                using var count = Math.Max(1, Math.Min(seen, batches)).ToScalar();
+                sum.div_(count);
             }
 
             return sums;

@@ -284,7 +284,7 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
                         using var scope = NewDisposeScope();
                         var a = input.detach().reshape(-1, down.in_features).to(ScalarType.Float64);
                         finite &= isfinite(a).all().item<bool>();
-                        unitSums[b]!.add_(a.abs().sum(dim: 0).cpu());
+                        unitSums[b]!.PlusInPlace(a.abs().sum(dim: 0).cpu());
                         unitRows[b] += a.shape[0];
                         return input;
                     }).remove);
@@ -329,7 +329,7 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
             long width = input.shape[^1];
             var x = input.detach().reshape(-1, width).to(ScalarType.Float32);
             var y = result.detach().reshape(-1, width).to(ScalarType.Float32);
-            influence[b] += (1 - nn.functional.cosine_similarity(x, y, 1, 1e-8)).sum().item<float>();
+            influence[b] += nn.functional.cosine_similarity(x, y, 1, 1e-8).SubtractedFrom(KeptScalars.One).sum().item<float>();
             blockRows[b] += x.shape[0];
         }
 
@@ -351,7 +351,8 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
                 {
                     using var scope = NewDisposeScope();
                     var columnNorms = blocks[b].MlpOutput!.weight!.detach().to(ScalarType.Float64).cpu().norm(0, false);
-                    units[b] = (sums / Math.Max(1, unitRows[b]) * columnNorms).data<double>().ToArray();
+                    using var rows = Math.Max(1, unitRows[b]).ToScalar();
+                    units[b] = (sums.div(rows) * columnNorms).data<double>().ToArray();
                 }
 
                 influence[b] = blockRows[b] == 0 ? double.NaN : influence[b] / blockRows[b];
@@ -568,7 +569,8 @@ public sealed class TransformerPruningStep : ICompressionStep, ICompressionStepR
 
         saved.Add((weight, weight.detach().clone().DetachFromDisposeScope()));
         using var index = tensor(list, device: weight.device);
-        weight.index_fill_(1, index, 0);
+        using var zero = 0.ToScalar();
+        weight.index_fill_(1, index, zero);
     }
 
     private static string Describe(Cuts cuts) => string.Create(CultureInfo.InvariantCulture, $"{cuts.Blocks} blocks, {cuts.HeadFraction * 100:0.#}% of heads, {cuts.MlpFraction * 100:0.#}% of MLP width");

@@ -34,9 +34,12 @@ internal static class LayerNormScaling
         Fold(root, targets, options, int.MaxValue, context, (x, layers) =>
         {
             using var noGrad = no_grad();
-            var activation = x.abs().amax([0]).clamp_min(1e-5);
-            var weight = stack(layers.Select(l => l.weight!.detach().abs().amax([0])).ToList()).amax([0]).clamp_min(1e-5);
-            var scales = (activation.pow(smooth.MigrationStrength) / weight.pow(1 - smooth.MigrationStrength)).clamp_min(1e-5);
+            using var floor = 1e-5.ToScalar();
+            using var strength = smooth.MigrationStrength.ToScalar();
+            using var rest = (1 - smooth.MigrationStrength).ToScalar();
+            var activation = x.abs().amax([0]).clamp_min(floor);
+            var weight = stack(layers.Select(l => l.weight!.detach().abs().amax([0])).ToList()).amax([0]).clamp_min(floor);
+            var scales = (activation.pow(strength) / weight.pow(rest)).clamp_min(floor);
             double before = activation.max().item<float>() / activation.median().item<float>();
             var smoothed = activation / scales;
             double after = smoothed.max().item<float>() / smoothed.median().item<float>();
@@ -225,7 +228,8 @@ internal static class LayerNormScaling
     private static (double Alpha, double Before, double After, Tensor Scales) Search(Tensor x, List<Linear> layers, int bits, int groupSize, int gridPoints)
     {
         using var noGrad = no_grad();
-        var magnitude = x.abs().mean([0]).clamp_min(1e-8);
+        using var floor = 1e-8.ToScalar();
+        var magnitude = x.abs().mean([0]).clamp_min(floor);
         var references = layers.Select(l => x.matmul(l.weight!.detach().t())).ToList();
         double best = double.PositiveInfinity, before = double.NaN, bestAlpha = 0;
         Tensor bestScales = ones_like(magnitude);
@@ -233,7 +237,8 @@ internal static class LayerNormScaling
         {
             using var step = NewDisposeScope();
             double alpha = (double)i / gridPoints;
-            var s = magnitude.pow(alpha);
+            using var exponent = alpha.ToScalar();
+            var s = magnitude.pow(exponent);
             s = s / (s.max() * s.min()).sqrt();
             double error = 0;
             for (int j = 0; j < layers.Count; j++)
