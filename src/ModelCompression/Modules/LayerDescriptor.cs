@@ -125,6 +125,53 @@ public abstract class LayerDescriptor
             }).remove
             : null;
     }
+
+    /// <summary>
+    /// Says how the layer's output channels depend on its input channels, so that structured pruning can prune the
+    /// channel groups that pass through it and shrink it with them. The default, <see langword="null"/>, means the
+    /// layer may mix channels in any way: every group that reaches it is left unpruned, with the reason in the report.
+    /// </summary>
+    /// <remarks>
+    /// A described layer is traced as one layer, even when it has children: override <see cref="ShrinkChannels"/> too,
+    /// which builds its smaller copy. Its parent must be able to hold a new layer of <see cref="ModuleType"/> in its place.
+    /// </remarks>
+    /// <param name="module">A module of <see cref="ModuleType"/>; it is not changed.</param>
+    /// <returns>The layer's channels, or <see langword="null"/> when it cannot say.</returns>
+    public virtual ChannelDescription? DescribeChannels(nn.Module module) => null;
+
+    /// <summary>
+    /// Builds a copy of a layer that keeps only some of its channels, for structured pruning; called only for layers
+    /// <see cref="DescribeChannels"/> describes, before anything in the model changes.
+    /// </summary>
+    /// <param name="module">The layer; it is not changed (the caller disposes it once every layer has been rebuilt).</param>
+    /// <param name="keptOutputs">The output channels to keep, ascending, or <see langword="null"/> for all of them.</param>
+    /// <param name="keptInputs">
+    /// The input channels to keep, ascending, or <see langword="null"/> for all of them; for a
+    /// <see cref="ChannelCoupling.PerChannel"/> layer, the same as <paramref name="keptOutputs"/>.
+    /// </param>
+    /// <returns>
+    /// A new layer of <see cref="ModuleType"/> whose <see cref="DescribeChannels"/> gives the kept counts, with the kept
+    /// channels' weights, the layer's gradient flags and its training mode.
+    /// </returns>
+    /// <remarks>
+    /// Build the new layer outside any dispose scope of the method's own: a scope disposes the tensors created in it,
+    /// the new layer's parameters included. (The library takes the new layer's tensors out of its own scope.)
+    /// </remarks>
+    /// <exception cref="NotSupportedException">The descriptor describes channels but does not override this method.</exception>
+    public virtual nn.Module ShrinkChannels(nn.Module module, long[]? keptOutputs, long[]? keptInputs) =>
+        throw new NotSupportedException($"{GetType().Name} describes the channels of {ModuleType.Name} but does not override {nameof(ShrinkChannels)}, so structured pruning cannot rebuild it.");
+
+    /// <summary>
+    /// Gets the tensor whose dimension 0 runs over the layer's output channels, which magnitude-based channel
+    /// importance (L1, L2) scores; the default is the layer's own parameter named <c>weight</c>, if it has one.
+    /// </summary>
+    /// <param name="module">A module of <see cref="ModuleType"/>.</param>
+    /// <returns>The weight, or <see langword="null"/> when the layer has none to score by.</returns>
+    public virtual Tensor? GetChannelWeight(nn.Module module) => OwnWeight(module);
+
+    /// <summary>The module's own parameter named <c>weight</c>, or null.</summary>
+    internal static Tensor? OwnWeight(nn.Module module) =>
+        module.named_parameters(recurse: false).Where(p => p.name == "weight").Select(p => (Tensor)p.parameter).FirstOrDefault();
 }
 
 /// <summary>A descriptor for a module kind with a parameterless constructor (a factory): no attributes, built by the factory.</summary>

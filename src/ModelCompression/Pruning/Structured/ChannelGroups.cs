@@ -1,3 +1,4 @@
+using System.Globalization;
 using ModelCompression.Modules;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -156,7 +157,12 @@ internal static class ChannelGroupTracer
 
     public static IReadOnlyList<ChannelGroup> Trace(nn.Module<Tensor, Tensor> model, Tensor sample)
     {
-        var leaves = model.named_modules().Where(m => !m.module.named_children().Any()).ToList();
+        // A layer whose descriptor describes its channels is traced as one layer, children and all.
+        var described = model.named_modules().Where(m => m.name.Length > 0 && Describe(m.name, m.module) is not null).Select(m => m.name).ToList();
+        bool Inside(string name) => described.Any(d => name.StartsWith(d + ".", StringComparison.Ordinal));
+        var leaves = model.named_modules()
+            .Where(m => (!m.module.named_children().Any() || described.Contains(m.name)) && !Inside(m.name))
+            .ToList();
         var state = new TraceState();
         var calls = new Dictionary<nn.Module, int>(ReferenceEqualityComparer.Instance);
         var touched = new Dictionary<nn.Module, List<Space>>(ReferenceEqualityComparer.Instance);
@@ -253,7 +259,7 @@ internal static class ChannelGroupTracer
 
             // Modules with children and parameters or buffers of their own use them in code the tracer cannot see:
             // the channels flowing into and out of them are not pruned.
-            foreach (var (name, module) in model.named_modules().Prepend(("(the model)", model)).Where(m => m.module.named_children().Any()))
+            foreach (var (name, module) in model.named_modules().Prepend(("(the model)", model)).Where(m => m.module.named_children().Any() && !described.Contains(m.name) && !Inside(m.name)))
             {
                 if (module is not nn.Module<Tensor, Tensor> container
                     || (!module.named_parameters(recurse: false).Any() && !module.named_buffers(recurse: false).Any()))
@@ -766,6 +772,12 @@ internal static class ChannelGroupTracer
     {
         var layout = source.Layout;
         UnresolvedReason Why(string why) => new(name, module.GetType().Name, why);
+        var description = module is Linear or Convolution or BatchNorm1d or BatchNorm2d or LayerNorm or GroupNorm or Flatten ? null : Describe(name, module);
+        if (description is not null)
+        {
+            return PropagateDescribed(name, module, description, source, x, y, state);
+        }
+
         if (source.Last && x.dim() > 2 && module is not (Linear or LayerNorm) && !(ElementwiseTypes.Contains(module.GetType()) && x.shape.SequenceEqual(y.shape)))
         {
             // A convolution, BatchNorm, flatten… reads channels in dimension 1, where this tensor has sequence positions.
@@ -916,7 +928,7 @@ internal static class ChannelGroupTracer
 
                 // Anything else (softmax over channels, shuffles, custom layers) may mix channels in ways the tracer
                 // cannot know: its groups are not pruned.
-                var unknownWhy = Why("the layer's effect on channels is unknown");
+                var unknownWhy = Why($"the layer's effect on channels is unknown (a {nameof(LayerDescriptor)} registered for it can say, with {nameof(LayerDescriptor.DescribeChannels)})");
                 MarkEach(layout, unknownWhy);
                 if (y.dim() < 2)
                 {
@@ -927,6 +939,67 @@ internal static class ChannelGroupTracer
                 unknown.MarkUnresolved(unknownWhy);
                 return ([unknown], 1, false);
         }
+    }
+
+    /// <summary>The channels a layer's registered descriptor describes, checked for consistency; null when it does not describe them.</summary>
+    internal static ChannelDescription? Describe(string name, nn.Module module)
+    {
+        if (LayerRegistry.Find(module) is not { } descriptor || descriptor.DescribeChannels(module) is not { } description)
+        {
+            return null;
+        }
+
+        return description.Problem() is { } problem
+            ? throw new InvalidOperationException($"{descriptor.GetType().Name}.{nameof(LayerDescriptor.DescribeChannels)} is inconsistent for layer '{name}' ({module.GetType().Name}): {problem}.")
+            : description;
+    }
+
+    /// <summary>A layer its descriptor describes: per channel (a pass-through) or dense (a consumer and a producer).</summary>
+    private static (Space[]? Layout, long Expansion, bool Last) PropagateDescribed(string name, nn.Module module, ChannelDescription description, Seen source, Tensor x, Tensor y, TraceState state)
+    {
+        var layout = source.Layout;
+        bool last = source.Last && x.dim() > 2;
+        long? read = x.dim() >= 2 ? (last ? x.shape[^1] : x.shape[1]) : null;
+        long? written = y.dim() >= 2 ? (last ? y.shape[^1] : y.shape[1]) : null;
+        if (read != description.InputChannels || written != description.OutputChannels)
+        {
+            string dimension = last ? "the last dimension" : "dimension 1";
+            var mismatch = new UnresolvedReason(
+                name,
+                module.GetType().Name,
+                $"its descriptor gives {description.InputChannels} input and {description.OutputChannels} output channels, but the layer read {read?.ToString(CultureInfo.InvariantCulture) ?? "no"} and wrote {written?.ToString(CultureInfo.InvariantCulture) ?? "no"} channels in {dimension}");
+            MarkEach(layout, mismatch);
+            if (written is not { } width)
+            {
+                return (null, 1, false);
+            }
+
+            var unknown = state.NewSpace(width);
+            unknown.MarkUnresolved(mismatch);
+            return ([unknown], 1, last);
+        }
+
+        if (description.Coupling == ChannelCoupling.PerChannel)
+        {
+            if (source.Expansion != 1)
+            {
+                MarkEach(layout, new UnresolvedReason(name, module.GetType().Name, "the layer works per channel on a flattened tensor (one feature per position, not per channel)"));
+            }
+
+            if (layout is not null)
+            {
+                AddToEach(layout, name, module, ChannelRole.PassThrough, 1);
+            }
+
+            return (layout, source.Expansion, last);
+        }
+
+        if (layout is not null)
+        {
+            AddToEach(layout, name, module, ChannelRole.Consumer, source.Expansion);
+        }
+
+        return (Produce(name, module, description.OutputChannels, state), 1, last);
     }
 
     private static List<ChannelGroup> BuildGroups(List<Space> spaces)

@@ -1,3 +1,4 @@
+using ModelCompression.Modules;
 using ModelCompression.Pruning.Structured;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -19,7 +20,7 @@ public sealed class ChannelImportanceContext
     /// <summary>Gets the dotted name of the producing layer.</summary>
     public string LayerName { get; }
 
-    /// <summary>Gets the producing layer (Linear, Conv1d or Conv2d).</summary>
+    /// <summary>Gets the producing layer (Linear, Conv1d, Conv2d, or a kind whose registered descriptor describes its channels).</summary>
     public nn.Module Layer { get; }
 
     /// <summary>Gets the BatchNorm layers that normalise these channels (two in a residual group, one per branch; none without BatchNorm).</summary>
@@ -28,8 +29,14 @@ public sealed class ChannelImportanceContext
     /// <summary>Gets the first-order Taylor scores of the layer's output channels, when the criterion asked for them.</summary>
     public Tensor? TaylorScores { get; }
 
-    /// <summary>Gets the layer's weight with output channels first.</summary>
-    public Tensor Weight => Layer.named_parameters(recurse: false).First(p => p.name == "weight").parameter;
+    /// <summary>
+    /// Gets the layer's weight with output channels first: the tensor its registered descriptor's
+    /// <see cref="LayerDescriptor.GetChannelWeight"/> names (by default the layer's own parameter named <c>weight</c>).
+    /// </summary>
+    /// <exception cref="InvalidOperationException">The layer has no such weight: use an activation-based criterion such as Taylor, or override <see cref="LayerDescriptor.GetChannelWeight"/>.</exception>
+    public Tensor Weight =>
+        (LayerRegistry.Find(Layer) is { } descriptor ? descriptor.GetChannelWeight(Layer) : LayerDescriptor.OwnWeight(Layer))
+        ?? throw new InvalidOperationException($"Layer '{LayerName}' ({Layer.GetType().Name}) has no weight to score its channels by: use {nameof(TaylorImportance)}, or override {nameof(LayerDescriptor)}.{nameof(LayerDescriptor.GetChannelWeight)} in its descriptor.");
 }
 
 /// <summary>

@@ -95,11 +95,11 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
 
     private sealed record GroupPlan(ChannelGroup Group, long[] Keep);
 
-    private static long OutChannels(nn.Module module) => module switch
+    private static long OutChannels(string name, nn.Module module) => module switch
     {
         Linear linear => linear.out_features,
         Convolution conv => conv.out_channels,
-        _ => throw new InvalidOperationException($"{module.GetType().Name} produces no channels."),
+        _ => ChannelGroupTracer.Describe(name, module)?.OutputChannels ?? throw new InvalidOperationException($"{module.GetType().Name} produces no channels."),
     };
 
     private List<GroupPlan> Plan(nn.Module<Tensor, Tensor> model, CompressionContext context, int round, Dictionary<string, long> originalChannels, List<string> notes)
@@ -237,7 +237,7 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
         var data = context.TrainingData ?? throw new InvalidOperationException("The Taylor criterion needs training data.");
         int batches = ((TaylorImportance)_options.Importance).Batches;
         var producers = groups.SelectMany(g => g.Producers).DistinctBy(p => p.Name).ToList();
-        var sums = producers.ToDictionary(p => p.Name, p => zeros(OutChannels(p.Module), dtype: float32).DetachFromDisposeScope());
+        var sums = producers.ToDictionary(p => p.Name, p => zeros(OutChannels(p.Name, p.Module), dtype: float32).DetachFromDisposeScope());
         var probes = new Dictionary<string, (Tensor Output, Tensor Probe)>();
         var removers = new List<Action>();
         var modes = ModuleModes.Record(model);
@@ -386,9 +386,9 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
                         break;
                     case ChannelRole.PassThrough:
                         edit.RemoveOut(member.Name, member.Width, shifted);
-                        if (member.Module is Convolution)
+                        if (member.Module is Convolution || ChannelGroupTracer.Describe(member.Name, member.Module) is { Coupling: ChannelCoupling.PerChannel })
                         {
-                            // Depthwise: its input channels go with its output channels.
+                            // Depthwise or described per channel: its input channels go with its output channels.
                             edit.RemoveIn(member.Name, member.Width, shifted);
                         }
 
@@ -538,7 +538,50 @@ public sealed class StructuredPruningStep : ICompressionStep, ICompressionStepRe
             }
 
             default:
+                if (LayerRegistry.Find(module) is { } descriptor && ChannelGroupTracer.Describe(name, module) is { } description)
+                {
+                    return ShrinkDescribed(name, descriptor, module, description, outKeep, inKeep);
+                }
+
                 throw new UnsupportedModelException(name, module.GetType().Name, $"Structured pruning cannot shrink layer '{name}' of type {module.GetType().Name}. Nothing has been changed. Exclude the layers whose channels reach it from {nameof(StructuredPruningOptions)}.{nameof(StructuredPruningOptions.Layers)}.");
+        }
+    }
+
+    /// <summary>A layer of a kind registered with a channel description, rebuilt by its descriptor and checked.</summary>
+    private static nn.Module<Tensor, Tensor> ShrinkDescribed(string name, LayerDescriptor descriptor, nn.Module module, ChannelDescription before, long[]? outKeep, long[]? inKeep)
+    {
+        var result = descriptor.ShrinkChannels(module, outKeep, inKeep);
+        try
+        {
+            // A descriptor's constructor calls may have put the new tensors in this dispose scope: they must outlive it.
+            foreach (var (_, parameter) in result.named_parameters())
+            {
+                parameter.DetachFromDisposeScope();
+            }
+
+            foreach (var (_, buffer) in result.named_buffers())
+            {
+                buffer.DetachFromDisposeScope();
+            }
+
+            long expectedIn = inKeep?.Length ?? before.InputChannels, expectedOut = outKeep?.Length ?? before.OutputChannels;
+            var after = result.GetType() == descriptor.ModuleType ? ChannelGroupTracer.Describe(name, result) : null;
+            if (result is not nn.Module<Tensor, Tensor> layer || after is null || after.Coupling != before.Coupling || after.InputChannels != expectedIn || after.OutputChannels != expectedOut)
+            {
+                throw new InvalidOperationException(
+                    $"{descriptor.GetType().Name}.{nameof(LayerDescriptor.ShrinkChannels)} returned {(after is null ? $"a {result.GetType().Name} it does not describe" : $"a layer of {after.InputChannels} → {after.OutputChannels} channels")} for layer '{name}', which should have {expectedIn} → {expectedOut} ({before.Coupling}). Nothing has been changed.");
+            }
+
+            return layer;
+        }
+        catch
+        {
+            if (!ReferenceEquals(result, module))
+            {
+                result.Dispose();
+            }
+
+            throw;
         }
     }
 
