@@ -40,6 +40,7 @@ public sealed class OnnxExportOptions
     /// <summary>
     /// Gets emitters for modules the exporter does not know (a residual block of your own), by module type: each
     /// receives the graph, the module, its dotted name and its input value's name, and returns its output value's name.
+    /// A layer kind whose registered descriptor implements <see cref="IOnnxLayerEmitter"/> needs no entry here.
     /// </summary>
     public IDictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>> CustomModules { get; } =
         new Dictionary<Type, Func<OnnxGraph, nn.Module, string, string, string>>();
@@ -195,6 +196,11 @@ public static class OnnxExporter
             if (options.CustomModules.TryGetValue(module.GetType(), out var custom))
             {
                 return custom(g, module, name, x);
+            }
+
+            if (ModelCompression.Modules.LayerRegistry.Find(module) is IOnnxLayerEmitter registered)
+            {
+                return registered.EmitOnnx(g, module, name, x);
             }
 
             if (TorchVisionEmitters.TryGet(module, out var vision))
@@ -383,7 +389,7 @@ public static class OnnxExporter
                         $"The {module.GetType().Name} at {Display(name)} cannot be exported to ONNX. Supported: Sequential, Linear, Conv1d/Conv2d/Conv3d, " +
                         "BatchNorm, LayerNorm, GroupNorm, Embedding and QuantizedEmbedding (integer input), ReLU/ReLU6/Sigmoid/Tanh/SiLU/Hardswish/LeakyReLU/GELU/ELU/Mish/Softplus/" +
                         "Hardsigmoid/PReLU, Softmax, Flatten(1, -1), MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d(1), AdaptiveAvgPool2d, Dropout, Identity, the library's " +
-                        "compressed layers and blocks, TransformerEncoderLayer/TransformerEncoder (no masks; GRU/LSTM through OnnxEmitters.Recurrent), torchvision.models' architectures; add an emitter for other modules to OnnxExportOptions.CustomModules.");
+                        "compressed layers and blocks, TransformerEncoderLayer/TransformerEncoder (no masks; GRU/LSTM through OnnxEmitters.Recurrent), torchvision.models' architectures; for other modules, implement IOnnxLayerEmitter in the kind's registered LayerDescriptor, or add an emitter to OnnxExportOptions.CustomModules.");
             }
         }
 

@@ -1,6 +1,8 @@
+using ModelCompression.Interop.Onnx;
 using ModelCompression.Modules;
 using ModelCompression.Pruning;
 using ModelCompression.Pruning.Structured;
+using ModelCompression.Serialization;
 using ModelCompression.Tests.Support;
 using NUnit.Framework;
 using TorchSharp;
@@ -71,6 +73,37 @@ public sealed class StructuredPruningDescriptorTests
         Assert.That(((LastDimensionScale)ModuleTree.GetSubmodule(pruned, "scale")).Channels, Is.EqualTo(12));
         Assert.That(((Linear)ModuleTree.GetSubmodule(pruned, "down")).in_features, Is.EqualTo(12));
         Assert.That(TestModels.Output(pruned, input), Is.EqualTo(expected).Within(1e-5));
+    }
+
+    [Test]
+    public void ThirdPartyKinds_FlowThroughPruningQuantizationTheFileAndOnnx()
+    {
+        // One registration per kind covers everything: structured pruning, dynamic int8 of the Linear inside the
+        // gated projection, the file (saved and loaded without the architecture) and ONNX (the descriptors emit it).
+        using var registration = Register(new ChannelScaleDescriptor(), new GatedProjectionDescriptor());
+        torch.random.manual_seed(10);
+        using var model = Model();
+        using var images = randn(64, 8);
+        using var labels = model.call(images).argmax(1);
+        var data = new TensorDataset(images, labels);
+        using var result = CompressionPipeline.Create()
+            .AddStructuredPruning(new StructuredPruningOptions { Ratio = 0.25, Layers = new LayerSelection { Types = [typeof(Linear), typeof(GatedProjection)] } })
+            .AddPostTrainingQuantization(ModelCompression.Quantization.QuantizationMode.DynamicInt8)
+            .WithAccuracyCheck(1.0, AccuracyCheckPolicy.SkipStep)
+            .WithLatencyMeasurement(new ModelCompression.Metrics.LatencyOptions { Enabled = false })
+            .Build()
+            .Run(model, new CompressionData(data, data));
+        var compressed = result.Model;
+        Assert.That(result.Report.Steps.Select(s => s.Accepted), Is.All.True, string.Join("; ", result.Report.Steps.Select(s => s.Message)));
+        Assert.That(((GatedProjection)ModuleTree.GetSubmodule(compressed, "gated")).Outputs, Is.EqualTo(9));
+
+        using var stream = new MemoryStream();
+        CompressedModel.Save(compressed, stream);
+        stream.Position = 0;
+        using var loaded = CompressedModel.Load(stream);
+        Assert.That(TestModels.Output(loaded, images), Is.EqualTo(TestModels.Output(compressed, images)));
+
+        ModelCompression.Tests.Interop.Onnx.OnnxLayerKindsTests.AssertParity(compressed, images, new ModelCompression.Interop.Onnx.OnnxExportOptions(), tolerance: 2e-2);
     }
 
     [Test]
@@ -245,8 +278,15 @@ public sealed class StructuredPruningDescriptorTests
     }
 
     private sealed class ChannelScaleDescriptor(bool shrinkWrongly = false, bool describeWrongly = false, long? channelsOverride = null)
-        : LayerDescriptor("tests.ChannelScale", typeof(ChannelScale))
+        : LayerDescriptor("tests.ChannelScale", typeof(ChannelScale)), IOnnxLayerEmitter
     {
+        public string EmitOnnx(OnnxGraph graph, nn.Module module, string name, string input)
+        {
+            var scale = ((ChannelScale)module).Scale;
+            using var values = scale.detach().reshape(1, -1);
+            return graph.Node("Mul", name, [input, graph.Constant(name + ".scale", values)]);
+        }
+
         public override LayerAttributes GetAttributes(nn.Module module) => new LayerAttributes().Set("channels", ((ChannelScale)module).Channels);
 
         public override nn.Module Create(LayerAttributes attributes, int version) => new ChannelScale(attributes.GetInt64("channels", 1, 1 << 20));
@@ -276,8 +316,16 @@ public sealed class StructuredPruningDescriptorTests
         }
     }
 
-    private sealed class GatedProjectionDescriptor(bool weight = true) : LayerDescriptor("tests.GatedProjection", typeof(GatedProjection))
+    private sealed class GatedProjectionDescriptor(bool weight = true) : LayerDescriptor("tests.GatedProjection", typeof(GatedProjection)), IOnnxLayerEmitter
     {
+        public string EmitOnnx(OnnxGraph graph, nn.Module module, string name, string input)
+        {
+            var gated = (GatedProjection)module;
+            string projected = graph.Emit(gated.Projection, name + ".projection", input);
+            using var gate = gated.Gate.detach().sigmoid().reshape(1, -1);
+            return graph.Node("Mul", name, [projected, graph.Constant(name + ".gate", gate)]);
+        }
+
         public override LayerAttributes GetAttributes(nn.Module module)
         {
             var g = (GatedProjection)module;
