@@ -46,6 +46,7 @@ internal static class TorchSharpLayers
         new LinearLayer(), new ConvLayer<Conv1d>("torch.nn.Conv1d", 1), new ConvLayer<Conv2d>("torch.nn.Conv2d", 2), new ConvLayer<Conv3d>("torch.nn.Conv3d", 3),
         new GroupNormLayer(), new EmbeddingLayer(),
         new RecurrentLayer<GRU>("torch.nn.GRU", 3), new RecurrentLayer<LSTM>("torch.nn.LSTM", 4), new RecurrentLayer<RNN>("torch.nn.RNN", 1),
+        new RecurrentCell<GRUCell>("torch.nn.GRUCell", 3), new RecurrentCell<LSTMCell>("torch.nn.LSTMCell", 4), new RecurrentCell<RNNCell>("torch.nn.RNNCell", 1),
         new AttentionLayer(), new EncoderLayer(), new EncoderStack(), new DecoderLayer(), new DecoderStack(),
         .. ParameterFree(),
     ];
@@ -283,6 +284,66 @@ internal static class TorchSharpLayers
             GRU gru => gru.forward(x[0], null).Item1,
             LSTM lstm => lstm.forward(x[0], null).Item1,
             RNN rnn => rnn.forward(x[0], null).Item1,
+            _ => throw new InvalidOperationException(),
+        };
+    }
+
+    /// <summary>
+    /// TorchSharp's GRUCell, LSTMCell and RNNCell (native, one time step): sizes and bias from the weights, an RNN
+    /// cell's non-linearity by probing (the one setting TorchSharp hides).
+    /// </summary>
+    private sealed class RecurrentCell<T>(string id, int gates) : ProbedBuiltIn(id, typeof(T))
+        where T : nn.Module
+    {
+        public override nn.Module Create(LayerAttributes a, int version)
+        {
+            long input = a.GetInt64("input", 1, MaxSize), hidden = a.GetInt64("hidden", 1, MaxSize);
+            bool bias = a.GetBoolean("bias");
+            return gates switch
+            {
+                3 => nn.GRUCell(input, hidden, bias),
+                4 => nn.LSTMCell(input, hidden, bias),
+                _ => nn.RNNCell(input, hidden, Parse<nn.NonLinearities>(a.GetString("nonlinearity")), bias),
+            };
+        }
+
+        protected override LayerAttributes Probe(nn.Module module)
+        {
+            var state = module.state_dict();
+            var w = state["weight_ih"];
+            long hidden = state["weight_hh"].shape[1];
+            if (w.shape[0] != gates * hidden)
+            {
+                throw new UnsupportedModelException(null, typeof(T).Name, $"The {typeof(T).Name}'s input weight has {w.shape[0]} rows where {gates} gates of {hidden} need {gates * hidden}.");
+            }
+
+            var basis = new LayerAttributes().Set("input", w.shape[1]).Set("hidden", hidden).Set("bias", state.ContainsKey("bias_ih"));
+            string[] nonlinearities = gates == 1 ? [nameof(nn.NonLinearities.Tanh), nameof(nn.NonLinearities.ReLU)] : [string.Empty];
+            var candidates = nonlinearities.Select(nl => With(basis, a => { if (nl.Length > 0) { a.Set("nonlinearity", nl); } })).ToList();
+            return ProbeSettings(module, candidates, this, g => [randn([2, w.shape[1]], generator: g), randn([2, hidden], generator: g)], Run);
+        }
+
+        public override Action? AttachMacsCounter(nn.Module module, Action<long> add)
+        {
+            ArgumentNullException.ThrowIfNull(add);
+            var a = GetAttributes(module);
+            long perSample = gates * a.GetInt64("hidden") * (a.GetInt64("input") + a.GetInt64("hidden"));
+            long Macs(Tensor x) => (x.dim() == 2 ? x.shape[0] : 1) * perSample;
+            return module switch
+            {
+                GRUCell gru => gru.register_forward_hook((m, x, h, output) => { add(Macs(x)); return output; }).remove,
+                LSTMCell lstm => lstm.register_forward_hook((m, x, h, output) => { add(Macs(x)); return output; }).remove,
+                RNNCell rnn => rnn.register_forward_hook((m, x, h, output) => { add(Macs(x)); return output; }).remove,
+                _ => null,
+            };
+        }
+
+        // The probe starts from a non-zero state, so the hidden-to-hidden weights and the non-linearity both show.
+        private static Tensor Run(nn.Module m, Tensor[] x) => m switch
+        {
+            GRUCell gru => gru.forward(x[0], x[1]),
+            LSTMCell lstm => lstm.forward(x[0], (x[1], x[1])).Item1,
+            RNNCell rnn => rnn.forward(x[0], x[1]),
             _ => throw new InvalidOperationException(),
         };
     }

@@ -23,6 +23,10 @@ public sealed class LayerRegistryTests
         ["gru"] = () => nn.GRU(4, 6, numLayers: 2, batchFirst: true, bidirectional: true),
         ["lstm"] = () => nn.LSTM(4, 5, numLayers: 2, bias: false),
         ["rnn-relu"] = () => nn.RNN(4, 5, nonLinearity: nn.NonLinearities.ReLU, batchFirst: true),
+        ["gru-cell"] = () => nn.GRUCell(4, 6),
+        ["lstm-cell"] = () => nn.LSTMCell(4, 5, bias: false),
+        ["rnn-cell-relu"] = () => nn.RNNCell(4, 5, nn.NonLinearities.ReLU),
+        ["rnn-cell-tanh"] = () => nn.RNNCell(4, 3),
         ["attention"] = () => nn.MultiheadAttention(8, 4),
         ["attention-kv"] = () => nn.MultiheadAttention(8, 2, add_bias_kv: true, kdim: 6, vdim: 6),
         ["encoder-layer-gelu"] = () => nn.TransformerEncoderLayer(8, 2, 16, 0.0, nn.Activations.GELU),
@@ -312,7 +316,7 @@ public sealed class LayerRegistryTests
             .Select(t => t.Name)
             .Order()
             .ToList();
-        Assert.That(unregistered, Is.EqualTo(new[] { "EmbeddingBag", "GRUCell", "HookableModule`2", "LSTMCell", "RNNCell", "Transformer" }));
+        Assert.That(unregistered, Is.EqualTo(new[] { "EmbeddingBag", "HookableModule`2", "Transformer" }));
     }
 
     /// <summary>Dynamic int8 through a pipeline, the labels being the model's own predictions (so accuracy is agreement).</summary>
@@ -339,6 +343,9 @@ public sealed class LayerRegistryTests
             GRU gru => gru.call(randn(3, 2, 4)).Item1,
             LSTM lstm => lstm.call(randn(3, 2, 4)).Item1,
             RNN rnn => rnn.call(randn(3, 2, 4)).Item1,
+            GRUCell cell => cell.call(randn(3, 4), randn(3, 6)),
+            LSTMCell cell => cell.call(randn(3, 4), (randn(3, 5), randn(3, 5))).Item2,
+            RNNCell cell => cell.call(randn(3, 4), randn(3, cell.state_dict()["weight_hh"].shape[1])),
             MultiheadAttention mha when name == "attention-kv" => mha.call(x, randn(4, 2, 6), randn(4, 2, 6), need_weights: false).Item1,
             MultiheadAttention mha => mha.call(x, x, x, need_weights: false).Item1,
             TransformerEncoderLayer l => l.call(x),
@@ -369,6 +376,31 @@ public sealed class LayerRegistryTests
         public nn.Module Layer => layer;
 
         public override Tensor forward(Tensor input) => input;
+    }
+
+    [Test]
+    public void RecurrentCells_CountTheirMultiplyAddsPerStep()
+    {
+        // gates × hidden × (input + hidden) per sample and step (the counts are per sample of the batch of 3):
+        // 3·6·(4+6), 4·5·(4+5), 1·5·(4+5).
+        using var model = new CellSteps();
+        using var input = randn(3, 4);
+        var macs = ModelMetrics.CountMacsPerLayer(model, input);
+        Assert.That(macs["gru"], Is.EqualTo(3 * 6 * (4 + 6)));
+        Assert.That(macs["lstm"], Is.EqualTo(4 * 5 * (4 + 5)));
+        Assert.That(macs["rnn"], Is.EqualTo(1 * 5 * (4 + 5)));
+    }
+
+    private sealed class CellSteps : nn.Module<Tensor, Tensor>
+    {
+        private readonly GRUCell gru = nn.GRUCell(4, 6);
+        private readonly LSTMCell lstm = nn.LSTMCell(4, 5);
+        private readonly RNNCell rnn = nn.RNNCell(4, 5, nn.NonLinearities.ReLU);
+
+        public CellSteps()
+            : base(nameof(CellSteps)) => RegisterComponents();
+
+        public override Tensor forward(Tensor input) => cat([gru.call(input, null!), lstm.call(input, (zeros(input.shape[0], 5), zeros(input.shape[0], 5))).Item1, rnn.call(input, null!)], 1);
     }
 
     private sealed class BagModel : nn.Module<Tensor, Tensor>
