@@ -27,8 +27,8 @@ internal static class KeptScalars
     /// <summary>The integer 1 that TorchSharp passes as the scale of an addition; held for the process.</summary>
     public static readonly Scalar One = 1.ToScalar();
 
-    /// <summary>The integer 0 that TorchSharp passes as the start of a range; held for the process.</summary>
-    private static readonly Scalar Zero = 0.ToScalar();
+    /// <summary>The integer 0 (the start TorchSharp passes for a range); held for the process.</summary>
+    public static readonly Scalar Zero = 0.ToScalar();
 
     /// <summary>0, 1, …, <paramref name="count"/> − 1, as <c>torch.arange(count)</c> makes them.</summary>
     public static Tensor Range(long count, ScalarType? dtype = null, Device? device = null)

@@ -44,7 +44,7 @@ internal static class TorchSharpLayers
     public static IEnumerable<LayerDescriptor> All() =>
     [
         new LinearLayer(), new ConvLayer<Conv1d>("torch.nn.Conv1d", 1), new ConvLayer<Conv2d>("torch.nn.Conv2d", 2), new ConvLayer<Conv3d>("torch.nn.Conv3d", 3),
-        new GroupNormLayer(), new EmbeddingLayer(),
+        new GroupNormLayer(), new EmbeddingLayer(), new EmbeddingBagLayer(),
         new RecurrentLayer<GRU>("torch.nn.GRU", 3), new RecurrentLayer<LSTM>("torch.nn.LSTM", 4), new RecurrentLayer<RNN>("torch.nn.RNN", 1),
         new RecurrentCell<GRUCell>("torch.nn.GRUCell", 3), new RecurrentCell<LSTMCell>("torch.nn.LSTMCell", 4), new RecurrentCell<RNNCell>("torch.nn.RNNCell", 1),
         new AttentionLayer(), new EncoderLayer(), new EncoderStack(), new DecoderLayer(), new DecoderStack(),
@@ -216,6 +216,67 @@ internal static class TorchSharpLayers
         }
 
         public override nn.Module Create(LayerAttributes a, int version) => nn.Embedding(a.GetInt64("count", 1, MaxSize), a.GetInt64("dim", 1, MaxSize));
+    }
+
+    /// <summary>
+    /// EmbeddingBag (native): sizes from the weight; the reduction, whether the offsets include the end, and the padding
+    /// index by probing. The padding candidates are the ids whose one-id bag comes out zero (the first 8) and none; where
+    /// two candidates compute the same bags (a zero row), either is exact.
+    /// </summary>
+    private sealed class EmbeddingBagLayer() : ProbedBuiltIn("torch.nn.EmbeddingBag", typeof(EmbeddingBag))
+    {
+        private const int MaxPaddingCandidates = 8;
+
+        public override nn.Module Create(LayerAttributes a, int version)
+        {
+            long count = a.GetInt64("count", 1, MaxSize), dim = a.GetInt64("dim", 1, MaxSize);
+            long padding = a.GetInt64("padding", -1, count - 1);
+            return nn.EmbeddingBag(count, dim, mode: Parse<EmbeddingBagMode>(a.GetString("mode")), include_last_offset: a.GetBoolean("lastOffset"), padding_index: padding);
+        }
+
+        protected override LayerAttributes Probe(nn.Module module)
+        {
+            var w = module.state_dict()["weight"];
+            long count = w.shape[0];
+            var paddingCandidates = PaddingCandidates((EmbeddingBag)module, w);
+            var basis = new LayerAttributes().Set("count", count).Set("dim", w.shape[1]);
+            var candidates = (from mode in new[] { EmbeddingBagMode.Sum, EmbeddingBagMode.Mean, EmbeddingBagMode.Max }
+                              from last in new[] { false, true }
+                              from padding in paddingCandidates.Prepend(-1L)
+                              select With(basis, a => a.Set("mode", mode.ToString()).Set("lastOffset", last).Set("padding", padding))).ToList();
+
+            // Bags of 3, 2, 4 and the rest of random ids, each zero row among them; the last offset is the end, so the
+            // two offset conventions give different numbers of bags.
+            Tensor[] Inputs(Generator g)
+            {
+                var ids = cat([randint(0, count, [12], generator: g, dtype: ScalarType.Int64), tensor(paddingCandidates)]);
+                return [ids, tensor(new long[] { 0, 3, 5, 9, ids.shape[0] })];
+            }
+
+            return ProbeSettings(module, candidates, this, Inputs, (m, x) => ((EmbeddingBag)m).call(x[0], x[1], null));
+        }
+
+        // One bag per id: a padding id's bag is empty, so its row comes out zero where its weight row is not (or the row
+        // is zero anyway, and then any choice computes the same). Under the other offset convention the last id is in no bag.
+        private static long[] PaddingCandidates(EmbeddingBag bag, Tensor weight)
+        {
+            using var noGrad = no_grad();
+            using (ModuleModes.Evaluating(bag))
+            {
+                long count = weight.shape[0];
+                var ids = KeptScalars.Range(count, ScalarType.Int64, weight.device);
+                var rows = bag.call(ids, ids, null);
+                long seen = Math.Min(rows.shape[0], count);
+                var emptyBag = rows.narrow(0, 0, seen).abs().sum(1).eq(KeptScalars.Zero);
+                var candidates = emptyBag.nonzero().flatten().data<long>().ToList();
+                if (seen < count)
+                {
+                    candidates.Add(count - 1);
+                }
+
+                return [.. candidates.Take(MaxPaddingCandidates)];
+            }
+        }
     }
 
     /// <summary>GRU (3 gates), LSTM (4) and RNN (1): sizes, layers, directions and biases from the weights; layout and non-linearity by probe.</summary>
@@ -561,7 +622,8 @@ internal static class TorchSharpLayers
             var x = inputs(generator);
             if (reference is not null)
             {
-                x = x.Select(t => t.to(reference.dtype, reference.device)).ToArray();
+                // Ids and offsets keep their integer type; values take the layer's.
+                x = x.Select(t => t.is_floating_point() ? t.to(reference.dtype, reference.device) : t.to(reference.device)).ToArray();
             }
 
             var expected = run(module, x);
