@@ -222,6 +222,9 @@ public static class OnnxExporter
                     return Linear(at, x, dense, sparse.Bias);
                 }
 
+                case ConvolutionTranspose transposed:
+                    return ConvTranspose(at, x, transposed, g.Constant($"{at}.weight", transposed.weight!.to(ScalarType.Float32)), transposed.bias is null ? null : g.Constant($"{at}.bias", transposed.bias.to(ScalarType.Float32)), name);
+
                 case Conv1d or Conv2d or Conv3d:
                 {
                     var conv = (Convolution)module;
@@ -386,7 +389,7 @@ public static class OnnxExporter
                         "that calls it in OnnxExportOptions.CustomModules and emit it there with OnnxEmitters.Recurrent.");
                 default:
                     throw new UnsupportedModelException(name, module.GetType().Name,
-                        $"The {module.GetType().Name} at {Display(name)} cannot be exported to ONNX. Supported: Sequential, Linear, Conv1d/Conv2d/Conv3d, " +
+                        $"The {module.GetType().Name} at {Display(name)} cannot be exported to ONNX. Supported: Sequential, Linear, Conv1d/Conv2d/Conv3d, ConvTranspose1d/2d/3d, " +
                         "BatchNorm, LayerNorm, GroupNorm, Embedding and QuantizedEmbedding (integer input), ReLU/ReLU6/Sigmoid/Tanh/SiLU/Hardswish/LeakyReLU/GELU/ELU/Mish/Softplus/" +
                         "Hardsigmoid/PReLU, Softmax, Flatten(1, -1), MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d(1), AdaptiveAvgPool2d, Dropout, Identity, the library's " +
                         "compressed layers and blocks, TransformerEncoderLayer/TransformerEncoder (no masks; GRU/LSTM through OnnxEmitters.Recurrent), torchvision.models' architectures; for other modules, implement IOnnxLayerEmitter in the kind's registered LayerDescriptor, or add an emitter to OnnxExportOptions.CustomModules.");
@@ -468,6 +471,31 @@ public static class OnnxExporter
                 ["kernel_shape"] = conv.kernel_size,
                 ["strides"] = conv.stride,
                 ["pads"] = pads,
+                ["dilations"] = conv.dilation,
+                ["group"] = conv.groups,
+            });
+        }
+
+        /// <summary>
+        /// A transposed convolution: ONNX's ConvTranspose takes the same weight layout [in, out / groups, kernel…] and
+        /// the same implicit padding on each side, with the output padding added at the end.
+        /// </summary>
+        private string ConvTranspose(string at, string x, ConvolutionTranspose conv, string weight, string? bias, string name)
+        {
+            int dims = conv.kernel_size.Length;
+            if (conv.output_padding.Distinct().Count() > 1)
+            {
+                // Measured: TorchSharp 0.107's output with output padding (0, 1) has the size (0, 0) gives.
+                throw new UnsupportedModelException(name, conv.GetType().Name, $"The {conv.GetType().Name} at {Display(name)} has a different output padding per dimension ({string.Join(", ", conv.output_padding)}), which TorchSharp does not apply as ONNX would; only equal output paddings are exported.");
+            }
+
+            var padding = conv.padding ?? new long[dims];
+            return Graph.Node("ConvTranspose", at, bias is null ? [x, weight] : [x, weight, bias], new Dictionary<string, object>
+            {
+                ["kernel_shape"] = conv.kernel_size,
+                ["strides"] = conv.stride,
+                ["pads"] = padding.Concat(padding).ToArray(),
+                ["output_padding"] = conv.output_padding,
                 ["dilations"] = conv.dilation,
                 ["group"] = conv.groups,
             });

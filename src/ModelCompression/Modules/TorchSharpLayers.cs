@@ -44,6 +44,8 @@ internal static class TorchSharpLayers
     public static IEnumerable<LayerDescriptor> All() =>
     [
         new LinearLayer(), new ConvLayer<Conv1d>("torch.nn.Conv1d", 1), new ConvLayer<Conv2d>("torch.nn.Conv2d", 2), new ConvLayer<Conv3d>("torch.nn.Conv3d", 3),
+        new ConvTransposeLayer<ConvTranspose1d>("torch.nn.ConvTranspose1d", 1), new ConvTransposeLayer<ConvTranspose2d>("torch.nn.ConvTranspose2d", 2),
+        new ConvTransposeLayer<ConvTranspose3d>("torch.nn.ConvTranspose3d", 3),
         new GroupNormLayer(), new EmbeddingLayer(), new EmbeddingBagLayer(),
         new RecurrentLayer<GRU>("torch.nn.GRU", 3), new RecurrentLayer<LSTM>("torch.nn.LSTM", 4), new RecurrentLayer<RNN>("torch.nn.RNN", 1),
         new RecurrentCell<GRUCell>("torch.nn.GRUCell", 3), new RecurrentCell<LSTMCell>("torch.nn.LSTMCell", 4), new RecurrentCell<RNNCell>("torch.nn.RNNCell", 1),
@@ -183,6 +185,66 @@ internal static class TorchSharpLayers
             return v.Length == dims && v.All(x => x >= min && x <= 1 << 16)
                 ? v
                 : throw new InvalidDataException($"Convolution attribute '{name}' is [{string.Join(", ", v)}], not {dims} sizes in {min}..65536.");
+        }
+    }
+
+    /// <summary>
+    /// ConvTranspose1d/2d/3d (managed): every setting is a public property. Each input element is multiplied by its
+    /// channel's filters: input elements × (outputs / groups) × kernel multiply-adds.
+    /// </summary>
+    private sealed class ConvTransposeLayer<T>(string id, int dims) : BuiltIn(id, typeof(T))
+        where T : ConvolutionTranspose
+    {
+        public override LayerAttributes GetAttributes(nn.Module module)
+        {
+            var c = (ConvolutionTranspose)module;
+            return new LayerAttributes()
+                .Set("in", c.in_channels).Set("out", c.out_channels).Set("kernel", c.kernel_size).Set("stride", c.stride)
+                .Set("padding", c.padding ?? new long[dims]).Set("outputPadding", c.output_padding).Set("dilation", c.dilation)
+                .Set("groups", c.groups).Set("bias", c.bias is not null);
+        }
+
+        public override nn.Module Create(LayerAttributes a, int version)
+        {
+            long inC = a.GetInt64("in", 1, MaxSize), outC = a.GetInt64("out", 1, MaxSize), groups = a.GetInt64("groups", 1, MaxSize);
+            if (inC % groups != 0 || outC % groups != 0)
+            {
+                throw new InvalidDataException($"A transposed convolution with {inC} inputs and {outC} outputs cannot have {groups} groups.");
+            }
+
+            long[] k = Sizes(a, "kernel", 1), s = Sizes(a, "stride", 1), p = Sizes(a, "padding", 0), o = Sizes(a, "outputPadding", 0), d = Sizes(a, "dilation", 1);
+            if (o.Where((v, i) => v >= Math.Max(s[i], d[i])).Any())
+            {
+                throw new InvalidDataException($"Transposed convolution attribute 'outputPadding' [{string.Join(", ", o)}] must be smaller than the stride or the dilation.");
+            }
+
+            bool bias = a.GetBoolean("bias");
+            return dims switch
+            {
+                1 => nn.ConvTranspose1d(inC, outC, k[0], s[0], p[0], o[0], d[0], groups: groups, bias: bias),
+                2 => nn.ConvTranspose2d(inC, outC, (k[0], k[1]), (s[0], s[1]), (p[0], p[1]), (o[0], o[1]), (d[0], d[1]), groups: groups, bias: bias),
+                _ => nn.ConvTranspose3d(inC, outC, (k[0], k[1], k[2]), (s[0], s[1], s[2]), (p[0], p[1], p[2]), (o[0], o[1], o[2]), (d[0], d[1], d[2]), groups: groups, bias: bias),
+            };
+        }
+
+        public override long? CountMacs(nn.Module module, Tensor input, Tensor output)
+        {
+            var weight = ((ConvolutionTranspose)module).weight;
+            long perInput = 1;
+            for (int i = 1; i < weight.dim(); i++)
+            {
+                perInput *= weight.shape[i];
+            }
+
+            return input.numel() * perInput;
+        }
+
+        private long[] Sizes(LayerAttributes a, string name, long min)
+        {
+            var v = a.GetInt64Array(name);
+            return v.Length == dims && v.All(x => x >= min && x <= 1 << 16)
+                ? v
+                : throw new InvalidDataException($"Transposed convolution attribute '{name}' is [{string.Join(", ", v)}], not {dims} sizes in {min}..65536.");
         }
     }
 

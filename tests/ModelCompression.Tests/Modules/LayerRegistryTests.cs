@@ -123,6 +123,9 @@ public sealed class LayerRegistryTests
         ["conv2d"] = (() => nn.Conv2d(3, 4, 3, stride: 2, padding: 1), [2, 3, 8, 8]),
         ["conv2d-same"] = (() => nn.Conv2d(3, 4, 3, padding: Padding.Same), [2, 3, 8, 8]),
         ["conv-transpose2d"] = (() => nn.ConvTranspose2d(3, 4, 3, stride: 2), [2, 3, 5, 5]),
+        ["conv-transpose2d-grouped"] = (() => nn.ConvTranspose2d(4, 6, (3, 2), (2, 3), (1, 0), (1, 2), (1, 1), groups: 2, bias: false), [2, 4, 5, 4]),
+        ["conv-transpose1d"] = (() => nn.ConvTranspose1d(3, 2, 4, stride: 2, padding: 1, dilation: 2), [2, 3, 7]),
+        ["conv-transpose3d"] = (() => nn.ConvTranspose3d(2, 3, 2, stride: 2), [1, 2, 3, 3, 3]),
         ["batchnorm1d"] = (() => nn.BatchNorm1d(6), [4, 6]),
         ["batchnorm2d"] = (() => nn.BatchNorm2d(3), [2, 3, 4, 4]),
         ["batchnorm3d"] = (() => nn.BatchNorm3d(2), [2, 2, 3, 3, 3]),
@@ -170,6 +173,23 @@ public sealed class LayerRegistryTests
         Assert.That(TestModels.Output(copy, input), Is.EqualTo(TestModels.Output(original, input)));
         Assert.That(copy.parameters().Select(p => p.Handle).Intersect(original.parameters().Select(p => p.Handle)), Is.Empty);
         Assert.That(copy.buffers().Select(b => b.Handle).Intersect(original.buffers().Select(b => b.Handle)), Is.Empty);
+    }
+
+    [Test]
+    public void ConvTranspose_LoadsWithoutItsArchitecture_AndCountsItsMacs()
+    {
+        using var model = nn.Sequential(("up", nn.ConvTranspose2d(3, 4, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1))), ("relu", nn.ReLU()));
+        using var input = randn(2, 3, 5, 5);
+        using var stream = new MemoryStream();
+        CompressedModel.Save(model, stream);
+        stream.Position = 0;
+        using var loaded = CompressedModel.Load(stream);
+
+        var up = (ConvTranspose2d)loaded.named_children().First().module;
+        Assert.That(up.output_padding, Is.EqualTo(new long[] { 1, 1 }));
+        Assert.That(TestModels.Output(loaded, input), Is.EqualTo(TestModels.Output(model, input)));
+        // Per sample: 3·5·5 input elements, each times 4 output channels × 3·3 taps.
+        Assert.That(ModelMetrics.CountMacsPerLayer(model, input)["up"], Is.EqualTo(75 * 4 * 9));
     }
 
     [Test]

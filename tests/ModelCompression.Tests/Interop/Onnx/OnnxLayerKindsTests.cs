@@ -51,6 +51,10 @@ public sealed class OnnxLayerKindsTests
         // Sequence-first [L, N, E]: the exported "batch" dimension is the sequence.
         yield return Case("TransformerEncoderLayerRelu", () => nn.Sequential(("encoder", nn.TransformerEncoderLayer(16, 4, 32))), 5, 3, 16);
         yield return Case("TransformerEncoderLayerGelu", () => nn.Sequential(("encoder", nn.TransformerEncoderLayer(12, 3, 20, activation: nn.Activations.GELU)), ("fc", nn.Linear(12, 4))), 6, 2, 12);
+        yield return Case("ConvTranspose2dDecoder", () => nn.Sequential(
+            ("up1", nn.ConvTranspose2d(4, 6, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1))), ("relu", nn.ReLU()),
+            ("up2", nn.ConvTranspose2d(6, 4, (3, 2), (2, 2), (0, 1), (1, 1), (1, 1), groups: 2, bias: false))), 2, 4, 5, 5);
+        yield return Case("ConvTranspose1d", () => nn.Sequential(("up", nn.ConvTranspose1d(3, 5, 4, stride: 2, padding: 1, dilation: 2))), 2, 3, 9);
         yield return Case("PReLUOnFeatures", () => nn.Sequential(("fc", nn.Linear(8, 6)), ("prelu", nn.PReLU(6))), 4, 8);
     }
 
