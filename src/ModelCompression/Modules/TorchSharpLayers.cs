@@ -179,13 +179,7 @@ internal static class TorchSharpLayers
             return output.numel() * perOutput;
         }
 
-        private long[] Sizes(LayerAttributes a, string name, long min)
-        {
-            var v = a.GetInt64Array(name);
-            return v.Length == dims && v.All(x => x >= min && x <= 1 << 16)
-                ? v
-                : throw new InvalidDataException($"Convolution attribute '{name}' is [{string.Join(", ", v)}], not {dims} sizes in {min}..65536.");
-        }
+        private long[] Sizes(LayerAttributes a, string name, long min) => ConvolutionSizes(a, name, dims, min, "Convolution");
     }
 
     /// <summary>
@@ -239,13 +233,16 @@ internal static class TorchSharpLayers
             return input.numel() * perInput;
         }
 
-        private long[] Sizes(LayerAttributes a, string name, long min)
-        {
-            var v = a.GetInt64Array(name);
-            return v.Length == dims && v.All(x => x >= min && x <= 1 << 16)
-                ? v
-                : throw new InvalidDataException($"Transposed convolution attribute '{name}' is [{string.Join(", ", v)}], not {dims} sizes in {min}..65536.");
-        }
+        private long[] Sizes(LayerAttributes a, string name, long min) => ConvolutionSizes(a, name, dims, min, "Transposed convolution");
+    }
+
+    /// <summary>A convolution's per-dimension setting: <paramref name="dims"/> sizes from <paramref name="min"/> to 65,536.</summary>
+    private static long[] ConvolutionSizes(LayerAttributes a, string name, int dims, long min, string kind)
+    {
+        var v = a.GetInt64Array(name);
+        return v.Length == dims && v.All(x => x >= min && x <= 1 << 16)
+            ? v
+            : throw new InvalidDataException($"{kind} attribute '{name}' is [{string.Join(", ", v)}], not {dims} sizes in {min}..65536.");
     }
 
     private sealed class GroupNormLayer() : BuiltIn("torch.nn.GroupNorm", typeof(GroupNorm))
