@@ -112,6 +112,7 @@ public sealed class GptPtqScenario : IScenario
         new("GPTQ beats round-to-nearest at 4 bits", r => Get(r, "perplexityGptq4") < Get(r, "perplexityRtn4")),
         new("GPTQ beats round-to-nearest at 3 bits", r => Get(r, "perplexityGptq3") < Get(r, "perplexityRtn3")),
         new("HQQ beats round-to-nearest at 4 bits", r => Get(r, "perplexityHqq4") < Get(r, "perplexityRtn4")),
+        new("AWQ beats round-to-nearest at 3 bits", r => Get(r, "perplexityAwq3") < Get(r, "perplexityRtn3")),
         new("the best 4-bit model within 5% of fp32 perplexity", r => Get(r, "best4RelativeIncrease") <= 0.05),
         new("GPTQ at 3 bits recovers ≥ 60% of RTN's perplexity gap", r => Get(r, "gptq3GapRecovered") >= 0.6),
     ];

@@ -592,6 +592,12 @@ public static class OnnxExporter
             var g = Graph;
             var m = layer.Matrix;
             var a = layer.Activations;
+            if (m.InputScales is not null)
+            {
+                // AWQ's explicit scales: the levels stand for W·diag(s), so the input is divided by s first, as the layer does.
+                x = g.Node("Div", at, [x, g.Constant($"{at}.input_channel_scale", m.InputScales, m.K)]);
+            }
+
             string y;
             if (a.Mode is ActivationMode.PerRow or ActivationMode.PerTensor && m.Bits == 8 && m.GroupSize == 0 && options.Int8Form == OnnxInt8Form.Integer)
             {

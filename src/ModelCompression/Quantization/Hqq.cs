@@ -25,9 +25,10 @@ internal static class Hqq
     /// <param name="targets">The layers to quantize.</param>
     /// <param name="settings">HQQ's settings.</param>
     /// <param name="options">The step's options (bits, granularity).</param>
+    /// <param name="inputScales">AWQ's explicit input scales by layer name: those layers' weights are fitted as W·diag(s).</param>
     /// <param name="context">The step's context (progress, notes, cancellation).</param>
     /// <returns>The matrices by layer name.</returns>
-    public static Dictionary<string, QuantizedMatrix> Solve(IReadOnlyList<Target> targets, HqqRounding settings, PostTrainingQuantizationOptions options, CompressionContext context)
+    public static Dictionary<string, QuantizedMatrix> Solve(IReadOnlyList<Target> targets, HqqRounding settings, PostTrainingQuantizationOptions options, IReadOnlyDictionary<string, float[]> inputScales, CompressionContext context)
     {
         var solved = new Dictionary<string, QuantizedMatrix>(StringComparer.Ordinal);
         var linear = targets.Where(t => t.Module is Linear).ToList();
@@ -40,11 +41,12 @@ internal static class Hqq
             using var scope = NewDisposeScope();
             int n = checked((int)layer.out_features), k = checked((int)layer.in_features);
             var granularity = QuantizedMatrix.ForInputs(options.EffectiveGranularity, k);
-            var result = Quantize(layer.weight!, options.Bits, granularity is PerGroupGranularity g ? g.Size : 0, settings);
+            var scales = inputScales.GetValueOrDefault(target.Name);
+            var result = Quantize(Scaling.LayerNormScaling.ScaledWeight(layer, scales), options.Bits, granularity is PerGroupGranularity g ? g.Size : 0, settings);
             before += result.WeightErrorBefore;
             after += result.WeightErrorAfter;
             float[]? bias = layer.bias is { } b ? b.detach().to(ScalarType.Float32).cpu().contiguous().data<float>().ToArray() : null;
-            solved[target.Name] = QuantizedMatrix.FromLevels(n, k, options.Bits, granularity, result.Levels, result.Scales, bias, result.ZeroPoints);
+            solved[target.Name] = QuantizedMatrix.FromLevels(n, k, options.Bits, granularity, result.Levels, result.Scales, bias, result.ZeroPoints, scales);
             context.ReportProgress(CompressionPhase.Applying, 0.5 * (index + 1) / linear.Count);
         }
 

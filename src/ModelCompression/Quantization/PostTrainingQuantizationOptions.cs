@@ -255,7 +255,7 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
         KeepFloatWhenSlower = KeepFloatWhenSlower,
         Rounding = Rounding,
         WeightBits = WeightBits,
-        Awq = Awq is null ? null : new AwqOptions { GridPoints = Awq.GridPoints, MaxRows = Awq.MaxRows },
+        Awq = Awq?.Clone(),
         SmoothQuant = SmoothQuant is null ? null : new SmoothQuantOptions { MigrationStrength = SmoothQuant.MigrationStrength },
         Fallback = Fallback is null ? null : new QuantizationFallback { MaxAccuracyDrop = Fallback.MaxAccuracyDrop, MaxFloatLayers = Fallback.MaxFloatLayers },
     };

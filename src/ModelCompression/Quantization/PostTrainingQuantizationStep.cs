@@ -146,9 +146,11 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         using var scope = NewDisposeScope();
         var structure = _options.FoldBatchNorm || _options.FuseRelu ? QuantizationTargets.FollowingLayers(model, targets) : [];
         // Scales folded into the LayerNorms before anything is observed or rounded; the float model is unchanged.
+        var inputScales = new Dictionary<string, float[]>(StringComparer.Ordinal);
         if (_options.Awq is { } awq)
         {
-            LayerNormScaling.Awq(model, targets, _options, awq, context).ForEach(note => context.AddNote($"AWQ: {note}"));
+            (var notes, inputScales) = LayerNormScaling.Awq(model, targets, _options, awq, context);
+            notes.ForEach(note => context.AddNote($"AWQ: {note}"));
         }
 
         if (_options.SmoothQuant is { } smooth)
@@ -179,7 +181,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
                 }
             }
 
-            var result = Convert(model, targets, leftInFloat, structure, calibration, context);
+            var result = Convert(model, targets, leftInFloat, structure, calibration, inputScales, context);
             RoundInPlace(rounded, fixedTypes, context);
             return result;
         }
@@ -244,6 +246,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         List<string> leftInFloat,
         Dictionary<string, Following> structure,
         Calibration calibration,
+        Dictionary<string, float[]> inputScales,
         CompressionContext context)
     {
         nn.Module<Tensor, Tensor> root = model;
@@ -266,8 +269,8 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             // GPTQ solves each Linear layer's rounding in the order the model calls them, the layers before it quantized.
             var solved = _options.Rounding switch
             {
-                GptqRounding gptq => GptqLayers.Solve(ref root, targets, gptq, _options, t => Activations(calibration.Ranges.GetValueOrDefault(t.Name)), context),
-                HqqRounding hqq => Hqq.Solve(targets, hqq, _options, context),
+                GptqRounding gptq => GptqLayers.Solve(ref root, targets, gptq, _options, t => Activations(calibration.Ranges.GetValueOrDefault(t.Name)), inputScales, context),
+                HqqRounding hqq => Hqq.Solve(targets, hqq, _options, inputScales, context),
                 _ => null,
             };
 
@@ -280,7 +283,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
                 var settings = Activations(calibration.Ranges.GetValueOrDefault(target.Name));
                 var layer = solved is not null && solved.TryGetValue(target.Name, out var matrix)
                     ? new QuantizedLinear(matrix, settings, relu, _options.Mode)
-                    : Quantize(target.Module, settings, relu);
+                    : Quantize(target.Module, settings, relu, inputScales.GetValueOrDefault(target.Name));
                 var info = (IQuantizedLayer)layer;
                 if (layer is QuantizedLayer integerLayer)
                 {
@@ -477,8 +480,9 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         return new ActivationSettings(ActivationMode.Static, scale, zero, _options.SymmetricActivations);
     }
 
-    private nn.Module<Tensor, Tensor> Quantize(nn.Module<Tensor, Tensor> module, ActivationSettings settings, bool relu) => module switch
+    private nn.Module<Tensor, Tensor> Quantize(nn.Module<Tensor, Tensor> module, ActivationSettings settings, bool relu, float[]? inputScales) => module switch
     {
+        Linear linear when inputScales is not null => QuantizedLinear.Create(linear, _options.Bits, _options.EffectiveGranularity, settings, relu, _options.Mode, inputScales),
         Embedding embedding => QuantizedEmbedding.FromEmbedding(embedding, _options.Bits <= 4 ? 4 : 8, _options.EffectiveGranularity), // tables come in 4 or 8 bits
         Linear linear => QuantizedLinear.Create(linear, _options.Bits, _options.EffectiveGranularity, settings, relu, _options.Mode),
         Conv2d conv => QuantizedConv2d.Create(conv, _options.Bits, _options.EffectiveGranularity, settings, relu, _options.Mode),

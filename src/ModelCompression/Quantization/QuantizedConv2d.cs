@@ -35,7 +35,7 @@ public sealed class QuantizedConv2d : QuantizedLayer
         padding = shape.Padding;
         dilation = shape.Dilation;
         InChannels = shape.InChannels;
-        (weight, weight_scale, bias, input_scale, input_zero_point, _) =
+        (weight, weight_scale, bias, input_scale, input_zero_point, _, _) =
             QuantizedTensors.Create(matrix, activations, [matrix.N, InChannels, kernelSize[0], kernelSize[1]]);
         RegisterComponents();
     }

@@ -134,7 +134,7 @@ public sealed class QuantizedEmbedding : nn.Module<Tensor, Tensor>, IQuantizedLa
 
         var matrix = QuantizedTensors.QuantizeWeight(table, null, bits, granularity, "Embedding");
         // The shared layout of quantized layers' tensors; a lookup has no activations to quantize.
-        var (levels, scales, _, _, _, _) = QuantizedTensors.Create(matrix, new ActivationSettings(ActivationMode.PerRow, 0, 0, false), [matrix.N, matrix.K]);
+        var (levels, scales, _, _, _, _, _) = QuantizedTensors.Create(matrix, new ActivationSettings(ActivationMode.PerRow, 0, 0, false), [matrix.N, matrix.K]);
         return new QuantizedEmbedding(matrix.N, matrix.K, bits, matrix.Granularity, levels, scales) { SqnrDb = WeightSqnr(table, matrix) };
     }
 

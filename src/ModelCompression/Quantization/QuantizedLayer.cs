@@ -89,7 +89,8 @@ public abstract class QuantizedLayer : nn.Module<Tensor, Tensor>, IQuantizedLaye
 
     /// <summary>Returns the float weight (in the float layer's shape) that the stored integers and scales stand for.</summary>
     /// <returns>A new tensor the caller owns.</returns>
-    public Tensor DequantizedWeight() => tensor(Matrix.Dequantize(), WeightShape);
+    /// <remarks>With AWQ's explicit input scales (<c>input_channel_scale</c>) the scales are divided out: this is the weight the layer computes with.</remarks>
+    public Tensor DequantizedWeight() => tensor(Matrix.EffectiveWeight(), WeightShape);
 
     /// <inheritdoc/>
     /// <remarks>
@@ -188,7 +189,7 @@ public abstract class QuantizedLayer : nn.Module<Tensor, Tensor>, IQuantizedLaye
 }
 
 /// <summary>The tensors a quantized layer registers.</summary>
-internal sealed record StoredTensors(Tensor Weight, Tensor Scale, Tensor? Bias, Tensor? InputScale, Tensor? InputZeroPoint, Tensor? ZeroPoint = null);
+internal sealed record StoredTensors(Tensor Weight, Tensor Scale, Tensor? Bias, Tensor? InputScale, Tensor? InputZeroPoint, Tensor? ZeroPoint = null, Tensor? InputChannelScale = null);
 
 /// <summary>Describes a layer produced by post-training quantization or quantization-aware training.</summary>
 public interface IQuantizedLayer : ICompressedLayer
@@ -253,6 +254,7 @@ internal static class QuantizedTensors
         var inputScale = stored.InputScale is null ? null : Expect(stored.InputScale, ScalarType.Float32, "input_scale", layer);
         var inputZero = stored.InputZeroPoint is null ? null : Expect(stored.InputZeroPoint, ScalarType.Byte, "input_zero_point", layer);
         var zeroPoint = stored.ZeroPoint is null ? null : Expect(stored.ZeroPoint, ScalarType.Float16, "weight_zero_point", layer);
+        var channelScale = stored.InputChannelScale is null ? null : Expect(stored.InputChannelScale, ScalarType.Float32, "input_channel_scale", layer);
 
         var weightBytes = weight.bytes;
         bool same = matrix.Bits == 8
@@ -264,6 +266,8 @@ internal static class QuantizedTensors
         same &= biasValues is null || biasValues.AsSpan().SequenceEqual(matrix.Bias);
         var zeroValues = zeroPoint?.to(ScalarType.Float32).data<float>().ToArray();
         same &= zeroValues is null || zeroValues.AsSpan().SequenceEqual(matrix.ZeroPoints);
+        var channelScales = channelScale?.data<float>().ToArray();
+        same &= channelScales is null || channelScales.AsSpan().SequenceEqual(matrix.InputScales);
         float newScale = inputScale?.data<float>()[0] ?? activations.Scale;
         float newZero = inputZero?.data<byte>()[0] ?? activations.ZeroPoint;
         same &= newScale.Equals(activations.Scale) && newZero.Equals(activations.ZeroPoint);
@@ -294,6 +298,11 @@ internal static class QuantizedTensors
             throw new InvalidOperationException($"{layer}: its stored 'weight_scale' now holds {scales[badScale]}; scales must be finite and positive.");
         }
 
+        if (channelScales is not null && Array.FindIndex(channelScales, v => !float.IsFinite(v) || v <= 0) is var badChannel and >= 0)
+        {
+            throw new InvalidOperationException($"{layer}: its stored 'input_channel_scale' now holds {channelScales[badChannel]}; input scales must be finite and positive.");
+        }
+
         if (biasValues is not null && Array.FindIndex(biasValues, v => !float.IsFinite(v)) >= 0)
         {
             throw new InvalidOperationException($"{layer}: its stored 'bias' now holds NaN or infinite values.");
@@ -304,7 +313,7 @@ internal static class QuantizedTensors
             throw new InvalidOperationException($"{layer}: its stored 'input_scale' now holds {newScale}; it must be finite and positive.");
         }
 
-        var rebuilt = QuantizedMatrix.FromLevels(matrix.N, matrix.K, matrix.Bits, matrix.Granularity, q, scales, biasValues, zeroValues);
+        var rebuilt = QuantizedMatrix.FromLevels(matrix.N, matrix.K, matrix.Bits, matrix.Granularity, q, scales, biasValues, zeroValues, channelScales);
         return (rebuilt, activations with { Scale = newScale, ZeroPoint = newZero });
     }
 
@@ -323,7 +332,7 @@ internal static class QuantizedTensors
         return stored.contiguous();
     }
 
-    public static (Tensor Weight, Tensor Scale, Tensor? Bias, Tensor? InputScale, Tensor? InputZeroPoint, Tensor? ZeroPoint) Create(QuantizedMatrix matrix, ActivationSettings activations, long[] weightShape)
+    public static (Tensor Weight, Tensor Scale, Tensor? Bias, Tensor? InputScale, Tensor? InputZeroPoint, Tensor? ZeroPoint, Tensor? InputChannelScale) Create(QuantizedMatrix matrix, ActivationSettings activations, long[] weightShape)
     {
         using var scope = NewDisposeScope();
         // 8 bits: int8 in the layer's shape; fewer: bit-packed rows (two int4 per byte, eight signs per byte, ...).
@@ -351,6 +360,7 @@ internal static class QuantizedTensors
             bias?.DetachFromDisposeScope(),
             inputScale?.DetachFromDisposeScope(),
             inputZero?.DetachFromDisposeScope(),
-            matrix.ZeroPoints is null ? null : tensor(matrix.ZeroPoints, scaleShape).to(ScalarType.Float16).DetachFromDisposeScope());
+            matrix.ZeroPoints is null ? null : tensor(matrix.ZeroPoints, scaleShape).to(ScalarType.Float16).DetachFromDisposeScope(),
+            matrix.InputScales is null ? null : tensor(matrix.InputScales).DetachFromDisposeScope());
     }
 }

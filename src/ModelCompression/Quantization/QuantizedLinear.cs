@@ -18,7 +18,8 @@ namespace ModelCompression.Quantization;
 /// two 4-bit weights per byte, low nibble first; eight binary weights per byte, 1 = +1), <c>weight_scale</c>
 /// (float32, float16 for 4-bit), <c>bias</c> (float32), for static quantization <c>input_scale</c> and
 /// <c>input_zero_point</c>, and for HQQ's asymmetric weights <c>weight_zero_point</c> (float16, one per scale: the
-/// weight is scale × (level − zero point)).
+/// weight is scale × (level − zero point)), and for AWQ's explicit scales <c>input_channel_scale</c> (float32 [in]:
+/// the stored weight is W·diag(s) and the input is divided by s first, where no preceding layer could absorb 1/s).
 /// </remarks>
 public sealed class QuantizedLinear : QuantizedLayer
 {
@@ -28,16 +29,17 @@ public sealed class QuantizedLinear : QuantizedLayer
     private readonly Tensor? input_scale;
     private readonly Tensor? input_zero_point;
     private readonly Tensor? weight_zero_point;
+    private readonly Tensor? input_channel_scale;
 
     internal QuantizedLinear(QuantizedMatrix matrix, ActivationSettings activations, bool fusedRelu, QuantizationMode mode)
         : base(nameof(QuantizedLinear), matrix, activations, fusedRelu, mode)
     {
-        (weight, weight_scale, bias, input_scale, input_zero_point, weight_zero_point) = QuantizedTensors.Create(matrix, activations, [matrix.N, matrix.K]);
+        (weight, weight_scale, bias, input_scale, input_zero_point, weight_zero_point, input_channel_scale) = QuantizedTensors.Create(matrix, activations, [matrix.N, matrix.K]);
         RegisterComponents();
     }
 
     /// <inheritdoc/>
-    private protected override StoredTensors Stored => new(weight, weight_scale, bias, input_scale, input_zero_point, weight_zero_point);
+    private protected override StoredTensors Stored => new(weight, weight_scale, bias, input_scale, input_zero_point, weight_zero_point, input_channel_scale);
 
     /// <summary>Gets the input features.</summary>
     public long InFeatures => Matrix.K;
@@ -82,10 +84,11 @@ public sealed class QuantizedLinear : QuantizedLayer
         return Create(linear, bits, granularity, new ActivationSettings(mode, 0, 0, false), false, quantMode);
     }
 
-    internal static QuantizedLinear Create(Linear linear, int bits, QuantizationGranularity granularity, ActivationSettings activations, bool fusedRelu, QuantizationMode mode)
+    internal static QuantizedLinear Create(Linear linear, int bits, QuantizationGranularity granularity, ActivationSettings activations, bool fusedRelu, QuantizationMode mode, float[]? inputScales = null)
     {
-        var matrix = QuantizedTensors.QuantizeWeight(linear.weight!, linear.bias, bits, granularity, "Linear");
-        return new QuantizedLinear(matrix, activations, fusedRelu, mode);
+        using var scope = NewDisposeScope();
+        var matrix = QuantizedTensors.QuantizeWeight(Scaling.LayerNormScaling.ScaledWeight(linear, inputScales), linear.bias, bits, granularity, "Linear");
+        return new QuantizedLinear(inputScales is null ? matrix : matrix.WithInputScales(inputScales), activations, fusedRelu, mode);
     }
 
     /// <inheritdoc/>
@@ -114,5 +117,5 @@ public sealed class QuantizedLinear : QuantizedLayer
 
     /// <inheritdoc/>
     public override string ToString() =>
-        $"QuantizedLinear(in={Matrix.K}, out={Matrix.N}, {Mode}, int{Matrix.Bits} {Matrix.Granularity}{(FusedRelu ? ", relu" : string.Empty)})";
+        $"QuantizedLinear(in={Matrix.K}, out={Matrix.N}, {Mode}, int{Matrix.Bits} {Matrix.Granularity}{(Matrix.InputScales is null ? string.Empty : ", input scales")}{(FusedRelu ? ", relu" : string.Empty)})";
 }

@@ -49,6 +49,12 @@ internal enum NodeKind : byte
     /// <summary>A <see cref="QuantizedLinear"/> with a zero point per scale (HQQ): the levels span the bits' whole two's complement range.</summary>
     AsymmetricQuantizedLinear = 50,
 
+    /// <summary>
+    /// A <see cref="QuantizedLinear"/> with AWQ's explicit input scales (its input divided by them before the kernel),
+    /// symmetric or (attribute <c>asymmetric</c>) with HQQ's zero points.
+    /// </summary>
+    ScaledQuantizedLinear = 51,
+
     /// <summary>A layer kind of the <see cref="Modules.LayerRegistry"/>: its id, version and named attributes, its own tensors by name, its children.</summary>
     Registered = 60,
 }
@@ -114,6 +120,7 @@ internal static class ModuleCodec
         [NodeKind.AdaptiveAvgPool2d] = [("oh", 1, MaxDim), ("ow", 1, MaxDim)],
         [NodeKind.QuantizedLinear] = [("n", 1, MaxDim), ("k", 1, MaxDim), ("bits", 1, 8), ("granularity", 0, 2), ("groupSize", 0, MaxDim), ("mode", 0, 5), ("activations", 0, 3), ("symmetric", 0, 1), ("relu", 0, 1), ("bias", 0, 1)],
         [NodeKind.AsymmetricQuantizedLinear] = [("n", 1, MaxDim), ("k", 1, MaxDim), ("bits", 2, 8), ("granularity", 1, 2), ("groupSize", 0, MaxDim), ("mode", 0, 5), ("activations", 0, 3), ("symmetric", 0, 1), ("relu", 0, 1), ("bias", 0, 1)],
+        [NodeKind.ScaledQuantizedLinear] = [("n", 1, MaxDim), ("k", 1, MaxDim), ("bits", 1, 8), ("granularity", 0, 2), ("groupSize", 0, MaxDim), ("mode", 0, 5), ("activations", 0, 3), ("symmetric", 0, 1), ("relu", 0, 1), ("bias", 0, 1), ("asymmetric", 0, 1)],
         [NodeKind.QuantizedConv2d] = [("n", 1, MaxDim), ("k", 1, MaxDim), ("bits", 1, 8), ("granularity", 0, 2), ("groupSize", 0, MaxDim), ("mode", 0, 5), ("activations", 0, 3), ("symmetric", 0, 1), ("relu", 0, 1), ("bias", 0, 1), ("in", 1, MaxDim), ("kh", 1, MaxKernel), ("kw", 1, MaxKernel), ("sh", 1, MaxKernel), ("sw", 1, MaxKernel), ("ph", 0, MaxKernel), ("pw", 0, MaxKernel), ("dh", 1, MaxKernel), ("dw", 1, MaxKernel)],
         [NodeKind.LowRankConv2d] = [("decomposition", 0, 1)],
         [NodeKind.HalfPrecision] = [("bfloat16", 0, 1)],
@@ -129,6 +136,7 @@ internal static class ModuleCodec
         [NodeKind.Dropout] = ["p"],
         [NodeKind.QuantizedLinear] = ["inputScale", "inputZeroPoint"],
         [NodeKind.AsymmetricQuantizedLinear] = ["inputScale", "inputZeroPoint"],
+        [NodeKind.ScaledQuantizedLinear] = ["inputScale", "inputZeroPoint"],
         [NodeKind.QuantizedConv2d] = ["inputScale", "inputZeroPoint"],
     };
 
@@ -141,7 +149,7 @@ internal static class ModuleCodec
     private static readonly HashSet<NodeKind> WithData =
     [
         NodeKind.Linear, NodeKind.SparseLinear, NodeKind.Conv2d, NodeKind.BatchNorm1d, NodeKind.BatchNorm2d, NodeKind.LayerNorm,
-        NodeKind.QuantizedLinear, NodeKind.QuantizedConv2d, NodeKind.AsymmetricQuantizedLinear,
+        NodeKind.QuantizedLinear, NodeKind.QuantizedConv2d, NodeKind.AsymmetricQuantizedLinear, NodeKind.ScaledQuantizedLinear,
     ];
 
     /// <summary>What was stored for one module, for size reports.</summary>
@@ -256,6 +264,7 @@ internal static class ModuleCodec
         AdaptiveAvgPool2d => NodeKind.AdaptiveAvgPool2d,
         Softmax => NodeKind.Softmax,
         SparseLinear => NodeKind.SparseLinear,
+        QuantizedLinear { Matrix.InputScales: not null } => NodeKind.ScaledQuantizedLinear,
         QuantizedLinear { Matrix.ZeroPoints: not null } => NodeKind.AsymmetricQuantizedLinear,
         QuantizedLinear => NodeKind.QuantizedLinear,
         QuantizedConv2d => NodeKind.QuantizedConv2d,
@@ -419,6 +428,10 @@ internal static class ModuleCodec
                     var s = qc.Shape;
                     common = [.. common, s.InChannels, s.KernelSize[0], s.KernelSize[1], s.Stride[0], s.Stride[1], s.Padding[0], s.Padding[1], s.Dilation[0], s.Dilation[1]];
                 }
+                else if (kind == NodeKind.ScaledQuantizedLinear)
+                {
+                    common = [.. common, B(m.ZeroPoints is not null)];
+                }
 
                 return (common, [a.Scale, a.ZeroPoint], []);
             }
@@ -500,6 +513,11 @@ internal static class ModuleCodec
                 if (m.Bias is not null)
                 {
                     encodings.Add(Describe("bias", ValueCodec.WriteFloats(w, m.Bias, $"The bias of '{path}'")));
+                }
+
+                if (m.InputScales is not null)
+                {
+                    encodings.Add(Describe("input scales", ValueCodec.WriteFloats(w, m.InputScales, $"The input scales of '{path}'")));
                 }
 
                 break;
@@ -734,7 +752,7 @@ internal static class ModuleCodec
                 }
 
                 break;
-            case NodeKind.QuantizedLinear or NodeKind.QuantizedConv2d or NodeKind.AsymmetricQuantizedLinear:
+            case NodeKind.QuantizedLinear or NodeKind.QuantizedConv2d or NodeKind.AsymmetricQuantizedLinear or NodeKind.ScaledQuantizedLinear:
             {
                 long n = I[0], k = I[1];
                 int bits = (int)I[2];
@@ -747,15 +765,13 @@ internal static class ModuleCodec
                 }
 
                 long scales = I[3] switch { 0 => 1, 1 => n, _ => Product(ref r, at, n, (k + groupSize - 1) / groupSize) };
-                bool asymmetric = node.Kind == NodeKind.AsymmetricQuantizedLinear;
+                bool asymmetric = node.Kind == NodeKind.AsymmetricQuantizedLinear || (node.Kind == NodeKind.ScaledQuantizedLinear && I[10] == 1);
                 int maxLevel = asymmetric ? 1 << (bits - 1) : QuantizedMatrix.MaxLevel(bits);
                 node.Arrays.Add(ValueCodec.ReadLevels(ref r, Product(ref r, at, n, k), maxLevel, budget, $"the weight of {at}", highest: asymmetric ? maxLevel - 1 : maxLevel));
                 node.Arrays.Add(ValueCodec.ReadFloats(ref r, scales, budget, $"the scales of {at}"));
                 node.Arrays.Add(asymmetric ? ValueCodec.ReadFloats(ref r, scales, budget, $"the zero points of {at}") : null!);
-                if (I[9] == 1)
-                {
-                    node.Arrays.Add(ValueCodec.ReadFloats(ref r, n, budget, $"the bias of {at}"));
-                }
+                node.Arrays.Add(I[9] == 1 ? ValueCodec.ReadFloats(ref r, n, budget, $"the bias of {at}") : null!);
+                node.Arrays.Add(node.Kind == NodeKind.ScaledQuantizedLinear ? ValueCodec.ReadFloats(ref r, k, budget, $"the input scales of {at}") : null!);
 
                 break;
             }
@@ -1001,7 +1017,7 @@ internal static class ModuleCodec
                 return nn.AvgPool2d((I[0], I[1]), (I[2], I[3]), (I[4], I[5]), I[6] == 1, I[7] == 1, I[8] == 0 ? null : I[8]);
             case NodeKind.AdaptiveAvgPool2d:
                 return nn.AdaptiveAvgPool2d((I[0], I[1]));
-            case NodeKind.QuantizedLinear or NodeKind.QuantizedConv2d or NodeKind.AsymmetricQuantizedLinear:
+            case NodeKind.QuantizedLinear or NodeKind.QuantizedConv2d or NodeKind.AsymmetricQuantizedLinear or NodeKind.ScaledQuantizedLinear:
                 return BuildQuantized(node);
             case NodeKind.LowRankLinear:
                 return children is [Linear first, Linear second]
@@ -1088,7 +1104,7 @@ internal static class ModuleCodec
     private static (long In, long Out) FactorSize(NodeSpec owner, NodeSpec factor) => factor.Kind switch
     {
         NodeKind.Linear or NodeKind.SparseLinear or NodeKind.Conv2d => (factor.Ints[0], factor.Ints[1]),
-        NodeKind.QuantizedLinear or NodeKind.AsymmetricQuantizedLinear => (factor.Ints[1], factor.Ints[0]),
+        NodeKind.QuantizedLinear or NodeKind.AsymmetricQuantizedLinear or NodeKind.ScaledQuantizedLinear => (factor.Ints[1], factor.Ints[0]),
         NodeKind.QuantizedConv2d => (factor.Ints[10], factor.Ints[0]),
         NodeKind.HalfPrecision or NodeKind.Clustered when factor.Children is [var inner] => FactorSize(owner, inner),
         _ => throw Mismatch(owner, "two Linear or Conv2d factors, possibly compressed"),
@@ -1103,7 +1119,7 @@ internal static class ModuleCodec
     {
         switch (node.Kind)
         {
-            case NodeKind.QuantizedLinear or NodeKind.QuantizedConv2d or NodeKind.AsymmetricQuantizedLinear:
+            case NodeKind.QuantizedLinear or NodeKind.QuantizedConv2d or NodeKind.AsymmetricQuantizedLinear or NodeKind.ScaledQuantizedLinear:
                 CheckQuantized(node);
                 break;
             case NodeKind.Dropout when node.Reals[0] is not (>= 0 and < 1):
@@ -1177,6 +1193,16 @@ internal static class ModuleCodec
             throw new InvalidDataException($"{node.Describe} has the zero point {zeroPoints[badZero]}; zero points must be finite.");
         }
 
+        if (node.Kind == NodeKind.ScaledQuantizedLinear && I[10] == 1 && (bits < 2 || I[3] == 0))
+        {
+            throw new InvalidDataException($"{node.Describe} has zero points with {bits} bit(s) and granularity {I[3]}; zero points need at least 2 bits and a scale per row or group.");
+        }
+
+        if (node.Arrays.Count > 4 && node.Arrays[4] is float[] inputScales && Array.FindIndex(inputScales, v => !float.IsFinite(v) || !(v > 0)) is var badInput and >= 0)
+        {
+            throw new InvalidDataException($"{node.Describe} has the input scale {inputScales[badInput]}; input scales must be finite and positive.");
+        }
+
         if (node.Kind == NodeKind.QuantizedConv2d && I[10] * I[11] * I[12] != k)
         {
             throw new InvalidDataException($"{node.Describe} has {k} inputs per output, not {I[10]} channels × {I[11]} × {I[12]}.");
@@ -1192,6 +1218,7 @@ internal static class ModuleCodec
         var scales = (float[])node.Arrays[1];
         var zeroPoints = (float[]?)node.Arrays[2];
         var bias = I[9] == 1 ? (float[])node.Arrays[3] : null;
+        var inputScales = (float[]?)node.Arrays[4];
         var activationMode = (ActivationMode)I[6];
         float inputScale = (float)node.Reals[0], inputZero = (float)node.Reals[1];
         var granularity = I[3] switch
@@ -1201,10 +1228,10 @@ internal static class ModuleCodec
             _ => QuantizationGranularity.PerGroup((int)I[4]),
         };
 
-        var matrix = QuantizedMatrix.FromLevels(n, k, bits, granularity, q, scales, bias, zeroPoints);
+        var matrix = QuantizedMatrix.FromLevels(n, k, bits, granularity, q, scales, bias, zeroPoints, inputScales);
         var settings = new ActivationSettings(activationMode, inputScale, inputZero, I[7] == 1);
         var mode = (QuantizationMode)I[5];
-        if (node.Kind is NodeKind.QuantizedLinear or NodeKind.AsymmetricQuantizedLinear)
+        if (node.Kind is NodeKind.QuantizedLinear or NodeKind.AsymmetricQuantizedLinear or NodeKind.ScaledQuantizedLinear)
         {
             return new QuantizedLinear(matrix, settings, I[8] == 1, mode);
         }

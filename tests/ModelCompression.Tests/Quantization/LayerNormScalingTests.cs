@@ -18,14 +18,16 @@ public sealed class LayerNormScalingTests
         using var original = Model(21);
         using var model = ModuleCloner.DeepClone(original);
         using var data = Data(22);
-        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, WeightBits = 3, Awq = new AwqOptions(), CalibrationBatches = 2, CalibrationBatchSize = 64 };
+        // Without the clipping search, which changes the weights on purpose.
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, WeightBits = 3, Awq = new AwqOptions { ClipSearch = false }, CalibrationBatches = 2, CalibrationBatchSize = 64 };
         var context = new CompressionContext(new ModelCompression.CompressionData(data, data), original);
         var targets = QuantizationTargetsFor(model);
 
-        var notes = LayerNormScaling.Awq(model, targets, options, options.Awq!, context);
+        var (notes, inputScales) = LayerNormScaling.Awq(model, targets, options, options.Awq!, context);
 
         Assert.That(notes, Has.Some.Contains("norm → fc1, gate"));
-        Assert.That(notes, Has.Some.Contains("not scaled").And.Contains("fc2"));
+        Assert.That(notes, Has.Some.Contains("not folded").And.Contains("fc2"));
+        Assert.That(inputScales.Keys, Is.SubsetOf(new[] { "fc2" }), "only the unfolded layer can get explicit scales");
         using var noGrad = no_grad();
         var x = data.Inputs[..32];
         var expected = original.call(x);
@@ -53,6 +55,105 @@ public sealed class LayerNormScalingTests
         double rtn = Error(null), awq = Error(new AwqOptions());
         TestContext.Out.WriteLine($"{bits} bits: RTN {rtn:G4}, AWQ {awq:G4}");
         Assert.That(awq, Is.LessThan(rtn));
+    }
+
+    [Test]
+    public void Awq_UnfoldableLayer_ExplicitScalesStoredAndOutputsAsIfFloat()
+    {
+        // fc2 reads fc1 · sigmoid(gate), no LayerNorm: its scales stay with the quantized layer, which divides its input.
+        using var original = Model(41);
+        using var data = SalientData(42, channelsOf: original);
+        using var heldOut = SalientData(43, channelsOf: original);
+        double Error(bool explicitScales, out nn.Module<Tensor, Tensor> quantized)
+        {
+            var options = new PostTrainingQuantizationOptions
+            {
+                Mode = QuantizationMode.WeightOnlyInt4, WeightBits = 3, WeightGranularity = QuantizationGranularity.PerGroup(8),
+                Awq = new AwqOptions { ExplicitScales = explicitScales, ClipSearch = false }, CalibrationBatches = 2, CalibrationBatchSize = 64,
+            };
+            var context = new CompressionContext(new ModelCompression.CompressionData(data, data), original);
+            quantized = new PostTrainingQuantizationStep(options).Apply(ModuleCloner.DeepClone(original), context);
+            using var noGrad = no_grad();
+            return (quantized.call(heldOut.Inputs) - original.call(heldOut.Inputs)).square().mean().item<float>();
+        }
+
+        double without = Error(false, out var plain), with = Error(true, out var scaled);
+        using var _p = plain;
+        using var _s = scaled;
+        TestContext.Out.WriteLine($"3 bits, fc2's output error: folded only {without:G4}, with explicit scales {with:G4}");
+        var fc2 = (QuantizedLinear)ModuleTree.GetSubmodule(scaled, "fc2");
+        Assert.That(fc2.Matrix.InputScales, Is.Not.Null);
+        Assert.That(((QuantizedLinear)ModuleTree.GetSubmodule(plain, "fc2")).Matrix.InputScales, Is.Null);
+        Assert.That(fc2.state_dict().Keys, Does.Contain("input_channel_scale"));
+        Assert.That(with, Is.LessThan(without));
+
+        // The weight the layer computes with is the float one, within the rounding.
+        using var effective = fc2.DequantizedWeight();
+        var floatWeight = ((TorchSharp.Modules.Linear)ModuleTree.GetSubmodule(original, "fc2")).weight!;
+        Assert.That((effective - floatWeight).abs().mean().item<float>(), Is.LessThan(0.25 * floatWeight.abs().mean().item<float>()));
+    }
+
+    [Test]
+    public void ExplicitScales_LoadStateDict_ChangesTheOutputAndBadValuesAreRefused()
+    {
+        using var original = Model(44);
+        using var data = SalientData(45, channelsOf: original);
+        var options = new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, Awq = new AwqOptions(), CalibrationBatches = 1, CalibrationBatchSize = 64 };
+        var context = new CompressionContext(new ModelCompression.CompressionData(data, data), original);
+        using var quantized = new PostTrainingQuantizationStep(options).Apply(ModuleCloner.DeepClone(original), context);
+        var fc2 = (QuantizedLinear)ModuleTree.GetSubmodule(quantized, "fc2");
+        Assume.That(fc2.Matrix.InputScales, Is.Not.Null);
+        using var noGrad = no_grad();
+        var x = data.Inputs[..8];
+        using var before = quantized.call(x);
+
+        var state = fc2.state_dict();
+        state["input_channel_scale"].mul_(2);
+        using var after = quantized.call(x);
+        Assert.That((after - before).abs().max().item<float>(), Is.GreaterThan(1e-3));
+        Assert.That(fc2.Matrix.InputScales![0], Is.EqualTo(state["input_channel_scale"][0].item<float>()));
+
+        // Handed out again (as load_state_dict does): the next call reads the stored tensors back.
+        fc2.state_dict()["input_channel_scale"][1] = -1;
+        var error = Assert.Throws<InvalidOperationException>(() => quantized.call(x).Dispose());
+        Assert.That(error!.Message, Does.Contain("input_channel_scale").And.Contain("positive"));
+    }
+
+    [Test]
+    public void Awq_ClipSearch_LowersTheOutputErrorAtThreeBits()
+    {
+        using var original = Model(46);
+        using var data = SalientData(47, channelsOf: original);
+        using var heldOut = SalientData(48, channelsOf: original);
+        double Error(bool clip, out List<string> notes)
+        {
+            var options = new PostTrainingQuantizationOptions
+            {
+                Mode = QuantizationMode.WeightOnlyInt4, WeightBits = 3, WeightGranularity = QuantizationGranularity.PerGroup(16),
+                Awq = new AwqOptions { ClipSearch = clip }, CalibrationBatches = 2, CalibrationBatchSize = 64,
+            };
+            var context = new CompressionContext(new ModelCompression.CompressionData(data, data), original);
+            using var quantized = new PostTrainingQuantizationStep(options).Apply(ModuleCloner.DeepClone(original), context);
+            notes = [.. context.Notes];
+            using var noGrad = no_grad();
+            return (quantized.call(heldOut.Inputs) - original.call(heldOut.Inputs)).square().mean().item<float>();
+        }
+
+        double unclipped = Error(false, out _), clipped = Error(true, out var notes);
+        TestContext.Out.WriteLine($"3 bits: without clipping {unclipped:G4}, with {clipped:G4}");
+        Assert.That(notes, Has.Some.Contains("clipping search").And.Contains("fc1").And.Contains("fc2"));
+        Assert.That(clipped, Is.LessThan(unclipped));
+    }
+
+    [Test]
+    public void Options_AwqClipping_Validated()
+    {
+        var errors = new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, Awq = new AwqOptions { MaxShrink = 1, ClipGridPoints = 1, ClipRows = 0 } }.Validate();
+        Assert.That(errors, Has.Some.Contains("MaxShrink"));
+        Assert.That(errors, Has.Some.Contains("ClipGridPoints"));
+        Assert.That(errors, Has.Some.Contains("ClipRows"));
+        var copy = new PostTrainingQuantizationOptions { Awq = new AwqOptions { ClipRows = 7, ExplicitScales = false } }.Clone();
+        Assert.That((copy.Awq!.ClipRows, copy.Awq.ExplicitScales), Is.EqualTo((7, false)));
     }
 
     [Test]
@@ -147,6 +248,22 @@ public sealed class LayerNormScalingTests
     {
         using var generator = new Generator((ulong)seed);
         return new TensorDataset(randn([128, 16], generator: generator), zeros(128, dtype: ScalarType.Int64));
+    }
+
+    /// <summary>Inputs whose fc2 input has a few large channels: fc1's rows 5 and 17 are scaled up.</summary>
+    private static TensorDataset SalientData(int seed, nn.Module<Tensor, Tensor> channelsOf)
+    {
+        using (no_grad())
+        {
+            var fc1 = (TorchSharp.Modules.Linear)ModuleTree.GetSubmodule(channelsOf, "fc1");
+            if (fc1.weight![5].abs().max().item<float>() < 1)
+            {
+                fc1.weight[5].mul_(12);
+                fc1.weight[17].mul_(8);
+            }
+        }
+
+        return Data(seed);
     }
 
     private static List<Target> QuantizationTargetsFor(nn.Module<Tensor, Tensor> model) =>

@@ -23,6 +23,7 @@ internal static class StepOutputs
         "ptq-int8-per-channel", "ptq-int8-per-group-16", "ptq-int6-per-channel",
         "ptq-int4-per-group-8", "ptq-int4-per-group-16", "ptq-int4-default", "ptq-int4-per-group-128",
         "ptq-int3-per-group-64", "ptq-int2-per-group-32", "ptq-int4-hqq", "ptq-int8-hqq-per-group-32", "ptq-int4-gptq",
+        "ptq-int4-awq", "ptq-int4-awq-hqq", "ptq-int4-awq-gptq",
     ];
 
     /// <summary>The model (in evaluation mode), an input, and the architecture to load it into (null when the file needs none).</summary>
@@ -52,6 +53,9 @@ internal static class StepOutputs
             "ptq-int4-hqq" => new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, Rounding = WeightRounding.Hqq(iterations: 5) },
             "ptq-int8-hqq-per-group-32" => WeightOnly(8, 32, WeightRounding.Hqq(iterations: 5)),
             "ptq-int4-gptq" => new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, Rounding = WeightRounding.Gptq() },
+            "ptq-int4-awq" => new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, Awq = new AwqOptions() },
+            "ptq-int4-awq-hqq" => new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, Awq = new AwqOptions(), Rounding = WeightRounding.Hqq(iterations: 5) },
+            "ptq-int4-awq-gptq" => new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, Awq = new AwqOptions(), Rounding = WeightRounding.Gptq() },
             _ => throw new ArgumentException(name, nameof(name)),
         };
         options.CalibrationBatches = 1;

@@ -20,6 +20,7 @@ internal static class GptqLayers
     /// <param name="rounding">GPTQ's settings.</param>
     /// <param name="options">The step's options (bits, granularity, calibration, mode).</param>
     /// <param name="activationsFor">The activation settings each target's quantized layer gets.</param>
+    /// <param name="inputScales">AWQ's explicit input scales by layer name: those layers are solved as W·diag(s) for inputs x / s.</param>
     /// <param name="context">The step's context (calibration data, progress, notes, cancellation).</param>
     /// <returns>The solved matrices by layer name.</returns>
     public static Dictionary<string, QuantizedMatrix> Solve(
@@ -28,6 +29,7 @@ internal static class GptqLayers
         GptqRounding rounding,
         PostTrainingQuantizationOptions options,
         Func<Target, ActivationSettings> activationsFor,
+        IReadOnlyDictionary<string, float[]> inputScales,
         CompressionContext context)
     {
         var solved = new Dictionary<string, QuantizedMatrix>(StringComparer.Ordinal);
@@ -62,7 +64,15 @@ internal static class GptqLayers
                 var hessian = LayerInputs.Hessian(root, target.Name, target.Module, k, options.CalibrationBatches, options.CalibrationBatchSize, context);
                 var granularity = QuantizedMatrix.ForInputs(granularityRequested, k);
                 int groupSize = granularity is PerGroupGranularity g ? g.Size : 0;
-                var result = GptqSolver.Quantize(layer.weight!, hessian, options.Bits, groupSize, rounding.ActOrder, rounding.DampingFraction, rounding.BlockSize, sparsity: rounding.Sparsity, pattern: rounding.Pattern);
+                var scales = inputScales.GetValueOrDefault(target.Name);
+                if (scales is not null)
+                {
+                    // Inputs x / s: the Hessian of x / s is H / (s·sᵀ).
+                    using var s = tensor(scales, ScalarType.Float64);
+                    hessian = hessian / s.unsqueeze(1) / s.unsqueeze(0);
+                }
+
+                var result = GptqSolver.Quantize(Scaling.LayerNormScaling.ScaledWeight(layer, scales), hessian, options.Bits, groupSize, rounding.ActOrder, rounding.DampingFraction, rounding.BlockSize, sparsity: rounding.Sparsity, pattern: rounding.Pattern);
                 if (result.Retries > 0)
                 {
                     raised.Add($"{target.Name} ({result.Damping:G3})");
@@ -74,7 +84,7 @@ internal static class GptqLayers
                 }
 
                 float[]? bias = layer.bias is { } b ? b.detach().to(ScalarType.Float32).cpu().contiguous().data<float>().ToArray() : null;
-                solved[target.Name] = QuantizedMatrix.FromLevels(n, k, options.Bits, granularity, result.Levels, result.Scales, bias);
+                solved[target.Name] = QuantizedMatrix.FromLevels(n, k, options.Bits, granularity, result.Levels, result.Scales, bias, inputScales: scales);
                 scope.Dispose();
 
                 // The layers after this one calibrate on what the quantized layer computes (built outside the scope,

@@ -13,9 +13,10 @@ internal readonly record struct ActivationSettings(ActivationMode Mode, float Sc
 /// </summary>
 internal sealed unsafe class QuantizedMatrix
 {
-    private QuantizedMatrix(int n, int k, int bits, QuantizationGranularity granularity, int groupSize, sbyte[] q, float[] scales, float[]? bias, float[]? zeroPoints = null)
+    private QuantizedMatrix(int n, int k, int bits, QuantizationGranularity granularity, int groupSize, sbyte[] q, float[] scales, float[]? bias, float[]? zeroPoints = null, float[]? inputScales = null)
     {
         ZeroPoints = zeroPoints;
+        InputScales = inputScales;
         N = n;
         K = k;
         Bits = bits;
@@ -58,6 +59,13 @@ internal sealed unsafe class QuantizedMatrix
     /// (−8…7 at 4 bits), see <see cref="MinLevel"/>.
     /// </summary>
     public float[]? ZeroPoints { get; }
+
+    /// <summary>
+    /// Gets AWQ's explicit per-input scales s (K values, all positive), or <see langword="null"/>: the levels and
+    /// scales stand for W·diag(s), and the input is divided by s before the kernel, so the layer computes x·Wᵀ. Used
+    /// where no preceding layer can absorb 1/s.
+    /// </summary>
+    public float[]? InputScales { get; }
 
     /// <summary>Gets the lowest level: −<see cref="MaxLevel(int)"/> on the symmetric grid, −2ᵇ⁻¹ with zero points.</summary>
     public int MinLevel => ZeroPoints is null ? -MaxLevel(Bits) : -(1 << (Bits - 1));
@@ -141,13 +149,22 @@ internal sealed unsafe class QuantizedMatrix
     /// A stored group longer than the row (written before groups were capped at K) becomes the whole-row group it
     /// always was: one scale per row, the same outputs.
     /// </summary>
-    public static QuantizedMatrix FromLevels(int n, int k, int bits, QuantizationGranularity granularity, sbyte[] q, float[] scales, float[]? bias, float[]? zeroPoints = null)
+    public static QuantizedMatrix FromLevels(int n, int k, int bits, QuantizationGranularity granularity, sbyte[] q, float[] scales, float[]? bias, float[]? zeroPoints = null, float[]? inputScales = null)
     {
         granularity = ForInputs(granularity, k);
-        return new(n, k, bits, granularity, granularity is PerGroupGranularity g ? g.Size : 0, q, scales, bias, zeroPoints);
+        return new(n, k, bits, granularity, granularity is PerGroupGranularity g ? g.Size : 0, q, scales, bias, zeroPoints, inputScales);
     }
 
-    /// <summary>Returns the float weight the integers stand for, row-major [N, K].</summary>
+    /// <summary>The same weights with explicit input scales (see <see cref="InputScales"/>): the levels already stand for W·diag(s).</summary>
+    public QuantizedMatrix WithInputScales(float[]? inputScales) =>
+        inputScales is not null && inputScales.Length != K
+            ? throw new ArgumentException($"{inputScales.Length} input scales for {K} inputs.", nameof(inputScales))
+            : new(N, K, Bits, Granularity, GroupSize, Q, Scales, Bias, ZeroPoints, inputScales);
+
+    /// <summary>
+    /// Returns the float weight the integers stand for, row-major [N, K]: with <see cref="InputScales"/>, the scaled
+    /// W·diag(s) the kernel multiplies (see <see cref="EffectiveWeight"/> for W).
+    /// </summary>
     public float[] Dequantize()
     {
         var w = new float[N * K];
@@ -156,6 +173,21 @@ internal sealed unsafe class QuantizedMatrix
             for (int i = 0; i < K; i++)
             {
                 w[(row * K) + i] = (Q[(row * K) + i] - ZeroAt(row, i)) * ScaleAt(row, i);
+            }
+        }
+
+        return w;
+    }
+
+    /// <summary>Returns the float weight the layer computes with, row-major [N, K]: <see cref="Dequantize"/> with the input scales divided out.</summary>
+    public float[] EffectiveWeight()
+    {
+        var w = Dequantize();
+        if (InputScales is { } s)
+        {
+            for (int i = 0; i < w.Length; i++)
+            {
+                w[i] /= s[i % K];
             }
         }
 
@@ -171,6 +203,19 @@ internal sealed unsafe class QuantizedMatrix
 
     /// <summary>Runs y = x · Wᵀ + b for x [rows, K] (float32, contiguous, CPU), returning a new [rows, N] tensor.</summary>
     public Tensor Run(Tensor x, ActivationSettings activations, bool relu, Int8KernelPath path)
+    {
+        if (InputScales is not null)
+        {
+            using var s = tensor(InputScales);
+            using var divided = x.div(s);
+            return RunScaled(divided, activations, relu, path);
+        }
+
+        return RunScaled(x, activations, relu, path);
+    }
+
+    /// <summary>Runs the kernel on an input already divided by <see cref="InputScales"/>.</summary>
+    private Tensor RunScaled(Tensor x, ActivationSettings activations, bool relu, Int8KernelPath path)
     {
         int rows = checked((int)x.shape[0]);
         var y = empty([rows, N], dtype: ScalarType.Float32);
@@ -235,9 +280,9 @@ internal sealed unsafe class QuantizedMatrix
     /// <summary>Runs a convolution on an NCHW float32 CPU batch through byte im2col, returning a new [batch, N, OH, OW] tensor.</summary>
     public Tensor RunImages(Tensor x, ConvGeometry geometry, ActivationSettings activations, bool relu, Int8KernelPath path)
     {
-        if (ZeroPoints is not null)
+        if (ZeroPoints is not null || InputScales is not null)
         {
-            throw new InvalidOperationException("A convolution's weights have no zero points (HQQ quantizes Linear layers only).");
+            throw new InvalidOperationException("A convolution's weights have no zero points or input scales (HQQ and AWQ's explicit scales are for Linear layers only).");
         }
 
         var y = empty([geometry.Batch, N, geometry.OutHeight, geometry.OutWidth], dtype: ScalarType.Float32);

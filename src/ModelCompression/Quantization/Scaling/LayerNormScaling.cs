@@ -1,3 +1,4 @@
+using ModelCompression.Calibration;
 using ModelCompression.Data;
 using ModelCompression.Modules;
 using TorchSharp;
@@ -18,15 +19,210 @@ internal static class LayerNormScaling
     /// <summary>Chooses the scales of one group from its calibration inputs [rows, channels] and its layers; returns them and a note.</summary>
     public delegate (Tensor Scales, string Note) ScaleChooser(Tensor inputs, List<Linear> layers);
 
-    /// <summary>AWQ: α on a grid, for the smallest output error of the rounded layers on the calibration inputs.</summary>
-    public static List<string> Awq(nn.Module<Tensor, Tensor> root, IReadOnlyList<Target> targets, PostTrainingQuantizationOptions options, AwqOptions awq, CompressionContext context)
+    /// <summary>
+    /// AWQ: α on a grid, for the smallest output error of the rounded layers on the calibration inputs; folded into the
+    /// LayerNorm the layers read, else (with <see cref="AwqOptions.ExplicitScales"/>) kept as the layer's explicit input
+    /// scales; then, with <see cref="AwqOptions.ClipSearch"/>, each weight group's range clipped where that lowers the
+    /// output error.
+    /// </summary>
+    /// <returns>The notes, and the explicit input scales by layer name (their weights are not scaled: the rounding multiplies them).</returns>
+    public static (List<string> Notes, Dictionary<string, float[]> InputScales) Awq(nn.Module<Tensor, Tensor> root, IReadOnlyList<Target> targets, PostTrainingQuantizationOptions options, AwqOptions awq, CompressionContext context)
     {
         int groupSize = options.EffectiveGranularity is PerGroupGranularity g ? g.Size : 0;
-        return Fold(root, targets, options, awq.MaxRows, context, (x, layers) =>
+        bool clip = awq.ClipSearch && options.Rounding is not HqqRounding && options.Bits > 1;
+        var clipped = new List<string>();
+        var scaled = new HashSet<string>(StringComparer.Ordinal);
+        var notes = Fold(root, targets, options, awq.MaxRows, context, (x, layers) =>
         {
             var (alpha, before, after, scales) = Search(x, layers, options.Bits, groupSize, awq.GridPoints);
             return (scales, $"α = {alpha:0.00}, output error {after / before:P0} of round-to-nearest's");
+        }, scaled, clip ? (x, scales, layers) =>
+        {
+            // The folded layers now read x / s with weights W·diag(s).
+            using var scope = NewDisposeScope();
+            var input = x / scales.unsqueeze(0);
+            foreach (var (name, layer) in layers)
+            {
+                clipped.Add($"{name} ({ClipInPlace(input, layer.weight!, null, options.Bits, groupSize, awq):P0})");
+            }
+        }
+        : null);
+
+        var inputScales = new Dictionary<string, float[]>(StringComparer.Ordinal);
+        var rest = targets.Where(t => t.Module is Linear && !scaled.Contains(t.Name)).ToList();
+        if (rest.Count > 0 && (awq.ExplicitScales || clip))
+        {
+            var explicitNotes = new List<string>();
+            int batches = 1;
+            foreach (var target in rest)
+            {
+                context.CancellationToken.ThrowIfCancellationRequested();
+                using var scope = NewDisposeScope();
+                var layer = (Linear)target.Module;
+                var (x, rowsPerBatch) = Rows(root, target, layer, batches, awq.MaxRows, options, context);
+                if (x is null)
+                {
+                    continue; // never called on the calibration data: rounded as it is
+                }
+
+                // As many batches as give MaxRows rows (one layer's rows at a time: the memory stays one layer's).
+                batches = Math.Clamp((int)Math.Ceiling((double)awq.MaxRows / Math.Max(1, rowsPerBatch)), 1, options.CalibrationBatches);
+                Tensor? s = null;
+                if (awq.ExplicitScales)
+                {
+                    var (alpha, before, after, scales) = Search(x, [layer], options.Bits, groupSize, awq.GridPoints);
+                    if (alpha > 0 && after < before)
+                    {
+                        s = scales;
+                        inputScales[target.Name] = scales.contiguous().data<float>().ToArray();
+                        explicitNotes.Add($"{target.Name} (α = {alpha:0.00}, {after / before:P0})");
+                    }
+                }
+
+                if (clip)
+                {
+                    clipped.Add($"{target.Name} ({ClipInPlace(s is null ? x : x / s.unsqueeze(0), layer.weight!, s, options.Bits, groupSize, awq):P0})");
+                }
+            }
+
+            if (explicitNotes.Count > 0)
+            {
+                notes.Add($"explicit input scales (no preceding layer absorbs them; the quantized layer divides its input), output error of round-to-nearest's: {string.Join(", ", explicitNotes)}");
+            }
+        }
+
+        if (clipped.Count > 0)
+        {
+            notes.Add($"clipping search, output error of the unclipped grid's: {string.Join(", ", clipped)}");
+        }
+        else if (awq.ClipSearch && options.Rounding is HqqRounding)
+        {
+            notes.Add("no clipping search: HQQ fits each group's range itself");
+        }
+
+        return (notes, inputScales);
+    }
+
+    /// <summary>The weight W·diag(s) a layer with explicit input scales rounds (or the weight itself without them).</summary>
+    public static Tensor ScaledWeight(Linear layer, float[]? inputScales)
+    {
+        var weight = layer.weight!.detach();
+        if (inputScales is null)
+        {
+            return weight;
+        }
+
+        using var s = tensor(inputScales);
+        return weight.to(ScalarType.Float32) * s.unsqueeze(0);
+    }
+
+    /// <summary>Up to <paramref name="maxRows"/> calibration input rows of one layer (float32 [rows, K]), and the rows one batch gave.</summary>
+    private static (Tensor? Rows, long RowsPerBatch) Rows(nn.Module<Tensor, Tensor> root, Target target, Linear layer, int batches, int maxRows, PostTrainingQuantizationOptions options, CompressionContext context)
+    {
+        var parts = new List<Tensor>();
+        long kept = 0;
+        long rows = LayerInputs.Collect(root, target.Name, layer, checked((int)layer.in_features), batches, options.CalibrationBatchSize, context, x =>
+        {
+            if (kept < maxRows)
+            {
+                var part = x[..(int)Math.Min(x.shape[0], maxRows - kept)].to(ScalarType.Float32).clone();
+                kept += part.shape[0];
+                parts.Add(part.DetachFromDisposeScope());
+            }
         });
+        try
+        {
+            return (parts.Count == 0 ? null : cat(parts, 0), rows / Math.Max(1, batches));
+        }
+        finally
+        {
+            parts.ForEach(p => p.Dispose());
+        }
+    }
+
+    /// <summary>
+    /// AWQ's clipping search: for each row's weight group, the largest magnitude shrunk by the factor on a grid (down to
+    /// 1 − <see cref="AwqOptions.MaxShrink"/>) that gives the smallest error of that group's share of the output after
+    /// rounding, on calibration rows; the weights are clamped to it in place.
+    /// </summary>
+    /// <param name="x">Calibration inputs as the rounded weight sees them [rows, K] (divided by the explicit scales, if any).</param>
+    /// <param name="weight">The layer's float weight [N, K], clamped in place.</param>
+    /// <param name="inputScales">The explicit input scales s: the search runs on W·diag(s) and the clamp is applied in that domain.</param>
+    /// <param name="bits">Bits per weight.</param>
+    /// <param name="groupSize">Inputs per scale (0: the whole row).</param>
+    /// <param name="awq">The grid and the rows used.</param>
+    /// <returns>The output error after clipping as a fraction of the error without.</returns>
+    private static double ClipInPlace(Tensor x, Tensor weight, Tensor? inputScales, int bits, int groupSize, AwqOptions awq)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        long n = weight.shape[0], k = weight.shape[1];
+        int size = groupSize <= 0 || groupSize >= k ? (int)k : groupSize;
+        long groups = (k + size - 1) / size;
+        long padded = groups * size;
+        // Evenly spread rows: the search's memory is rows × N × groups per shrink factor.
+        long rows = Math.Min(x.shape[0], awq.ClipRows);
+        var picked = x.shape[0] == rows ? x : x.index_select(0, linspace(0, x.shape[0] - 1, rows).round().to(ScalarType.Int64));
+        var w = weight.to(ScalarType.Float32);
+        if (inputScales is not null)
+        {
+            w = w * inputScales.unsqueeze(0);
+        }
+
+        var xg = nn.functional.pad(picked.to(ScalarType.Float32), [0, padded - k]).reshape(rows, groups, size);
+        var wg = nn.functional.pad(w, [0, padded - k]).reshape(n, groups, size);
+        int qmax = Kernels.QuantizedMatrix.MaxLevel(bits);
+        using var levels = ((double)qmax).ToScalar();
+        using var negative = (-(double)qmax).ToScalar();
+        using var tiny = 1e-12.ToScalar();
+        var largest = wg.abs().amax([-1], keepdim: true);
+        var best = largest.clone();
+        using var infinity = float.PositiveInfinity.ToScalar();
+        var bestError = full([n, groups], infinity, ScalarType.Float32);
+        Tensor? unclipped = null;
+        int steps = Math.Max(1, (int)Math.Round(awq.MaxShrink * awq.ClipGridPoints));
+        // Output rows in chunks keep the [chunk, rows, groups] products small.
+        const long Chunk = 256;
+        for (int i = 0; i < steps; i++)
+        {
+            using var step = NewDisposeScope();
+            using var factor = (1.0 - ((double)i / awq.ClipGridPoints)).ToScalar();
+            var limit = largest * factor;
+            var error = empty([n, groups], ScalarType.Float32);
+            for (long start = 0; start < n; start += Chunk)
+            {
+                using var chunkScope = NewDisposeScope();
+                long end = Math.Min(n, start + Chunk);
+                var wc = wg.narrow(0, start, end - start);
+                var lc = limit.narrow(0, start, end - start);
+                var scale = (lc / levels).clamp_min(tiny);
+                var clamped = minimum(maximum(wc, -lc), lc);
+                var rounded = (clamped / scale).round().clamp(negative, levels) * scale;
+                var reference = einsum("tgk,ngk->ntg", xg, wc);
+                var output = einsum("tgk,ngk->ntg", xg, rounded);
+                error.narrow(0, start, end - start).copy_((output - reference).square().mean([1]));
+            }
+
+            if (i == 0)
+            {
+                unclipped = error.clone().MoveToOuterDisposeScope();
+            }
+
+            var better = error.lt(bestError);
+            bestError.copy_(where(better, error, bestError));
+            best.copy_(where(better.unsqueeze(-1), limit, best));
+        }
+
+        var bound = best.expand(n, groups, size).reshape(n, padded)[.., ..(int)k];
+        var result = minimum(maximum(w, -bound), bound);
+        if (inputScales is not null)
+        {
+            result = result / inputScales.unsqueeze(0);
+        }
+
+        weight.copy_(result.to(weight.dtype));
+        double before = unclipped!.sum().item<float>();
+        return before > 0 ? bestError.sum().item<float>() / before : 1;
     }
 
     /// <summary>SmoothQuant: s = max|x|^α / max|w|^(1−α) per input channel, α the migration strength.</summary>
@@ -54,13 +250,15 @@ internal static class LayerNormScaling
     /// <param name="context">The step's context.</param>
     /// <param name="choose">Chooses each group's scales.</param>
     /// <returns>What was scaled, and what could not be.</returns>
-    private static List<string> Fold(nn.Module<Tensor, Tensor> root, IReadOnlyList<Target> targets, PostTrainingQuantizationOptions options, int maxRows, CompressionContext context, ScaleChooser choose)
+    /// <param name="scaled">Receives the names of the layers whose scales were folded.</param>
+    /// <param name="afterFold">Called after each accepted fold with the group's inputs (before scaling), its scales and its layers.</param>
+    private static List<string> Fold(nn.Module<Tensor, Tensor> root, IReadOnlyList<Target> targets, PostTrainingQuantizationOptions options, int maxRows, CompressionContext context, ScaleChooser choose, HashSet<string>? scaled = null, Action<Tensor, Tensor, List<(string Name, Linear Layer)>>? afterFold = null)
     {
         var linear = targets.Where(t => t.Module is Linear).ToDictionary(t => (object)t.Module, t => t.Name, ReferenceEqualityComparer.Instance);
         var norms = root.named_modules().Where(m => m.module is LayerNorm).ToDictionary(m => (object)m.module, m => m.name, ReferenceEqualityComparer.Instance);
         if (linear.Count == 0 || norms.Count == 0)
         {
-            return ["no Linear layer reads a LayerNorm's output directly, so nothing was scaled"];
+            return ["no Linear layer reads a LayerNorm's output directly, so nothing was folded"];
         }
 
         // One calibration pass: which LayerNorm output each Linear reads, and that input's rows.
@@ -121,7 +319,7 @@ internal static class LayerNormScaling
 
         try
         {
-            return Scale(root, linear, readers, inputs, unfoldable, maxRows, choose, context);
+            return Scale(root, linear, readers, inputs, unfoldable, maxRows, choose, context, scaled, afterFold);
         }
         finally
         {
@@ -140,7 +338,9 @@ internal static class LayerNormScaling
         HashSet<string> unfoldable,
         int maxRows,
         ScaleChooser choose,
-        CompressionContext context)
+        CompressionContext context,
+        HashSet<string>? scaled,
+        Action<Tensor, Tensor, List<(string Name, Linear Layer)>>? afterFold)
     {
         using var scope = NewDisposeScope();
         var notes = new List<string>();
@@ -205,12 +405,14 @@ internal static class LayerNormScaling
             }
 
             notes.Add($"{normName} → {string.Join(", ", names)}: {note}");
+            scaled?.UnionWith(names);
+            afterFold?.Invoke(x, scales, [.. names.Zip(layers)]);
         }
 
         var unscaled = linear.Values.Where(n => !readers.Values.Any(r => r.Contains(n))).ToList();
         if (unscaled.Count > 0)
         {
-            notes.Add($"not scaled (their input is not a LayerNorm's output, so no layer absorbs the inverse scale): {string.Join(", ", unscaled)}");
+            notes.Add($"not folded (their input is not a LayerNorm's output, so no layer absorbs the inverse scale): {string.Join(", ", unscaled)}");
         }
 
         return notes;

@@ -9,9 +9,12 @@ namespace ModelCompression.Quantization;
 /// </summary>
 /// <remarks>
 /// Linear layers whose input is not a LayerNorm's output (an attention's output projection, an MLP's second layer)
-/// are not scaled, and the step's notes name them: no layer before them can absorb the inverse scale. AWQ composes with
-/// either rounding (<see cref="WeightRounding.Nearest"/> or <see cref="WeightRounding.Gptq"/>), which then rounds the
-/// scaled weights. Calibration holds the inputs of one layer per LayerNorm, at most <see cref="MaxRows"/> rows each.
+/// cannot fold: no layer before them absorbs the inverse scale. With <see cref="ExplicitScales"/> they get their own α
+/// search on their inputs and keep the scales as a stored tensor (<c>input_channel_scale</c> of
+/// <see cref="QuantizedLinear"/>). AWQ composes with every rounding (<see cref="WeightRounding.Nearest"/>,
+/// <see cref="WeightRounding.Gptq"/>, <see cref="WeightRounding.Hqq"/>), which then rounds the scaled weights.
+/// Calibration holds the inputs of one layer per LayerNorm, at most <see cref="MaxRows"/> rows each, and then one
+/// unfolded layer's rows at a time (one calibration pass per such layer).
 /// </remarks>
 public sealed class AwqOptions
 {
@@ -23,8 +26,52 @@ public sealed class AwqOptions
     /// <value>The default is 4,096; at least 1.</value>
     public int MaxRows { get; set; } = 4096;
 
+    /// <summary>
+    /// Gets or sets whether Linear layers whose input no LayerNorm produces (an attention's output projection, an MLP's
+    /// second layer) get explicit per-input scales: the quantized layer stores W·diag(s) and divides its input by s,
+    /// one elementwise division per call; the file and ONNX export carry s.
+    /// </summary>
+    /// <value>The default is <see langword="true"/>; a layer keeps no scales when none lowers its output error.</value>
+    public bool ExplicitScales { get; set; } = true;
+
+    /// <summary>
+    /// Gets or sets whether each weight group's range is clipped where that lowers the group's output error after
+    /// rounding (AWQ's clipping search), after scaling. Not with <see cref="WeightRounding.Hqq"/>, which fits ranges itself.
+    /// </summary>
+    /// <value>The default is <see langword="true"/>.</value>
+    public bool ClipSearch { get; set; } = true;
+
+    /// <summary>Gets or sets the most a group's range is shrunk by the clipping search, as a fraction of its largest magnitude.</summary>
+    /// <value>The default is 0.5 (AWQ's); above 0 and below 1.</value>
+    public double MaxShrink { get; set; } = 0.5;
+
+    /// <summary>Gets or sets the clipping search's grid: shrink factors are tried in steps of 1 / this.</summary>
+    /// <value>The default is 20 (AWQ's); at least 2.</value>
+    public int ClipGridPoints { get; set; } = 20;
+
+    /// <summary>Gets or sets the calibration rows (tokens) the clipping search measures each layer's output error on, evenly spread.</summary>
+    /// <value>The default is 512 (AWQ's); at least 1. The search holds rows × output features × groups floats at a time (in chunks of 256 outputs).</value>
+    public int ClipRows { get; set; } = 512;
+
+    internal AwqOptions Clone() => (AwqOptions)MemberwiseClone();
+
     internal IEnumerable<string> Errors(string owner)
     {
+        if (!(MaxShrink > 0 && MaxShrink < 1))
+        {
+            yield return $"{owner}.{nameof(MaxShrink)} must be above 0 and below 1 (was {MaxShrink}).";
+        }
+
+        if (ClipGridPoints < 2)
+        {
+            yield return $"{owner}.{nameof(ClipGridPoints)} must be at least 2 (was {ClipGridPoints}).";
+        }
+
+        if (ClipRows < 1)
+        {
+            yield return $"{owner}.{nameof(ClipRows)} must be at least 1 (was {ClipRows}).";
+        }
+
         if (GridPoints < 2)
         {
             yield return $"{owner}.{nameof(GridPoints)} must be at least 2 (was {GridPoints}).";

@@ -17,7 +17,7 @@ public sealed class OnnxExportTests
 
     public static IEnumerable<TestCaseData> Cases() =>
         from model in new[] { ZooModel.LeNet300100, ZooModel.LeNet5, ZooModel.SmallResNet }
-        from variant in new[] { "fp32", "pruned", "low-rank", "fp16", "int8-dynamic", "int8-static", "int4-weight-only", "int4-hqq" }
+        from variant in new[] { "fp32", "pruned", "low-rank", "fp16", "int8-dynamic", "int8-static", "int4-weight-only", "int4-hqq", "int4-awq", "int4-awq-hqq" }
         select new TestCaseData(model, variant).SetName($"Export_{model}_{variant}_MatchesOnnxRuntime");
 
     [OneTimeTearDown]
@@ -68,7 +68,7 @@ public sealed class OnnxExportTests
         {
             Assert.That(maxDifference / scale, Is.LessThanOrEqualTo(1e-5), "float32 layers: ONNX Runtime equals TorchSharp within 1e-5 relative");
         }
-        else if (variant is "int4-weight-only" or "int4-hqq")
+        else if (variant is "int4-weight-only" or "int4-hqq" or "int4-awq" or "int4-awq-hqq")
         {
             // The library's int4 kernel rounds activations to 7 bits per weight group; ONNX Runtime multiplies them in float.
             Assert.That(agreement, Is.GreaterThanOrEqualTo(0.995), "the same predictions on ≥ 99.5% of the 2,000 test digits");
@@ -217,6 +217,8 @@ public sealed class OnnxExportTests
             "int8-static" => new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = QuantizationMode.StaticInt8 }).Apply(copy, context),
             "int4-weight-only" => new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4 }).Apply(copy, context),
             "int4-hqq" => new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, Rounding = WeightRounding.Hqq() }).Apply(copy, context),
+            "int4-awq" => new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, Awq = new AwqOptions() }).Apply(copy, context),
+            "int4-awq-hqq" => new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Mode = QuantizationMode.WeightOnlyInt4, Awq = new AwqOptions(), Rounding = WeightRounding.Hqq() }).Apply(copy, context),
             _ => throw new ArgumentException(variant, nameof(variant)),
         };
         result.eval();
