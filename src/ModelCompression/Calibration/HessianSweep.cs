@@ -49,13 +49,11 @@ internal sealed class HessianSweep : IDisposable
 {
     private readonly Tensor _weights;
     private readonly Tensor _factor;
-    private readonly double[] _factorRows;
 
     private HessianSweep(Tensor weights, Tensor factor, long[] order, double damping, int retries, int deadInputs)
     {
         _weights = weights;
         _factor = factor;
-        _factorRows = factor.data<double>().ToArray();
         Order = order;
         Damping = damping;
         Retries = retries;
@@ -117,12 +115,16 @@ internal sealed class HessianSweep : IDisposable
 
         var permutation = actOrder ? h.diagonal().sort(descending: true, stable: true).Indices : KeptScalars.Range(k, dtype: ScalarType.Int64);
         long[] order = permutation.data<long>().ToArray();
-        var permuted = w.index_select(1, permutation).contiguous();
-        w.Dispose();
-        var rows = h.index_select(0, permutation);
-        h.Dispose();
-        h = rows.index_select(1, permutation);
-        rows.Dispose();
+        var permuted = w;
+        if (actOrder)
+        {
+            permuted = w.index_select(1, permutation).contiguous();
+            w.Dispose();
+            var rows = h.index_select(0, permutation);
+            h.Dispose();
+            h = rows.index_select(1, permutation);
+            rows.Dispose();
+        }
 
         // Damping: a fraction of the mean diagonal, raised tenfold until the Cholesky factorisation succeeds. Each try's
         // K×K intermediates are freed before the next, and only the factor the updates need is kept.
@@ -134,8 +136,11 @@ internal sealed class HessianSweep : IDisposable
         {
             using (var attempt = NewDisposeScope())
             {
+                // At most two K×K matrices besides the Hessian live at once: the damped copy and its factor, the factor
+                // and the inverse, the inverse and its factor, that factor and its transpose.
                 using var dampingScalar = (damping * mean).ToScalar();
-                var damped = h.Plus(eye(k, dtype: ScalarType.Float64).mul(dampingScalar));
+                var damped = h.clone();
+                damped.diagonal().add_(dampingScalar, KeptScalars.One);
                 var (lowerH, info) = linalg.cholesky_ex(damped);
                 damped.Dispose();
                 if (info.item<int>() == 0)
@@ -148,8 +153,15 @@ internal sealed class HessianSweep : IDisposable
                     if (info2.item<int>() == 0 && isfinite(lower).all().item<bool>())
                     {
                         factor = lower.mT.contiguous().MoveToOuterDisposeScope();
+                        lower.Dispose();
                         break;
                     }
+
+                    lower.Dispose();
+                }
+                else
+                {
+                    lowerH.Dispose();
                 }
             }
 
@@ -175,10 +187,10 @@ internal sealed class HessianSweep : IDisposable
     {
         using var noGrad = no_grad();
         int n = Rows, k = Columns;
-        var diagonal = new double[k];
-        for (int c = 0; c < k; c++)
+        double[] diagonal;
+        using (var diagonalScope = NewDisposeScope())
         {
-            diagonal[c] = _factorRows[((long)c * k) + c];
+            diagonal = _factor.diagonal().contiguous().data<double>().ToArray();
         }
 
         for (int start = 0; start < k; start += blockSize)
@@ -186,10 +198,12 @@ internal sealed class HessianSweep : IDisposable
             int end = Math.Min(k, start + blockSize);
             int width = end - start;
             // The block's columns as the earlier blocks' updates left them; this block's own updates happen here.
-            double[] block;
+            double[] block, factorBlock;
             using (var blockScope = NewDisposeScope())
             {
                 block = _weights[.., start..end].contiguous().data<double>().ToArray(); // [N, width]
+                // Only the factor's diagonal block is read column by column (width², not K²: no managed copy of the factor).
+                factorBlock = _factor[start..end, start..end].contiguous().data<double>().ToArray();
             }
 
             rule.BeginBlock(start, end, block, diagonal.AsSpan(start, width));
@@ -199,7 +213,7 @@ internal sealed class HessianSweep : IDisposable
                 int local = c - start;
                 rule.BeginColumn(c, local, block, width);
                 double d = diagonal[c];
-                long hBase = (long)c * k;
+                int hBase = local * width;
                 for (int row = 0; row < n; row++)
                 {
                     int rowBase = row * width;
@@ -211,7 +225,7 @@ internal sealed class HessianSweep : IDisposable
                     // The exact sequential update of the rest of this block: W[:, j] -= error · Hinv[c, j].
                     for (int j = local + 1; j < width; j++)
                     {
-                        block[rowBase + j] -= error * _factorRows[hBase + start + j];
+                        block[rowBase + j] -= error * factorBlock[hBase + j];
                     }
                 }
             }

@@ -69,7 +69,7 @@ internal static class GptqLayers
                 {
                     // Inputs x / s: the Hessian of x / s is H / (s·sᵀ).
                     using var s = tensor(scales, ScalarType.Float64);
-                    hessian = hessian / s.unsqueeze(1) / s.unsqueeze(0);
+                    hessian.div_(s.unsqueeze(1)).div_(s.unsqueeze(0));
                 }
 
                 var result = GptqSolver.Quantize(Scaling.LayerNormScaling.ScaledWeight(layer, scales), hessian, options.Bits, groupSize, rounding.ActOrder, rounding.DampingFraction, rounding.BlockSize, sparsity: rounding.Sparsity, pattern: rounding.Pattern);

@@ -175,42 +175,40 @@ internal static class LayerNormScaling
         using var levels = ((double)qmax).ToScalar();
         using var negative = (-(double)qmax).ToScalar();
         using var tiny = 1e-12.ToScalar();
+        using var infinity = float.PositiveInfinity.ToScalar();
         var largest = wg.abs().amax([-1], keepdim: true);
         var best = largest.clone();
-        using var infinity = float.PositiveInfinity.ToScalar();
-        var bestError = full([n, groups], infinity, ScalarType.Float32);
-        Tensor? unclipped = null;
+        double before = 0, after = 0;
         int steps = Math.Max(1, (int)Math.Round(awq.MaxShrink * awq.ClipGridPoints));
-        // Output rows in chunks keep the [chunk, rows, groups] products small.
+        // Output rows in chunks keep the [chunk, rows, groups] products small; each chunk's unrounded output once.
         const long Chunk = 256;
-        for (int i = 0; i < steps; i++)
+        for (long start = 0; start < n; start += Chunk)
         {
-            using var step = NewDisposeScope();
-            using var factor = (1.0 - ((double)i / awq.ClipGridPoints)).ToScalar();
-            var limit = largest * factor;
-            var error = empty([n, groups], ScalarType.Float32);
-            for (long start = 0; start < n; start += Chunk)
+            using var chunkScope = NewDisposeScope();
+            long count = Math.Min(Chunk, n - start);
+            var wc = wg.narrow(0, start, count);
+            var reference = einsum("tgk,ngk->ntg", xg, wc);
+            var bestError = full([count, groups], infinity, ScalarType.Float32);
+            var bestLimit = best.narrow(0, start, count);
+            for (int i = 0; i < steps; i++)
             {
-                using var chunkScope = NewDisposeScope();
-                long end = Math.Min(n, start + Chunk);
-                var wc = wg.narrow(0, start, end - start);
-                var lc = limit.narrow(0, start, end - start);
-                var scale = (lc / levels).clamp_min(tiny);
-                var clamped = minimum(maximum(wc, -lc), lc);
-                var rounded = (clamped / scale).round().clamp(negative, levels) * scale;
-                var reference = einsum("tgk,ngk->ntg", xg, wc);
-                var output = einsum("tgk,ngk->ntg", xg, rounded);
-                error.narrow(0, start, end - start).copy_((output - reference).square().mean([1]));
+                using var step = NewDisposeScope();
+                using var factor = (1.0 - ((double)i / awq.ClipGridPoints)).ToScalar();
+                var limit = largest.narrow(0, start, count) * factor;
+                var scale = (limit / levels).clamp_min(tiny);
+                var rounded = (minimum(maximum(wc, -limit), limit) / scale).round().clamp(negative, levels) * scale;
+                var error = (einsum("tgk,ngk->ntg", xg, rounded) - reference).square().mean([1]);
+                if (i == 0)
+                {
+                    before += error.sum().item<float>();
+                }
+
+                var better = error.lt(bestError);
+                bestError.copy_(where(better, error, bestError));
+                bestLimit.copy_(where(better.unsqueeze(-1), limit, bestLimit));
             }
 
-            if (i == 0)
-            {
-                unclipped = error.clone().MoveToOuterDisposeScope();
-            }
-
-            var better = error.lt(bestError);
-            bestError.copy_(where(better, error, bestError));
-            best.copy_(where(better.unsqueeze(-1), limit, best));
+            after += bestError.sum().item<float>();
         }
 
         var bound = best.expand(n, groups, size).reshape(n, padded)[.., ..(int)k];
@@ -221,8 +219,7 @@ internal static class LayerNormScaling
         }
 
         weight.copy_(result.to(weight.dtype));
-        double before = unclipped!.sum().item<float>();
-        return before > 0 ? bestError.sum().item<float>() / before : 1;
+        return before > 0 ? after / before : 1;
     }
 
     /// <summary>SmoothQuant: s = max|x|^α / max|w|^(1−α) per input channel, α the migration strength.</summary>
