@@ -11,18 +11,21 @@ public sealed class PostTrainingQuantizationOptions : IValidatableOptions
 
     /// <summary>Gets or sets the layers to quantize. Selected layers that cannot be quantized stay in float and are listed in the report.</summary>
     /// <value>
-    /// The default is <see cref="DefaultLayers"/>: every Linear and Conv2d layer, and TorchSharp's recurrent and
-    /// attention modules (whose weights are rounded in place, see <see cref="FixedTypeLayers"/>).
+    /// The default is <see cref="DefaultLayers"/>: every Linear and Conv2d layer, and TorchSharp's recurrent,
+    /// attention, Conv1d, Conv3d, transposed-convolution and RNN-cell modules (whose weights are rounded in place, see
+    /// <see cref="FixedTypeLayers"/>). A leaf kind an application registers with the layer registry is rounded in place
+    /// too when the selection names its type.
     /// </value>
     public LayerSelection Layers { get; set; } = DefaultLayers;
 
     /// <summary>
-    /// Gets a new selection of what post-training quantization converts by default: Linear and Conv2d layers, and
+    /// Gets a new selection of what post-training quantization converts by default: Linear and Conv2d layers,
     /// TorchSharp's natively implemented LSTM, GRU, RNN, MultiheadAttention, TransformerEncoderLayer,
-    /// TransformerEncoder, TransformerDecoderLayer and TransformerDecoder, as PyTorch's dynamic quantization covers
-    /// Linear and recurrent layers.
+    /// TransformerEncoder, TransformerDecoderLayer and TransformerDecoder (as PyTorch's dynamic quantization covers
+    /// Linear and recurrent layers), and the leaf kinds with a weight but no integer kernel here: Conv1d, Conv3d,
+    /// ConvTranspose1d/2d/3d, GRUCell, LSTMCell and RNNCell (rounded in place).
     /// </summary>
-    public static LayerSelection DefaultLayers => new() { Types = [typeof(TorchSharp.Modules.Linear), typeof(TorchSharp.Modules.Conv2d), .. InPlaceQuantization.NativeKinds] };
+    public static LayerSelection DefaultLayers => new() { Types = [typeof(TorchSharp.Modules.Linear), typeof(TorchSharp.Modules.Conv2d), .. InPlaceQuantization.NativeKinds, .. InPlaceQuantization.LeafKinds] };
 
     /// <summary>
     /// Gets or sets what happens to a selected layer that a quantized layer cannot replace: its parent holds it in a

@@ -98,7 +98,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
                     native[0].Name,
                     native[0].Module.GetType().Name,
                     $"Step '{Name}' has no quantized layer for {string.Join(", ", native.Select(n => $"'{n.Name}' ({n.Module.GetType().Name})"))}: " +
-                    $"TorchSharp's native modules are sealed and run in float. Nothing was changed. Set {nameof(PostTrainingQuantizationOptions)}." +
+                    $"no integer kernel here runs their kinds (TorchSharp's native modules are sealed), so they run in float. Nothing was changed. Set {nameof(PostTrainingQuantizationOptions)}." +
                     $"{nameof(FixedTypeLayers)} to {nameof(FixedTypeLayers.CompressInPlace)} (weights rounded to integer levels in place) or " +
                     $"{nameof(FixedTypeLayers.Skip)}, or leave them out of the layer selection.");
             }
@@ -211,7 +211,9 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
             long weights = InPlaceQuantization.Round(module, bits, group);
             described[name] = fixedTypes.TryGetValue(name, out var why)
                 ? $"{why}; {weights:N0} weights"
-                : $"{module.GetType().Name}, TorchSharp's native module, sealed; {weights:N0} weights";
+                : InPlaceQuantization.IsNativeKind(module)
+                    ? $"{module.GetType().Name}, TorchSharp's native module, sealed; {weights:N0} weights"
+                    : $"{module.GetType().Name}, no integer kernel for its kind; {weights:N0} weights";
         }
 
         string grid = group == 0 ? "a scale per row" : $"a scale per group of {group}";
@@ -229,7 +231,7 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
         FixedTypeLayerPolicy.Report(
             context,
             Name,
-            "left in float, TorchSharp's native modules have no quantized layer",
+            "left in float, no quantized layer for their kinds (TorchSharp's native modules, the other registered leaf kinds)",
             native.ToDictionary(n => n.Name, n => n.Module.GetType().Name, StringComparer.Ordinal));
     }
 

@@ -43,7 +43,7 @@ internal static class QuantizationTargets
                 continue;
             }
 
-            if (inPlace is not null && InPlaceQuantization.IsNativeKind(module))
+            if (inPlace is not null && InPlaceQuantization.IsInPlaceKind(module))
             {
                 inPlace.Add((name, module));
                 continue;

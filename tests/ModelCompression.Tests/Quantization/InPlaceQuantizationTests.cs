@@ -156,6 +156,111 @@ public sealed class InPlaceQuantizationTests
     }
 
     [Test]
+    public void Conv1dAndConvTranspose_RoundedInPlaceByDefault_TheFileShrinksAndLoadsBack()
+    {
+        // Issue 17: a Conv1d model compressed 1.03× (its convolutions skipped). Conv1d, Conv3d, the transposed
+        // convolutions and the RNN cells have no integer kernel here: by default their weights are rounded in place.
+        torch.manual_seed(11);
+        using var original = nn.Sequential(
+            ("conv", nn.Conv1d(4, 32, 5, padding: 2)),
+            ("relu", nn.ReLU()),
+            ("up", nn.ConvTranspose1d(32, 16, 4, stride: 2, padding: 1)),
+            ("pool", nn.AdaptiveAvgPool1d(1)),
+            ("flatten", nn.Flatten()),
+            ("head", nn.Linear(16, 3)));
+        original.eval();
+        using var model = ModuleCloner.DeepClone(original);
+        using var generator = new Generator(12);
+        using var data = new TensorDataset(randn([16, 4, 20], generator: generator), zeros(16, dtype: int64));
+        var context = Context(original, data);
+
+        var result = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions()).Apply(model, context);
+
+        Assert.That(ModuleTree.GetSubmodule(result, "conv"), Is.InstanceOf<Conv1d>());
+        var conv = ((Conv1d)ModuleTree.GetSubmodule(result, "conv")).weight!.detach().data<float>().ToArray();
+        Assert.That(WeightGrid.Find(conv, 32)?.MaxLevel, Is.EqualTo(127));
+        Assert.That(context.Notes, Has.Some.Contains("'conv'").And.Contains("'up'").And.Contains("no integer kernel for its kind"));
+        double ratio = (double)ModelMetrics.SizeInBytes(result) / ModelMetrics.SizeInBytes(original);
+        TestContext.Out.WriteLine($"Conv1d model: file ratio {ratio:0.000}");
+        Assert.That(ratio, Is.LessThan(0.45), "the convolutions are stored in about a byte per weight");
+
+        using var input = randn(3, 4, 20);
+        using var expected = original.call(input);
+        using var actual = result.call(input);
+        Assert.That((actual - expected).norm().item<float>() / expected.norm().item<float>(), Is.LessThan(0.05));
+        using var stream = new MemoryStream();
+        CompressedModel.Save(result, stream);
+        stream.Position = 0;
+        using var loaded = CompressedModel.Load(stream);
+        Assert.That(TestModels.Output(loaded, input), Is.EqualTo(TestModels.Output(result, input)));
+    }
+
+    [Test]
+    public void RegisteredLeafKind_SelectedByType_RoundedInPlace_NotWhenSkipped()
+    {
+        // A layer kind of the application's own, with a weight of its own and no child: the selection names its type.
+        LayerRegistry.Register(new ScaledProjectionDescriptor());
+        try
+        {
+            torch.manual_seed(13);
+            using var original = nn.Sequential(("proj", new ScaledProjection(12, 24)), ("relu", nn.ReLU()), ("head", nn.Linear(24, 3)));
+            using var generator = new Generator(14);
+            using var data = new TensorDataset(randn([16, 12], generator: generator), zeros(16, dtype: int64));
+            var selection = new LayerSelection { Types = [typeof(Linear), typeof(ScaledProjection)] };
+
+            using var model = ModuleCloner.DeepClone(original);
+            var context = Context(original, data);
+            var result = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Layers = selection }).Apply(model, context);
+            var proj = (ScaledProjection)ModuleTree.GetSubmodule(result, "proj");
+            Assert.That(WeightGrid.Find(proj.Weight.detach().data<float>().ToArray(), 24)?.MaxLevel, Is.EqualTo(127));
+            Assert.That(proj.Gain.detach().data<float>().ToArray(), Is.EqualTo(((ScaledProjection)ModuleTree.GetSubmodule(original, "proj")).Gain.detach().data<float>().ToArray()), "one-dimensional parameters stay");
+            Assert.That(context.Notes, Has.Some.Contains("'proj'").And.Contains("ScaledProjection"));
+
+            using var skipped = new PostTrainingQuantizationStep(new PostTrainingQuantizationOptions { Layers = selection, FixedTypeLayers = FixedTypeLayers.Skip })
+                .Apply(ModuleCloner.DeepClone(original), Context(original, data));
+            var untouched = ((ScaledProjection)ModuleTree.GetSubmodule(skipped, "proj")).Weight.detach().data<float>().ToArray();
+            Assert.That(untouched, Is.EqualTo(((ScaledProjection)ModuleTree.GetSubmodule(original, "proj")).Weight.detach().data<float>().ToArray()));
+        }
+        finally
+        {
+            LayerRegistry.Unregister(typeof(ScaledProjection));
+        }
+    }
+
+    /// <summary>y = (x · Wᵀ) · g: a leaf with a weight matrix and a gain vector of its own.</summary>
+    private sealed class ScaledProjection : nn.Module<Tensor, Tensor>
+    {
+        private readonly Parameter weight;
+        private readonly Parameter gain;
+
+        public ScaledProjection(long inputs, long outputs)
+            : base(nameof(ScaledProjection))
+        {
+            weight = new Parameter(randn(outputs, inputs) / Math.Sqrt(inputs));
+            gain = new Parameter(rand(outputs) + 0.5);
+            RegisterComponents();
+        }
+
+        public Parameter Weight => weight;
+
+        public Parameter Gain => gain;
+
+        public override Tensor forward(Tensor input) => input.matmul(weight.t()) * gain;
+    }
+
+    private sealed class ScaledProjectionDescriptor() : LayerDescriptor("tests.ScaledProjection", typeof(ScaledProjection))
+    {
+        public override LayerAttributes GetAttributes(nn.Module module)
+        {
+            var p = (ScaledProjection)module;
+            return new LayerAttributes().Set("inputs", p.Weight.shape[1]).Set("outputs", p.Weight.shape[0]);
+        }
+
+        public override nn.Module Create(LayerAttributes attributes, int version) =>
+            new ScaledProjection(attributes.GetInt64("inputs", 1, 1 << 20), attributes.GetInt64("outputs", 1, 1 << 20));
+    }
+
+    [Test]
     public void WeightOnlyInt4_RoundsInGroups()
     {
         using var original = new NativeNet("GRU", 1);
