@@ -145,7 +145,8 @@ public sealed class PostTrainingQuantizationStep : ICompressionStep
 
         using var scope = NewDisposeScope();
         var structure = _options.FoldBatchNorm || _options.FuseRelu ? QuantizationTargets.FollowingLayers(model, targets) : [];
-        // Scales folded into the LayerNorms before anything is observed or rounded; the float model is unchanged.
+        // Scales folded into the LayerNorms before anything is observed or rounded (the float model computes the same;
+        // AWQ's explicit scales stay beside it until rounding, and only its clipping search changes float weights).
         var inputScales = new Dictionary<string, float[]>(StringComparer.Ordinal);
         if (_options.Awq is { } awq)
         {

@@ -298,6 +298,11 @@ internal static class QuantizedTensors
             throw new InvalidOperationException($"{layer}: its stored 'weight_scale' now holds {scales[badScale]}; scales must be finite and positive.");
         }
 
+        if (channelScales is not null && channelScales.Length != matrix.K)
+        {
+            throw new InvalidOperationException($"{layer}: its stored 'input_channel_scale' now holds {channelScales.Length} values for {matrix.K} inputs.");
+        }
+
         if (channelScales is not null && Array.FindIndex(channelScales, v => !float.IsFinite(v) || v <= 0) is var badChannel and >= 0)
         {
             throw new InvalidOperationException($"{layer}: its stored 'input_channel_scale' now holds {channelScales[badChannel]}; input scales must be finite and positive.");

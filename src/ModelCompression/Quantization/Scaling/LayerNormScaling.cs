@@ -65,8 +65,14 @@ internal static class LayerNormScaling
                     continue; // never called on the calibration data: rounded as it is
                 }
 
-                // As many batches as give MaxRows rows (one layer's rows at a time: the memory stays one layer's).
-                batches = Math.Clamp((int)Math.Ceiling((double)awq.MaxRows / Math.Max(1, rowsPerBatch)), 1, options.CalibrationBatches);
+                // As many batches as give MaxRows rows (one layer's rows at a time: the memory stays one layer's); the
+                // first layer, read with one batch to learn the rows per batch, is read again when it needs more.
+                int needed = Math.Clamp((int)Math.Ceiling((double)awq.MaxRows / Math.Max(1, rowsPerBatch)), 1, options.CalibrationBatches);
+                if (needed > batches)
+                {
+                    batches = needed;
+                    x = Rows(root, target, layer, batches, awq.MaxRows, options, context).Rows ?? x;
+                }
                 Tensor? s = null;
                 if (awq.ExplicitScales)
                 {

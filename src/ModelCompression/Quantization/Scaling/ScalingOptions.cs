@@ -37,6 +37,8 @@ public sealed class AwqOptions
     /// <summary>
     /// Gets or sets whether each weight group's range is clipped where that lowers the group's output error after
     /// rounding (AWQ's clipping search), after scaling. Not with <see cref="WeightRounding.Hqq"/>, which fits ranges itself.
+    /// The clamp is applied to the float weights before rounding: a layer that <see cref="PostTrainingQuantizationOptions.Fallback"/>
+    /// or <see cref="PostTrainingQuantizationOptions.KeepFloatWhenSlower"/> keeps in float keeps its clipped weights.
     /// </summary>
     /// <value>The default is <see langword="true"/>.</value>
     public bool ClipSearch { get; set; } = true;
